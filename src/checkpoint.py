@@ -1,0 +1,396 @@
+"""Checkpoint policy: layout, commit protocol, verification, latest, retention, snapshot/persist.
+
+Layout below the checkpoint root (local folder or s3://bucket/prefix)::
+
+    step_0000000480/
+        state-<writer>.pt          model, optimizer, scheduler (torch.save; loaded weights_only)
+        train_state-<writer>.json  epoch, step, position in epoch, metric history, seeds, config
+        manifest.json              written last, create-only: its presence is the commit
+
+Data files carry the writer's token in their names, so two writers of the same step never touch
+each other's files and the create-only manifest decides which one committed. A checkpoint is
+valid when its manifest parses and every file it lists has the recorded size and SHA-256.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import io
+import json
+import logging
+import platform
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .storage import Storage, StorageError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d{10})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:010d}"
+
+
+def library_versions() -> dict[str, str]:
+    import fsspec
+
+    v = {"torch": torch.__version__, "python": platform.python_version(),
+         "fsspec": fsspec.__version__}
+    try:
+        import torchvision
+
+        v["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return v
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that is not committed, or whose files do not match its manifest."""
+
+
+@dataclass
+class Loaded:
+    name: str
+    uri: str
+    manifest: dict[str, Any]
+    state: dict[str, Any]  # model / optimizer / scheduler state dicts (CPU tensors)
+    train_state: dict[str, Any]
+
+
+@dataclass
+class Entry:
+    """One folder below the root as ``ckpt ls`` reports it."""
+
+    name: str
+    uri: str
+    step: int
+    valid: bool
+    reason: str = ""
+    manifest: dict[str, Any] | None = None
+    size: int = 0
+    created: float | None = None
+
+
+class CheckpointStore:
+    """The checkpoints below one root URI."""
+
+    def __init__(self, storage: Storage) -> None:
+        self.storage = storage
+
+    @property
+    def uri(self) -> str:
+        return self.storage.root_uri
+
+    # ------------------------------------------------------------------ listing
+    def step_dirs(self) -> list[tuple[int, str]]:
+        """(step, folder name), newest first, listed afresh."""
+        out = []
+        for name in self.storage.listdir():
+            m = STEP_DIR.match(name)
+            if m:
+                out.append((int(m.group(1)), name))
+        return sorted(out, reverse=True)
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        """Raises CorruptCheckpoint when absent or malformed."""
+        try:
+            raw = self.storage.read(f"{name}/{MANIFEST}")
+        except FileNotFoundError:
+            raise CorruptCheckpoint("no manifest (never committed, or a crashed writer)") from None
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpoint(f"manifest is not valid JSON ({e})") from None
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+            raise CorruptCheckpoint("manifest has no 'files' table")
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise CorruptCheckpoint(f"format version {manifest.get('format_version')!r}, this "
+                                    f"build reads {FORMAT_VERSION}")
+        for key in ("step", "epoch", "state_file", "train_state_file"):
+            if key not in manifest:
+                raise CorruptCheckpoint(f"manifest lacks {key!r}")
+        return manifest
+
+    def read_verified(self, name: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+        """Manifest and the bytes of every file it lists, each checked for size and SHA-256."""
+        manifest = self.read_manifest(name)
+        blobs: dict[str, bytes] = {}
+        for fname, meta in manifest["files"].items():
+            try:
+                data = self.storage.read(f"{name}/{fname}")
+            except FileNotFoundError:
+                raise CorruptCheckpoint(f"{fname} is missing") from None
+            if len(data) != meta.get("size"):
+                raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
+                                        f"{meta.get('size')} (truncated?)")
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                raise CorruptCheckpoint(f"{fname} fails its SHA-256 check (corrupted bytes)")
+            blobs[fname] = data
+        return manifest, blobs
+
+    def load(self, name: str) -> Loaded:
+        """Verify and deserialize one checkpoint; raises CorruptCheckpoint with the reason."""
+        manifest, blobs = self.read_verified(name)
+        try:
+            state = torch.load(io.BytesIO(blobs[manifest["state_file"]]), map_location="cpu",
+                               weights_only=True)
+        except KeyError:
+            raise CorruptCheckpoint("manifest's state_file is not among its files") from None
+        except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), ...
+            # weights_only=True refuses anything but tensors and plain containers: no code runs.
+            raise CorruptCheckpoint(f"state file cannot be loaded safely: "
+                                    f"{type(e).__name__}: {str(e)[:200]}") from None
+        try:
+            train_state = json.loads(blobs[manifest["train_state_file"]])
+        except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpoint(f"train state unreadable: {e}") from None
+        if not isinstance(state, dict) or "model" not in state:
+            raise CorruptCheckpoint("state file holds no model state")
+        return Loaded(name, self.storage.uri(name), manifest, state, train_state)
+
+    def latest(self) -> Loaded | None:
+        """Newest valid checkpoint; corrupt or partial ones are logged loudly and skipped."""
+        for _step, name in self.step_dirs():
+            try:
+                return self.load(name)
+            except CorruptCheckpoint as e:
+                log.warning("SKIPPING checkpoint %s: %s", self.storage.uri(name), e)
+            except StorageError as e:
+                log.warning("SKIPPING checkpoint %s: storage error %s", self.storage.uri(name), e)
+        return None
+
+    def entries(self) -> list[Entry]:
+        """Every step folder with its validity (reads and hashes every file)."""
+        out = []
+        for step, name in self.step_dirs():
+            entry = Entry(name, self.storage.uri(name), step, False)
+            try:
+                manifest, blobs = self.read_verified(name)
+                entry.manifest = manifest
+                entry.size = sum(len(b) for b in blobs.values())
+                entry.created = manifest.get("created_unix")
+                self.load(name)
+                entry.valid = True
+            except (CorruptCheckpoint, StorageError) as e:
+                entry.reason = str(e)
+            out.append(entry)
+        return out
+
+    # ------------------------------------------------------------------ commit
+    def commit(self, step: int, files: dict[str, bytes | memoryview], manifest: dict[str, Any],
+               writer: str) -> bool:
+        """Write ``files`` into the step's folder, then the manifest, create-only.
+
+        Returns False (and removes this writer's files) when the step is already committed,
+        by an earlier run or by a concurrent writer. Raises StorageError on failure.
+        """
+        name = step_dirname(step)
+        if self.storage.exists(f"{name}/{MANIFEST}"):
+            log.info("checkpoint %s is already committed; not writing it again",
+                     self.storage.uri(name))
+            return False
+        table = {}
+        for fname, data in files.items():
+            table[fname] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            self.storage.write(f"{name}/{fname}", data, create_only=True)
+        manifest = dict(manifest, files=table, writer=writer, created_unix=time.time())
+        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+        try:
+            self.storage.write(f"{name}/{MANIFEST}", body, create_only=True)
+        except FileExistsError:
+            log.warning("checkpoint %s was committed by another writer first; discarding this "
+                        "writer's copy (%s)", self.storage.uri(name), writer)
+            for fname in files:
+                self.storage.remove(f"{name}/{fname}")
+            return False
+        return True
+
+    # ------------------------------------------------------------------ retention
+    def retain(self, keep_last: int, grace_s: float, now: float | None = None) -> list[str]:
+        """Delete committed checkpoints beyond the newest ``keep_last`` (manifest first, so a
+        half-deleted one never looks committed), and leftovers of crashed writers older than
+        ``grace_s``. Returns what it deleted."""
+        keep_last = max(2, keep_last)
+        now = time.time() if now is None else now
+        deleted = []
+        committed = []
+        for _step, name in self.step_dirs():
+            files = self.storage.listdir(name)
+            if MANIFEST in files:
+                committed.append((name, files))
+            elif self._age(name, files, now) > grace_s:
+                log.info("removing %s: no manifest and untouched for over %.0fs (crashed writer)",
+                         self.storage.uri(name), grace_s)
+                self.storage.remove_tree(name)
+                deleted.append(name)
+        for name, files in committed[keep_last:]:
+            log.info("retention: deleting %s (keeping the newest %d)", self.storage.uri(name),
+                     keep_last)
+            self.storage.remove(f"{name}/{MANIFEST}")
+            self.storage.remove_tree(name)
+            deleted.append(name)
+        for name, files in committed[:keep_last]:
+            self._remove_strays(name, files, grace_s, now)
+        return deleted
+
+    def _age(self, name: str, files: list[str], now: float) -> float:
+        times = [t for f in files if (t := self.storage.modified(f"{name}/{f}")) is not None]
+        if not times:
+            t = self.storage.modified(name) if self.storage.is_local else None
+            return now - t if t is not None else float("inf")
+        return now - max(times)
+
+    def _remove_strays(self, name: str, files: list[str], grace_s: float, now: float) -> None:
+        """Files in a committed folder that its manifest does not list (a losing writer's)."""
+        try:
+            listed = set(self.read_manifest(name)["files"]) | {MANIFEST}
+        except CorruptCheckpoint:
+            return
+        for f in files:
+            if f not in listed and self._age(name, [f], now) > grace_s:
+                log.info("removing stray %s", self.storage.uri(f"{name}/{f}"))
+                self.storage.remove(f"{name}/{f}")
+
+
+def open_uri(uri: str, options: dict[str, Any] | None = None) -> tuple[CheckpointStore, str | None]:
+    """A URI is either a checkpoint root (returns name None) or one checkpoint folder."""
+    uri = uri.rstrip("/")
+    head, _, tail = uri.rpartition("/")
+    if STEP_DIR.match(tail) and head:
+        return CheckpointStore(Storage(head, options)), tail
+    return CheckpointStore(Storage(uri, options)), None
+
+
+def load_uri(uri: str, options: dict[str, Any] | None = None) -> Loaded:
+    """The checkpoint a URI names, or the newest valid one below a root.
+
+    Raises CorruptCheckpoint (one invalid checkpoint) or FileNotFoundError (no valid one).
+    """
+    store, name = open_uri(uri, options)
+    if name is not None:
+        return store.load(name)
+    loaded = store.latest()
+    if loaded is None:
+        raise FileNotFoundError(f"no valid checkpoint under {uri}")
+    return loaded
+
+
+# ---------------------------------------------------------------------------- snapshot/persist
+class _Snapshot:
+    """Preallocated host buffers the state is copied into (pinned when it lives on a GPU), so
+    the loop is blocked only for a memcpy; the buffers are reused from save to save."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def copy(self, obj: Any, key: str = "") -> Any:
+        if isinstance(obj, torch.Tensor):
+            buf = self.buffers.get(key)
+            if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
+                pin = obj.device.type == "cuda"
+                buf = torch.empty(obj.shape, dtype=obj.dtype, device="cpu", pin_memory=pin)
+                self.buffers[key] = buf
+            buf.copy_(obj.detach(), non_blocking=True)
+            return buf
+        if isinstance(obj, dict):
+            return {k: self.copy(v, f"{key}/{k}") for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return type(obj)(self.copy(v, f"{key}/{i}") for i, v in enumerate(obj))
+        return obj
+
+
+@dataclass
+class SaveRequest:
+    step: int
+    state: dict[str, Any]  # tensors already snapshotted
+    train_state: dict[str, Any]
+    manifest: dict[str, Any]
+    on_done: Callable[[bool], None] | None = None
+    started: float = field(default_factory=time.monotonic)
+
+
+class Checkpointer:
+    """Rank 0's saver: snapshot in the caller, serialize + upload + retention in a background
+    thread, one save in flight at a time. Consecutive failures are counted for the caller."""
+
+    def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float) -> None:
+        self.store = store
+        self.keep_last = keep_last
+        self.orphan_grace_s = orphan_grace_s
+        self.writer = uuid.uuid4().hex[:12]
+        self._snap = _Snapshot()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
+        self._inflight: concurrent.futures.Future | None = None
+        self._lock = threading.Lock()
+        self.consecutive_failures = 0
+        self.last_committed_step: int | None = None
+        self.last_stall_s = 0.0
+
+    def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
+             manifest: dict[str, Any], blocking: bool = False) -> bool | None:
+        """Snapshot now, persist in the background. With ``blocking`` wait and return whether
+        it committed (or was already committed); otherwise return None."""
+        t0 = time.perf_counter()
+        self.wait()  # the buffers are reused: the previous persist must be done with them
+        snap = self._snap.copy(state)
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(manifest))
+        self._inflight = self._pool.submit(self._persist, req)
+        self.last_stall_s = time.perf_counter() - t0
+        if blocking:
+            return self.wait()
+        return None
+
+    def wait(self) -> bool:
+        """Wait for the save in flight; True when it succeeded (or none was in flight)."""
+        fut, self._inflight = self._inflight, None
+        if fut is None:
+            return True
+        return fut.result()
+
+    def _persist(self, req: SaveRequest) -> bool:
+        name = step_dirname(req.step)
+        try:
+            buf = io.BytesIO()
+            torch.save(req.state, buf)
+            state_file = f"state-{self.writer}.pt"
+            train_file = f"train_state-{self.writer}.json"
+            files = {state_file: buf.getbuffer(),
+                     train_file: json.dumps(req.train_state, sort_keys=True).encode()}
+            manifest = dict(req.manifest, format_version=FORMAT_VERSION, step=req.step,
+                            state_file=state_file, train_state_file=train_file,
+                            versions=library_versions())
+            committed = self.store.commit(req.step, files, manifest, self.writer)
+            secs = time.monotonic() - req.started
+            if committed:
+                log.info("checkpoint %s committed (%.1f MiB, %.2fs)", self.store.storage.uri(name),
+                         len(buf.getbuffer()) / 2**20, secs)
+            self.consecutive_failures = 0
+            self.last_committed_step = req.step
+            try:
+                self.store.retain(self.keep_last, self.orphan_grace_s)
+            except (StorageError, OSError) as e:
+                log.warning("retention after %s failed (will retry next save): %s", name, e)
+            return True
+        except Exception as e:  # noqa: BLE001 - a failed save must not kill training
+            self.consecutive_failures += 1
+            log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
+                      self.consecutive_failures, type(e).__name__, e)
+            return False
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

@@ -1,0 +1,332 @@
+"""The only module that moves bytes: one fsspec code path for local folders, S3 and memory://.
+
+Paths stay strings (URIs). Local writes are temp file + fsync + rename (or hard link for
+create-only) + folder fsync; remote writes upload a finished buffer with ``pipe_file`` (for S3
+``mode="create"`` sends ``If-None-Match: *``), never through ``fs.open(..., "wb")``, which would
+publish a partial object if the writer fails half-way. Every call retries transient failures
+with exponential backoff and jitter, bounded in attempts and time.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import fsspec
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Not worth retrying: the answer will not change.
+_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
+              NotADirectoryError, ValueError, TypeError, KeyError, NotImplementedError)
+_TRANSIENT_NAMES = {
+    "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
+    "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "IncompleteReadError",
+    "ResponseStreamingError", "ClientConnectorError", "ServerTimeoutError", "ProxyConnectionError",
+    "HTTPClientError", "ClientConnectionError", "TimeoutError",
+}
+_TRANSIENT_TEXT = ("503", "500", "502", "504", "SlowDown", "ServiceUnavailable", "InternalError",
+                   "RequestTimeout", "Throttl", "reset by peer", "Connection reset", "timed out",
+                   "Server disconnected", "Broken pipe", "TooManyRequests")
+_TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED,
+                    errno.ECONNREFUSED, errno.EAGAIN}
+
+
+class StorageError(Exception):
+    """A storage call failed for good (permanent error, or retries exhausted)."""
+
+
+@dataclass
+class RetryPolicy:
+    attempts: int = 6
+    base_delay: float = 0.2
+    max_delay: float = 5.0
+    deadline: float = 90.0
+
+    @classmethod
+    def from_env(cls) -> RetryPolicy:
+        """``FTT_STORAGE_RETRY_ATTEMPTS`` / ``_DEADLINE`` tune it (tests shorten it)."""
+        p = cls()
+        p.attempts = int(os.environ.get("FTT_STORAGE_RETRY_ATTEMPTS", p.attempts))
+        p.deadline = float(os.environ.get("FTT_STORAGE_RETRY_DEADLINE", p.deadline))
+        p.base_delay = float(os.environ.get("FTT_STORAGE_RETRY_BASE_DELAY", p.base_delay))
+        return p
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an error from fsspec/s3fs/botocore/aiohttp looks like a transient failure."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, _PERMANENT):
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if type(e).__name__ in _TRANSIENT_NAMES:
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
+            return True
+        text = str(e)
+        if any(t in text for t in _TRANSIENT_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def redact(text: str) -> str:
+    """Drop anything that looks like a credential from an error message."""
+    import re
+
+    text = re.sub(r"(?i)(secret|token|password|key)([\"']?\s*[:=]\s*)[^\s,}&]+", r"\1\2***", text)
+    return re.sub(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=[^&\s]+",
+                  r"\1=***", text)
+
+
+class Storage:
+    """Byte-level access below one root URI (a local folder, ``s3://bucket/prefix``, ...).
+
+    Relative paths use "/" on every backend. Methods raise FileNotFoundError / FileExistsError
+    as such, and StorageError for failures that survived the retries.
+    """
+
+    def __init__(self, root: str, options: dict[str, Any] | None = None,
+                 retry: RetryPolicy | None = None) -> None:
+        self.root_uri = root.rstrip("/") or root
+        self.options = dict(options or {})
+        self.retry = retry or RetryPolicy.from_env()
+        self.protocol = _protocol(self.root_uri)
+        self.is_local = self.protocol in ("file", "local")
+        self._fs = None
+        self._root = ""
+        self._pid = -1
+
+    # ------------------------------------------------------------------ plumbing
+    @property
+    def fs(self):
+        # A new instance per process: s3fs instances are not fork-safe, and a fresh one has no
+        # stale listing cache from another process.
+        if self._fs is None or self._pid != os.getpid():
+            opts = dict(self.options)
+            if self.protocol == "s3":
+                opts.setdefault("use_listings_cache", False)
+                opts.setdefault("skip_instance_cache", True)
+                _s3_env_defaults(opts)
+            self._fs, self._root = fsspec.core.url_to_fs(self.root_uri, **opts)
+            self._root = self._root.rstrip("/") if self._root not in ("/", "") else self._root
+            self._pid = os.getpid()
+        return self._fs
+
+    def full(self, rel: str = "") -> str:
+        """Backend path (no protocol) of ``rel`` below the root."""
+        _ = self.fs
+        rel = rel.strip("/")
+        if not rel:
+            return self._root
+        return f"{self._root}/{rel}" if self._root not in ("", "/") else f"{self._root}{rel}"
+
+    def uri(self, rel: str = "") -> str:
+        """The user-facing URI of ``rel`` below the root."""
+        rel = rel.strip("/")
+        return f"{self.root_uri}/{rel}" if rel else self.root_uri
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        policy = self.retry
+        start = time.monotonic()
+        for attempt in range(1, policy.attempts + 1):
+            try:
+                return fn()
+            except _PERMANENT:
+                raise
+            except Exception as e:  # noqa: BLE001 - classified below
+                elapsed = time.monotonic() - start
+                if not is_transient(e):
+                    raise StorageError(f"{what}: {redact(str(e)) or type(e).__name__}") from e
+                if attempt == policy.attempts or elapsed >= policy.deadline:
+                    raise StorageError(f"{what}: still failing after {attempt} attempts "
+                                       f"({elapsed:.1f}s): {redact(str(e))}") from e
+                delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
+                delay = random.uniform(delay / 2, delay)  # jitter: replicas don't retry in step
+                log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__,
+                            redact(str(e))[:200], attempt, policy.attempts - 1, delay)
+                if hasattr(self._fs, "invalidate_cache"):
+                    self._fs.invalidate_cache()
+                time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _fresh(self) -> None:
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache()
+
+    # ------------------------------------------------------------------ reads
+    def listdir(self, rel: str = "") -> list[str]:
+        """Names directly below ``rel`` (files and folders), read afresh; [] if it is absent."""
+        path = self.full(rel)
+
+        def go() -> list[str]:
+            self._fresh()
+            try:
+                entries = self.fs.ls(path, detail=False, **({"refresh": True}
+                                                          if self.protocol == "s3" else {}))
+            except FileNotFoundError:
+                return []
+            names = []
+            for e in entries:
+                name = e.rstrip("/").rsplit("/", 1)[-1]
+                if name and e.rstrip("/") != path.rstrip("/"):
+                    names.append(name)
+            return sorted(set(names))
+
+        return self._call(f"list {self.uri(rel)}", go)
+
+    def exists(self, rel: str) -> bool:
+        path = self.full(rel)
+
+        def go() -> bool:
+            self._fresh()
+            return self.fs.exists(path)
+
+        return self._call(f"check {self.uri(rel)}", go)
+
+    def read(self, rel: str) -> bytes:
+        path = self.full(rel)
+        return self._call(f"read {self.uri(rel)}", lambda: self.fs.cat_file(path))
+
+    def info(self, rel: str) -> dict[str, Any]:
+        path = self.full(rel)
+
+        def go() -> dict[str, Any]:
+            self._fresh()
+            return self.fs.info(path)
+
+        return self._call(f"stat {self.uri(rel)}", go)
+
+    def modified(self, rel: str) -> float | None:
+        """Modification time (epoch seconds) of a file, None when the backend cannot tell."""
+        try:
+            info = self.info(rel)
+        except FileNotFoundError:
+            return None
+        for key in ("mtime", "LastModified", "last_modified", "created"):
+            v = info.get(key)
+            if v is None:
+                continue
+            if hasattr(v, "timestamp"):
+                return float(v.timestamp())
+            try:
+                return float(v)
+            except (TypeError, ValueError):
+                continue
+        return None
+
+    # ------------------------------------------------------------------ writes
+    def write(self, rel: str, data: bytes | bytearray | memoryview, create_only: bool = False) -> None:
+        """Publish ``data`` at ``rel`` atomically: readers see all of it or nothing.
+
+        ``create_only``: raise FileExistsError instead of replacing an existing file (two writers
+        can never overwrite each other's commit).
+        """
+        if self.is_local:
+            self._call(f"write {self.uri(rel)}", lambda: _local_atomic_write(self.full(rel), data,
+                                                                             create_only))
+            return
+        path = self.full(rel)
+
+        def go() -> None:
+            if create_only and self.protocol != "s3":
+                # Backends without conditional writes (memory://, used by tests): best effort.
+                self._fresh()
+                if self.fs.exists(path):
+                    raise FileExistsError(f"{self.uri(rel)} already exists")
+            kwargs = {"mode": "create"} if create_only and self.protocol == "s3" else {}
+            self.fs.pipe_file(path, bytes(data) if self.protocol != "s3" else data, **kwargs)
+
+        # Note: a create-only upload whose first try landed but whose answer was lost is
+        # answered 412 on the retry; s3fs raises FileExistsError, which the caller sees.
+        self._call(f"upload {self.uri(rel)}", go)
+
+    def remove(self, rel: str) -> None:
+        """Delete one file; a missing file is not an error."""
+        path = self.full(rel)
+
+        def go() -> None:
+            try:
+                self.fs.rm_file(path)
+            except FileNotFoundError:
+                pass
+
+        self._call(f"delete {self.uri(rel)}", go)
+
+    def remove_tree(self, rel: str) -> None:
+        """Delete a folder and everything below it; missing is not an error."""
+        path = self.full(rel)
+
+        def go() -> None:
+            self._fresh()
+            try:
+                self.fs.rm(path, recursive=True)
+            except FileNotFoundError:
+                pass
+            if self.is_local and os.path.isdir(path):
+                os.rmdir(path)
+
+        self._call(f"delete {self.uri(rel)}", go)
+
+
+def _protocol(uri: str) -> str:
+    if "://" not in uri:
+        return "file"
+    p = uri.split("://", 1)[0].lower()
+    return {"s3a": "s3"}.get(p, p)
+
+
+def _s3_env_defaults(opts: dict[str, Any]) -> None:
+    """Honour AWS_ENDPOINT_URL for older botocore versions that ignore it."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        client_kwargs = dict(opts.get("client_kwargs") or {})
+        client_kwargs.setdefault("endpoint_url", endpoint)
+        opts["client_kwargs"] = client_kwargs
+        # A custom endpoint (MinIO, moto, Ceph) rarely answers virtual-host style requests.
+        config_kwargs = dict(opts.get("config_kwargs") or {})
+        config_kwargs.setdefault("s3", {"addressing_style": "path"})
+        opts["config_kwargs"] = config_kwargs
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _local_atomic_write(path: str, data: bytes | bytearray | memoryview, create_only: bool) -> None:
+    folder = os.path.dirname(path) or "."
+    if not os.path.isdir(folder):
+        os.makedirs(folder, exist_ok=True)
+        _fsync_dir(os.path.dirname(folder.rstrip("/")) or ".")
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if create_only:
+            # link() fails with EEXIST when the name is taken: an atomic create-only publish.
+            os.link(tmp, path)
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
+        _fsync_dir(folder)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
