@@ -1,0 +1,27 @@
+# `make run` and `make test` do all the set-up on a fresh machine (a virtual environment in
+# .venv with the project and its test tools), then run the main job / the tests.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NPROC ?= 4
+
+.PHONY: run test test-soak lint clean
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m src.train
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+test-soak: $(VENV)/.installed
+	$(PY) -m pytest -q -m soak
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check src tests launch
+
+clean:
+	rm -rf checkpoints .pytest_cache

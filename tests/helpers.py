@@ -1,0 +1,109 @@
+"""Shared helpers for the tests: run the real commands as subprocesses."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+# Small, fast defaults for test runs (32 global batches of 64 per epoch).
+SMALL = ["--synthetic-train-size", "2048", "--synthetic-test-size", "512", "--batch-size", "64",
+         "--epochs", "2", "--log-every-steps", "0", "--save-every-seconds", "0"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FTT_", "TORCHELASTIC_"))
+           and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+    env.update(extra or {})
+    return env
+
+
+def train_cmd(args: list[str], nproc: int = 0, torchrun_args: list[str] | None = None) -> list[str]:
+    """``nproc`` 0: plain ``python -m src.train``; else torchrun with that many workers."""
+    if nproc == 0:
+        return [PY, "-m", "src.train", *args]
+    return [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+            *(torchrun_args or []), "-m", "src.train", *args]
+
+
+def run_train(args: list[str], nproc: int = 0, timeout: float = 300, env: dict | None = None,
+              torchrun_args: list[str] | None = None, cwd: Path | None = None
+              ) -> subprocess.CompletedProcess:
+    return subprocess.run(train_cmd(args, nproc, torchrun_args), cwd=cwd or ROOT,
+                          env=base_env(env), capture_output=True, text=True, timeout=timeout)
+
+
+def start_train(args: list[str], nproc: int = 0, env: dict | None = None,
+                torchrun_args: list[str] | None = None, log_path: Path | None = None
+                ) -> subprocess.Popen:
+    """Start in its own process group (so the whole group can be killed), output to a file."""
+    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
+    return subprocess.Popen(train_cmd(args, nproc, torchrun_args), cwd=ROOT, env=base_env(env),
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
+
+
+def committed_steps(ckpt_dir: Path) -> list[int]:
+    return sorted(int(p.parent.name.split("_")[1]) for p in Path(ckpt_dir).glob("step_*/manifest.json"))
+
+
+def ckpt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "src.ckpt", *args], cwd=ROOT, env=base_env(env),
+                          capture_output=True, text=True, timeout=120)
+
+
+def inspect(uri: str, env: dict | None = None) -> dict:
+    r = ckpt("inspect", uri, "--json", env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def export_weights(uri: str, out: Path, env: dict | None = None) -> dict[str, torch.Tensor]:
+    r = ckpt("export", uri, str(out), env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return torch.load(out, map_location="cpu", weights_only=True)
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
+        assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k].double() - b[k].double()).abs().max()})"
+
+
+def strip_timing(history: list[dict]) -> list[dict]:
+    """The metric history without wall-clock fields (those legitimately differ)."""
+    return [{k: v for k, v in h.items() if k not in ("samples_per_s", "seconds")} for h in history]
