@@ -236,7 +236,7 @@ class CheckpointStore:
                          self.storage.uri(name), grace_s)
                 self.storage.remove_tree(name)
                 deleted.append(name)
-        for name, files in committed[keep_last:]:
+        for name, _files in committed[keep_last:]:
             log.info("retention: deleting %s (keeping the newest %d)", self.storage.uri(name),
                      keep_last)
             self.storage.remove(f"{name}/{MANIFEST}")

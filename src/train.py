@@ -80,7 +80,7 @@ def load_scheduler_state(cfg: Config, sched, saved: dict[str, Any]) -> None:
         # The recursive cosine update cannot move to a new horizon (from lr 0 it stays at 0):
         # restart it from the closed form at the current step.
         lrs = sched._get_closed_form_lr()
-        for group, lr in zip(sched.optimizer.param_groups, lrs):
+        for group, lr in zip(sched.optimizer.param_groups, lrs, strict=True):
             group["lr"] = lr
         sched._last_lr = list(lrs)
 
