@@ -19,6 +19,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import platform
 import re
 import threading
@@ -59,6 +60,10 @@ def library_versions() -> dict[str, str]:
 
 class CorruptCheckpoint(Exception):
     """A checkpoint that is not committed, or whose files do not match its manifest."""
+
+
+class SaveTimeout(Exception):
+    """A save did not finish in the time it was given; it goes on in the background."""
 
 
 @dataclass
@@ -124,9 +129,10 @@ class CheckpointStore:
                 raise CorruptCheckpoint(f"manifest lacks {key!r}")
         return manifest
 
-    def read_verified(self, name: str) -> tuple[dict[str, Any], dict[str, bytes]]:
+    def read_verified(self, name: str, manifest: dict[str, Any] | None = None
+                      ) -> tuple[dict[str, Any], dict[str, bytes]]:
         """Manifest and the bytes of every file it lists, each checked for size and SHA-256."""
-        manifest = self.read_manifest(name)
+        manifest = self.read_manifest(name) if manifest is None else manifest
         blobs: dict[str, bytes] = {}
         for fname, meta in manifest["files"].items():
             try:
@@ -144,6 +150,9 @@ class CheckpointStore:
     def load(self, name: str) -> Loaded:
         """Verify and deserialize one checkpoint; raises CorruptCheckpoint with the reason."""
         manifest, blobs = self.read_verified(name)
+        return self._deserialize(name, manifest, blobs)
+
+    def _deserialize(self, name: str, manifest: dict[str, Any], blobs: dict[str, bytes]) -> Loaded:
         try:
             state = torch.load(io.BytesIO(blobs[manifest["state_file"]]), map_location="cpu",
                                weights_only=True)
@@ -162,30 +171,41 @@ class CheckpointStore:
         return Loaded(name, self.storage.uri(name), manifest, state, train_state)
 
     def latest(self) -> Loaded | None:
-        """Newest valid checkpoint; corrupt or partial ones are logged loudly and skipped."""
+        """Newest valid checkpoint; corrupt or partial ones are logged loudly and skipped.
+
+        Raises StorageError when storage fails (after retries): an unreachable checkpoint is
+        not a corrupt one, and falling back past it would throw work away.
+        """
         for _step, name in self.step_dirs():
             try:
                 return self.load(name)
             except CorruptCheckpoint as e:
                 log.warning("SKIPPING checkpoint %s: %s", self.storage.uri(name), e)
-            except StorageError as e:
-                log.warning("SKIPPING checkpoint %s: storage error %s", self.storage.uri(name), e)
         return None
 
+    def committed_names(self) -> list[str]:
+        """Step folders that hold a manifest file (valid or not), newest first."""
+        return [name for _step, name in self.step_dirs()
+                if self.storage.exists(f"{name}/{MANIFEST}")]
+
     def entries(self) -> list[Entry]:
-        """Every step folder with its validity (reads and hashes every file)."""
+        """Every step folder with its validity (reads and hashes every file once)."""
         out = []
         for step, name in self.step_dirs():
             entry = Entry(name, self.storage.uri(name), step, False)
             try:
-                manifest, blobs = self.read_verified(name)
-                entry.manifest = manifest
-                entry.size = sum(len(b) for b in blobs.values())
+                # What the manifest says is shown even when the files do not match it.
+                entry.manifest = manifest = self.read_manifest(name)
                 entry.created = manifest.get("created_unix")
-                self.load(name)
+                entry.size = sum(int(m.get("size") or 0) for m in manifest["files"].values()
+                                 if isinstance(m, dict))
+                _, blobs = self.read_verified(name, manifest)
+                self._deserialize(name, manifest, blobs)
                 entry.valid = True
-            except (CorruptCheckpoint, StorageError) as e:
+            except CorruptCheckpoint as e:
                 entry.reason = str(e)
+            except StorageError as e:
+                entry.reason = f"storage error: {e}"
             out.append(entry)
         return out
 
@@ -194,56 +214,111 @@ class CheckpointStore:
                writer: str) -> bool:
         """Write ``files`` into the step's folder, then the manifest, create-only.
 
-        Returns False (and removes this writer's files) when the step is already committed,
-        by an earlier run or by a concurrent writer. Raises StorageError on failure.
+        Returns True when this writer's checkpoint is committed. Returns False (and removes this
+        writer's files) when the step is already committed by another writer: an earlier run,
+        or a concurrent one (a replacement pod while the old one still runs); the second writer
+        is logged and never overwrites the first. A committed but corrupt checkpoint at the step
+        is moved out of the way (its manifest kept as ``manifest.json.corrupt-<time>``) and
+        written anew. Raises StorageError on failure.
         """
         name = step_dirname(step)
-        if self.storage.exists(f"{name}/{MANIFEST}"):
-            log.info("checkpoint %s is already committed; not writing it again",
-                     self.storage.uri(name))
-            return False
+        if self.storage.exists(f"{name}/{MANIFEST}") and not self._make_way(name, writer):
+            return self._is_ours(name, writer)
         table = {}
         for fname, data in files.items():
             table[fname] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-            self.storage.write(f"{name}/{fname}", data, create_only=True)
+            try:
+                self.storage.write(f"{name}/{fname}", data, create_only=True)
+            except FileExistsError:
+                # The names carry this writer's token and the step is not committed: the file
+                # is this writer's own from a failed earlier attempt at this step. Replace it.
+                log.info("replacing %s left by an earlier failed attempt",
+                         self.storage.uri(f"{name}/{fname}"))
+                self.storage.write(f"{name}/{fname}", data)
+        # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint
+        # half-written for this many seconds so that a kill lands inside the save.
+        time.sleep(float(os.environ.get("FTT_TEST_PAUSE_IN_SAVE") or 0))
         manifest = dict(manifest, files=table, writer=writer, created_unix=time.time())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
             self.storage.write(f"{name}/{MANIFEST}", body, create_only=True)
         except FileExistsError:
-            log.warning("checkpoint %s was committed by another writer first; discarding this "
-                        "writer's copy (%s)", self.storage.uri(name), writer)
+            if self._is_ours(name, writer):
+                return True
             for fname in files:
                 self.storage.remove(f"{name}/{fname}")
             return False
+        return True
+
+    def _is_ours(self, name: str, writer: str) -> bool:
+        """Whether the step's committed manifest is this writer's; logs the loser otherwise."""
+        try:
+            other = self.read_manifest(name).get("writer")
+        except CorruptCheckpoint:
+            other = "?"
+        if other == writer:
+            return True
+        log.warning("checkpoint %s is already committed by writer %s; this writer (%s) does not "
+                    "overwrite it and discards its own copy", self.storage.uri(name), other, writer)
+        return False
+
+    def _make_way(self, name: str, writer: str) -> bool:
+        """A manifest exists at this step. If its checkpoint is corrupt, un-commit it (keeping
+        the bad manifest for inspection) and return True: the step may be written again."""
+        try:
+            self.read_verified(name)
+            return False
+        except CorruptCheckpoint as e:
+            reason = e
+        raw = b""
+        try:
+            raw = self.storage.read(f"{name}/{MANIFEST}")
+        except FileNotFoundError:
+            pass
+        if raw:
+            self.storage.write(f"{name}/{MANIFEST}.corrupt-{int(time.time())}-{writer}", raw)
+        log.warning("checkpoint %s is committed but invalid (%s); writing it again (the bad "
+                    "manifest is kept next to it as %s.corrupt-*)", self.storage.uri(name),
+                    reason, MANIFEST)
+        self.storage.remove(f"{name}/{MANIFEST}")
         return True
 
     # ------------------------------------------------------------------ retention
     def retain(self, keep_last: int, grace_s: float, now: float | None = None) -> list[str]:
         """Delete committed checkpoints beyond the newest ``keep_last`` (manifest first, so a
         half-deleted one never looks committed), and leftovers of crashed writers older than
-        ``grace_s``. Returns what it deleted."""
+        ``grace_s``. Returns what it deleted.
+
+        Only checkpoints whose manifest parses count towards ``keep_last``, so a damaged
+        manifest never pushes the last good checkpoints out. On S3 a "folder" is a key prefix
+        without a time of its own: a leftover's age is that of its newest object.
+        """
         keep_last = max(2, keep_last)
         now = time.time() if now is None else now
         deleted = []
-        committed = []
+        kept = 0
         for _step, name in self.step_dirs():
             files = self.storage.listdir(name)
-            if MANIFEST in files:
-                committed.append((name, files))
-            elif self._age(name, files, now) > grace_s:
-                log.info("removing %s: no manifest and untouched for over %.0fs (crashed writer)",
-                         self.storage.uri(name), grace_s)
+            if MANIFEST not in files:
+                if self._age(name, files, now) > grace_s:
+                    log.info("removing %s: no manifest and untouched for over %.0fs (crashed "
+                             "writer)", self.storage.uri(name), grace_s)
+                    self.storage.remove_tree(name)
+                    deleted.append(name)
+                continue
+            if kept >= keep_last:
+                log.info("retention: deleting %s (keeping the newest %d)", self.storage.uri(name),
+                         keep_last)
+                self.storage.remove(f"{name}/{MANIFEST}")
                 self.storage.remove_tree(name)
                 deleted.append(name)
-        for name, _files in committed[keep_last:]:
-            log.info("retention: deleting %s (keeping the newest %d)", self.storage.uri(name),
-                     keep_last)
-            self.storage.remove(f"{name}/{MANIFEST}")
-            self.storage.remove_tree(name)
-            deleted.append(name)
-        for name, files in committed[:keep_last]:
-            self._remove_strays(name, files, grace_s, now)
+                continue
+            try:
+                listed = set(self.read_manifest(name)["files"])
+            except CorruptCheckpoint:
+                continue  # does not count; deleted once keep_last good ones are newer
+            kept += 1
+            self._remove_strays(name, files, listed, grace_s, now)
         return deleted
 
     def _age(self, name: str, files: list[str], now: float) -> float:
@@ -253,14 +328,12 @@ class CheckpointStore:
             return now - t if t is not None else float("inf")
         return now - max(times)
 
-    def _remove_strays(self, name: str, files: list[str], grace_s: float, now: float) -> None:
-        """Files in a committed folder that its manifest does not list (a losing writer's)."""
-        try:
-            listed = set(self.read_manifest(name)["files"]) | {MANIFEST}
-        except CorruptCheckpoint:
-            return
+    def _remove_strays(self, name: str, files: list[str], listed: set[str], grace_s: float,
+                       now: float) -> None:
+        """Files in a committed folder that its manifest does not list (a losing writer's, an
+        earlier failed attempt's, a quarantined manifest), once older than the grace period."""
         for f in files:
-            if f not in listed and self._age(name, [f], now) > grace_s:
+            if f not in listed and f != MANIFEST and self._age(name, [f], now) > grace_s:
                 log.info("removing stray %s", self.storage.uri(f"{name}/{f}"))
                 self.storage.remove(f"{name}/{f}")
 
@@ -334,33 +407,47 @@ class Checkpointer:
         self._snap = _Snapshot()
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
         self._inflight: concurrent.futures.Future | None = None
+        self._inflight_step: int | None = None
         self._lock = threading.Lock()
         self.consecutive_failures = 0
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
-             manifest: dict[str, Any], blocking: bool = False) -> bool | None:
+             manifest: dict[str, Any], blocking: bool = False,
+             timeout: float | None = None) -> bool | None:
         """Snapshot now, persist in the background. With ``blocking`` wait and return whether
-        it committed (or was already committed); otherwise return None."""
+        it committed (or was already committed); otherwise return None. ``timeout`` bounds
+        the whole call, including the wait for the previous save: SaveTimeout past it."""
         t0 = time.perf_counter()
-        self.wait()  # the buffers are reused: the previous persist must be done with them
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.wait(timeout)  # the buffers are reused: the previous persist must be done with them
         snap = self._snap.copy(state)
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize()
         req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(manifest))
         self._inflight = self._pool.submit(self._persist, req)
+        self._inflight_step = step
         self.last_stall_s = time.perf_counter() - t0
         if blocking:
-            return self.wait()
+            return self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return None
 
-    def wait(self) -> bool:
-        """Wait for the save in flight; True when it succeeded (or none was in flight)."""
-        fut, self._inflight = self._inflight, None
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for the save in flight; True when it succeeded (or none was in flight).
+
+        Raises SaveTimeout after ``timeout`` seconds; the save then stays in flight.
+        """
+        fut = self._inflight
         if fut is None:
             return True
-        return fut.result()
+        try:
+            ok = fut.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise SaveTimeout(f"the save of step {self._inflight_step} is still in flight after "
+                              f"{timeout:.1f}s") from None
+        self._inflight = None
+        return ok
 
     def _persist(self, req: SaveRequest) -> bool:
         name = step_dirname(req.step)

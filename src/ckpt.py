@@ -176,22 +176,31 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m src.ckpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--storage-options", default="", help="extra fsspec options as JSON")
+    # Accepted after the command too (``ckpt ls ROOT --storage-options ...``).
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--storage-options", default=argparse.SUPPRESS,
+                        help="extra fsspec options as JSON (credentials: prefer the AWS_* "
+                             "variables or a profile)")
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("ls", help="list checkpoints with their validity")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, parents=[common])
+
+    s = add("ls", "list checkpoints with their validity")
     s.add_argument("root")
     s.set_defaults(fn=cmd_ls)
-    s = sub.add_parser("verify", help="check every file against its manifest; exit 1 if invalid")
+    s = add("verify", "check every file against its manifest; exit 1 if invalid")
     s.add_argument("uri")
     s.set_defaults(fn=cmd_verify)
-    s = sub.add_parser("inspect", help="show step, epoch, world size, batch, seed, history")
+    s = add("inspect", "show step, epoch, world size, batch, seed, history")
     s.add_argument("uri")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=cmd_inspect)
-    s = sub.add_parser("export", help="write the model's plain state_dict")
+    s = add("export", "write the model's plain state_dict")
     s.add_argument("uri")
     s.add_argument("out")
     s.set_defaults(fn=cmd_export)
-    s = sub.add_parser("plot", help="plot loss and accuracy curves")
+    s = add("plot", "plot loss and accuracy curves")
     s.add_argument("root")
     s.add_argument("out")
     s.set_defaults(fn=cmd_plot)

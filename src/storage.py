@@ -5,14 +5,21 @@ create-only) + folder fsync; remote writes upload a finished buffer with ``pipe_
 ``mode="create"`` sends ``If-None-Match: *``), never through ``fs.open(..., "wb")``, which would
 publish a partial object if the writer fails half-way. Every call retries transient failures
 with exponential backoff and jitter, bounded in attempts and time.
+
+This module is the one retry layer. botocore's and s3fs's own retries are switched off for S3
+(unless the user configures them through storage options or ``AWS_MAX_ATTEMPTS``): nested
+retries would multiply (5 s3fs x 5 botocore x our attempts), defeat the time bound and hide
+failures from the log.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import random
+import re
 import time
 import uuid
 from collections.abc import Callable
@@ -33,9 +40,13 @@ _TRANSIENT_NAMES = {
     "ResponseStreamingError", "ClientConnectorError", "ServerTimeoutError", "ProxyConnectionError",
     "HTTPClientError", "ClientConnectionError", "TimeoutError",
 }
-_TRANSIENT_TEXT = ("503", "500", "502", "504", "SlowDown", "ServiceUnavailable", "InternalError",
-                   "RequestTimeout", "Throttl", "reset by peer", "Connection reset", "timed out",
-                   "Server disconnected", "Broken pipe", "TooManyRequests")
+# Matched against messages of errors without a structured HTTP status (aiohttp, sockets).
+_TRANSIENT_TEXT = re.compile(
+    r"\b(500|502|503|504)\b|SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|"
+    r"reset by peer|Connection reset|timed out|Server disconnected|Broken pipe|TooManyRequests")
+_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
+                    "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                    "TooManyRequestsException", "RequestThrottled", "TooManyRequests"}
 _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED,
                     errno.ECONNREFUSED, errno.EAGAIN}
 
@@ -62,30 +73,47 @@ class RetryPolicy:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether an error from fsspec/s3fs/botocore/aiohttp looks like a transient failure."""
+    """Whether an error from fsspec/s3fs/botocore/aiohttp looks like a transient failure.
+
+    An S3 answer is judged by its HTTP status and error code (5xx, 408, 429, SlowDown and the
+    throttling codes are transient; 4xx are not); errors without an answer (resets, timeouts,
+    refused connections) by their type, errno or message. The cause chain is followed, since
+    s3fs wraps botocore's ClientError into an OSError.
+    """
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         if isinstance(e, _PERMANENT):
             return False
+        answer = _s3_answer(e)
+        if answer is not None:
+            status, code = answer
+            return (status is not None and (status >= 500 or status in (408, 429))) or \
+                code in _TRANSIENT_CODES
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
         if type(e).__name__ in _TRANSIENT_NAMES:
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
             return True
-        text = str(e)
-        if any(t in text for t in _TRANSIENT_TEXT):
+        if _TRANSIENT_TEXT.search(str(e)):
             return True
         e = e.__cause__ or e.__context__
     return False
 
 
+def _s3_answer(e: BaseException) -> tuple[int | None, str] | None:
+    """(HTTP status, error code) of a botocore ClientError; None for other errors."""
+    response = getattr(e, "response", None)
+    if not isinstance(response, dict) or "Error" not in response:
+        return None
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return (int(status) if status else None), str((response.get("Error") or {}).get("Code", ""))
+
+
 def redact(text: str) -> str:
     """Drop anything that looks like a credential from an error message."""
-    import re
-
     text = re.sub(r"(?i)(secret|token|password|key)([\"']?\s*[:=]\s*)[^\s,}&]+", r"\1\2***", text)
     return re.sub(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=[^&\s]+",
                   r"\1=***", text)
@@ -116,11 +144,15 @@ class Storage:
         # stale listing cache from another process.
         if self._fs is None or self._pid != os.getpid():
             opts = dict(self.options)
+            # s3fs's own retry loop (a class attribute, not an option): this module retries.
+            s3fs_retries = opts.pop("retries", 1) if self.protocol == "s3" else None
             if self.protocol == "s3":
                 opts.setdefault("use_listings_cache", False)
                 opts.setdefault("skip_instance_cache", True)
-                _s3_env_defaults(opts)
+                _s3_defaults(opts)
             self._fs, self._root = fsspec.core.url_to_fs(self.root_uri, **opts)
+            if s3fs_retries is not None:
+                self._fs.retries = int(s3fs_retries)
             self._root = self._root.rstrip("/") if self._root not in ("/", "") else self._root
             self._pid = os.getpid()
         return self._fs
@@ -155,6 +187,7 @@ class Storage:
                                        f"({elapsed:.1f}s): {redact(str(e))}") from e
                 delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
                 delay = random.uniform(delay / 2, delay)  # jitter: replicas don't retry in step
+                delay = min(delay, max(0.0, policy.deadline - elapsed))
                 log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__,
                             redact(str(e))[:200], attempt, policy.attempts - 1, delay)
                 if hasattr(self._fs, "invalidate_cache"):
@@ -227,13 +260,56 @@ class Storage:
                 continue
         return None
 
+    def walk(self, rel: str = "") -> dict[str, int]:
+        """Every file below ``rel`` (recursively) as {relative path: size}, read afresh."""
+        base = self.full(rel).rstrip("/")
+
+        def go() -> dict[str, int]:
+            self._fresh()
+            found = self.fs.find(base, detail=True)
+            return {p[len(base):].lstrip("/"): int(i.get("size") or 0) for p, i in found.items()
+                    if i.get("type", "file") != "directory" and p.startswith(base + "/")}
+
+        return self._call(f"list {self.uri(rel)}", go)
+
+    def download(self, rel: str, local_path: str) -> None:
+        """Copy one file to a local path, atomically (temp file + rename), checking its size."""
+        path = self.full(rel)
+        tmp = f"{local_path}.part-{uuid.uuid4().hex[:8]}"
+        os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
+
+        def go() -> None:
+            self.fs.get_file(path, tmp)
+            size = self.fs.size(path)
+            if os.path.getsize(tmp) != size:  # a cut-off transfer: retried like a reset
+                raise ConnectionResetError(f"{self.uri(rel)}: got {os.path.getsize(tmp)} of "
+                                           f"{size} bytes")
+            os.replace(tmp, local_path)
+
+        try:
+            self._call(f"download {self.uri(rel)}", go)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
     # ------------------------------------------------------------------ writes
     def write(self, rel: str, data: bytes | bytearray | memoryview, create_only: bool = False) -> None:
         """Publish ``data`` at ``rel`` atomically: readers see all of it or nothing.
 
         ``create_only``: raise FileExistsError instead of replacing an existing file (two writers
-        can never overwrite each other's commit).
+        can never overwrite each other's commit). A file that already holds exactly ``data``
+        counts as written: an earlier attempt of this very write may have landed with its answer
+        lost (a reset after the upload), and its retry is then refused with 412.
         """
+        try:
+            self._write(rel, data, create_only)
+        except FileExistsError:
+            if not self._holds(rel, data):
+                raise
+            log.info("%s already holds these exact bytes (an earlier attempt landed); "
+                     "counting it as written", self.uri(rel))
+
+    def _write(self, rel: str, data: bytes | bytearray | memoryview, create_only: bool) -> None:
         if self.is_local:
             self._call(f"write {self.uri(rel)}", lambda: _local_atomic_write(self.full(rel), data,
                                                                              create_only))
@@ -247,11 +323,19 @@ class Storage:
                 if self.fs.exists(path):
                     raise FileExistsError(f"{self.uri(rel)} already exists")
             kwargs = {"mode": "create"} if create_only and self.protocol == "s3" else {}
-            self.fs.pipe_file(path, bytes(data) if self.protocol != "s3" else data, **kwargs)
+            # botocore takes bytes, bytearray or a file, not the memoryview a torch.save buffer
+            # gives: one copy here (the upload is from memory anyway).
+            self.fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data), **kwargs)
 
-        # Note: a create-only upload whose first try landed but whose answer was lost is
-        # answered 412 on the retry; s3fs raises FileExistsError, which the caller sees.
         self._call(f"upload {self.uri(rel)}", go)
+
+    def _holds(self, rel: str, data: bytes | bytearray | memoryview) -> bool:
+        try:
+            existing = self.read(rel)
+        except FileNotFoundError:
+            return False
+        return len(existing) == len(data) and \
+            hashlib.sha256(existing).digest() == hashlib.sha256(data).digest()
 
     def remove(self, rel: str) -> None:
         """Delete one file; a missing file is not an error."""
@@ -288,17 +372,24 @@ def _protocol(uri: str) -> str:
     return {"s3a": "s3"}.get(p, p)
 
 
-def _s3_env_defaults(opts: dict[str, Any]) -> None:
-    """Honour AWS_ENDPOINT_URL for older botocore versions that ignore it."""
+def _s3_defaults(opts: dict[str, Any]) -> None:
+    """Defaults for s3fs: honour AWS_ENDPOINT_URL (older botocore ignores it), path-style
+    addressing for custom endpoints, and no botocore retries (this module retries)."""
+    config_kwargs = dict(opts.get("config_kwargs") or {})
+    if "AWS_MAX_ATTEMPTS" not in os.environ and "AWS_RETRY_MODE" not in os.environ:
+        config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    custom = endpoint or opts.get("endpoint_url") or (opts.get("client_kwargs") or {}).get(
+        "endpoint_url")
     if endpoint:
         client_kwargs = dict(opts.get("client_kwargs") or {})
-        client_kwargs.setdefault("endpoint_url", endpoint)
+        if "endpoint_url" not in opts:
+            client_kwargs.setdefault("endpoint_url", endpoint)
         opts["client_kwargs"] = client_kwargs
+    if custom:
         # A custom endpoint (MinIO, moto, Ceph) rarely answers virtual-host style requests.
-        config_kwargs = dict(opts.get("config_kwargs") or {})
         config_kwargs.setdefault("s3", {"addressing_style": "path"})
-        opts["config_kwargs"] = config_kwargs
+    opts["config_kwargs"] = config_kwargs
 
 
 def _fsync_dir(path: str) -> None:

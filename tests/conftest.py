@@ -1,5 +1,7 @@
 import pytest
 
+pytest_plugins = ["tests.s3server"]
+
 
 @pytest.fixture
 def ckdir(tmp_path):

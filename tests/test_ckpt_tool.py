@@ -1,0 +1,100 @@
+"""``python -m src.ckpt`` on local folders and s3:// URIs: ls, verify, inspect --json, export,
+plot. The store holds two good checkpoints and a newer one with a flipped byte."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from src import ckpt as ckpt_tool
+from src.checkpoint import step_dirname
+from tests.helpers import assert_bitwise_equal, ckpt
+from tests.s3server import CORRUPTIONS, history_rows, save_checkpoint
+
+D32, D64, D96 = step_dirname(32), step_dirname(64), step_dirname(96)
+
+
+@pytest.fixture
+def root(backend):
+    """(root URI, weights of the newest valid checkpoint)."""
+    uri = backend.uri("run")
+    save_checkpoint(uri, 32, epochs_done=1)
+    want = save_checkpoint(uri, 64, epochs_done=2)
+    save_checkpoint(uri, 96, epochs_done=3)
+    CORRUPTIONS[1].apply(backend, f"run/{D96}")  # a flipped byte inside the tensor data
+    return uri, want
+
+
+def run_tool(capsys, *argv: str) -> tuple[int, str, str]:
+    code = ckpt_tool.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_ls_verify_inspect_export_plot(root, tmp_path, capsys, caplog):
+    uri, want = root
+    code, out, _ = run_tool(capsys, "ls", uri)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["STEP", "EPOCH", "TIME", "SIZE", "STATUS"]
+    assert [r.split()[0] for r in rows] == ["96", "64", "32"]
+    assert "INVALID" in rows[0] and "SHA-256" in rows[0] and rows[0].endswith(D96)
+    for row, epoch in ((rows[1], "2"), (rows[2], "1")):
+        assert row.split()[1] == epoch and " valid " in row and "MiB" in row
+
+    code, out, _ = run_tool(capsys, "verify", uri)
+    assert code == 1
+    assert f"INVALID {uri}/{D96}: " in out and f"valid   {uri}/{D64}" in out
+    assert out.splitlines()[-1] == "2 valid, 1 invalid"
+    assert run_tool(capsys, "verify", f"{uri}/{D64}")[0] == 0
+    code, out, _ = run_tool(capsys, "verify", f"{uri}/{D96}/")
+    assert code == 1 and "SHA-256" in out
+
+    code, out, _ = run_tool(capsys, "inspect", uri, "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert (info["step"], info["epoch"], info["uri"]) == (64, 2, f"{uri}/{D64}")
+    assert info["history"] == history_rows(2)
+    assert f"SKIPPING checkpoint {uri}/{D96}" in caplog.text  # the fallback is reported
+    assert json.loads(run_tool(capsys, "inspect", f"{uri}/{D32}", "--json")[1])["step"] == 32
+    code, out, _ = run_tool(capsys, "inspect", uri)
+    assert code == 0 and "step         64" in out and "eval_acc" in out
+
+    out_pth = tmp_path / "out" / "model.pth"
+    assert run_tool(capsys, "export", uri, str(out_pth))[0] == 0
+    assert_bitwise_equal(torch.load(out_pth, weights_only=True), want)
+    code, _, err = run_tool(capsys, "export", f"{uri}/{D96}", str(tmp_path / "bad.pth"))
+    assert code == 1 and "invalid checkpoint" in err and not (tmp_path / "bad.pth").exists()
+
+    png = tmp_path / "curves.png"
+    code, out, _ = run_tool(capsys, "plot", uri, str(png))
+    assert code == 0 and "2 epochs" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_empty_roots_and_bad_options(backend, capsys):
+    uri = backend.uri("nothing-here")
+    code, out, _ = run_tool(capsys, "ls", uri)
+    assert code == 0 and "no checkpoints under" in out
+    assert run_tool(capsys, "verify", uri)[0] == 1
+    code, _, err = run_tool(capsys, "inspect", uri, "--json")
+    assert code == 1 and "no valid checkpoint" in err
+    with pytest.raises(SystemExit, match="--storage-options is not valid JSON"):
+        ckpt_tool.main(["ls", uri, "--storage-options", "{not json"])
+
+
+def test_cli_in_a_fresh_process_on_s3(s3, tmp_path):
+    """The real command line, configured by the AWS variables alone; then by options alone."""
+    uri = s3.uri("run")
+    save_checkpoint(uri, 32, epochs_done=1)
+    want = save_checkpoint(uri, 64, epochs_done=2)
+    r = ckpt("verify", uri, env=s3.env)
+    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "2 valid, 0 invalid", r.stderr
+    env = {k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"}
+    options = json.dumps({"endpoint_url": s3.env["AWS_ENDPOINT_URL"]})
+    r = ckpt("export", uri, str(tmp_path / "m.pth"), "--storage-options", options,
+             env={**env, "AWS_ENDPOINT_URL": ""})
+    assert r.returncode == 0, r.stderr
+    assert_bitwise_equal(torch.load(tmp_path / "m.pth", weights_only=True), want)
