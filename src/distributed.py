@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -53,10 +55,35 @@ def choose_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+def die_with_parent(sig: int = signal.SIGTERM) -> None:
+    """Ask Linux to send ``sig`` when the launcher dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of torchrun's process
+    group (or of torchrun alone) leaves the workers running, training on and writing
+    checkpoints next to the restarted job. With this they get SIGTERM instead: emergency
+    checkpoint, then exit.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        parent = os.getppid()
+        pr_set_pdeathsig = 1
+        if libc.prctl(pr_set_pdeathsig, int(sig), 0, 0, 0) != 0:
+            return
+        if os.getppid() != parent:  # the launcher died before the request took effect
+            os.kill(os.getpid(), sig)
+    except (OSError, AttributeError) as e:
+        log.debug("cannot set the parent-death signal: %s", e)
+
+
 def setup(device_preference: str, timeout_s: float) -> DistInfo:
     """Start the process group when launched by torchrun; otherwise a single process."""
     if not launched_by_torchrun():
         return DistInfo(0, 1, 0, choose_device(device_preference, 0), None)
+    die_with_parent()
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -65,8 +92,25 @@ def setup(device_preference: str, timeout_s: float) -> DistInfo:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                            **({"device_id": device} if device.type == "cuda" else {}))
+                            **({"device_id": device} if device.type == "cuda" else {}),
+                            **_attempt_store(rank, world, timeout_s))
     return DistInfo(rank, world, local_rank, device, backend)
+
+
+def _attempt_store(rank: int, world: int, timeout_s: float) -> dict:
+    """Under torchrun's agent store, a key space of this restart attempt's own.
+
+    The agent keeps one store for all ``--max-restarts`` attempts (static rendezvous, and c10d
+    unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1), so restarted workers would read the dead
+    group's addresses and fail ("Gloo connectFullMesh failed ... Connection refused").
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    store, _, _ = next(dist.rendezvous("env://", rank, world,
+                                       timeout=timedelta(seconds=timeout_s)))
+    return {"store": dist.PrefixStore(f"ftt/restart{attempt}", store), "rank": rank,
+            "world_size": world}
 
 
 class Collectives:
@@ -151,3 +195,28 @@ class _Pending:
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def ordered_mean_hook(process_group, bucket):  # -> Future[Tensor]; DDP rejects a str annotation
+    """DDP comm hook: the gradient mean, summed in rank order, identical bits on every rank.
+
+    DDP's own all-reduce sums each element in an order set by where it sits in its bucket (the
+    ring's chunks), and DDP re-packs its buckets after the first iteration, so the first step
+    after a resume would sum differently from the uninterrupted run (with 3+ ranks). Gathering
+    and adding in rank order makes each element's sum independent of the bucket layout.
+    Costs an all-gather (world x bucket memory) instead of an all-reduce.
+    """
+    group = process_group if process_group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    grad = bucket.buffer()
+    flat = torch.empty(world * grad.numel(), dtype=grad.dtype, device=grad.device)
+    work = dist.all_gather_into_tensor(flat, grad.reshape(-1), group=group, async_op=True)
+    rows = flat.view(world, -1)
+
+    def mean(_fut) -> torch.Tensor:
+        total = rows[0].clone()
+        for r in range(1, world):
+            total.add_(rows[r])
+        return total.div_(world).reshape(grad.shape)
+
+    return work.get_future().then(mean)

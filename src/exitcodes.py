@@ -3,6 +3,8 @@
 0 finished; 1-127 permanent (do not retry); 128-255 retryable.
 """
 
+import os
+
 OK = 0
 FAILED = 1  # an unexpected error (a bug or a broken environment): do not retry blindly
 INVALID = 2  # invalid configuration, input data or checkpoint: fix the input, then rerun
@@ -16,3 +18,23 @@ RETRYABLE_FLOOR = 128
 
 def is_retryable(code: int) -> bool:
     return code >= RETRYABLE_FLOOR
+
+
+EXIT_CODE_DIR_ENV = "FTT_EXIT_CODE_DIR"
+
+
+def record(code: int) -> None:
+    """Leave this worker's exit code in ``$FTT_EXIT_CODE_DIR`` (set by ``launch/run.py``):
+    torchrun exits 1 whatever its workers return, so a container entrypoint takes the code
+    from here. One file per restart attempt and rank; a no-op when the variable is unset."""
+    folder = os.environ.get(EXIT_CODE_DIR_ENV)
+    if not folder:
+        return
+    name = (f"restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+            f"-rank{os.environ.get('RANK', '0')}.code")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, name), "w") as fh:
+            fh.write(f"{code}\n")
+    except OSError:
+        pass  # the record is advisory: never let it change the exit

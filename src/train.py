@@ -18,7 +18,7 @@ from . import exitcodes
 from .checkpoint import Checkpointer, CheckpointStore, CorruptCheckpoint, Loaded, open_uri
 from .config import Config, ConfigError, load_config
 from .data import SPECS, DataError, build_datasets, fetch_remote_data_dir
-from .distributed import Collectives, DistInfo, env_rank, setup, teardown
+from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
 from .models import build_model, model_args
 from .storage import Storage, StorageError
 from .trainer import Parts, StopSignals, Trainer, TrainState, init_seed, seed_all
@@ -91,8 +91,17 @@ def compatibility_problems(cfg: Config, loaded: Loaded, margs: dict[str, Any],
     """(refusals, allowed changes) between the checkpoint's run and this one."""
     ts, refuse, allowed = loaded.train_state, [], []
     old_cfg = ts.get("config", {})
-    if ts.get("model_args") != margs:
-        refuse.append(f"model: checkpoint has {ts.get('model_args')}, this run builds {margs}")
+    old_margs = ts.get("model_args") or {}
+    if old_margs != margs:
+        diff = sorted(k for k in {*old_margs, *margs} if old_margs.get(k) != margs.get(k))
+        refuse.append(f"model ({', '.join(diff)}; set by --model/--width/--depth/--dataset): "
+                      f"checkpoint has {old_margs}, this run builds {margs}")
+    digest = loaded.manifest.get("config_digest") or ts.get("config_digest")
+    if not old_cfg and digest and digest != cfg.digest():
+        # No config recorded to compare field by field: the digest of the fields that define
+        # what is trained (config.INCOMPATIBLE_FIELDS) decides.
+        refuse.append(f"config digest: checkpoint {digest[:12]}, this run {cfg.digest()[:12]} "
+                      "(dataset, model, width, depth, optimizer or synthetic train size differ)")
     for key in ("dataset", "optimizer", "synthetic_train_size", "scheduler"):
         if key in old_cfg and old_cfg[key] != getattr(cfg, key):
             refuse.append(f"--{key.replace('_', '-')}: checkpoint {old_cfg[key]!r}, "
@@ -124,8 +133,8 @@ def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, An
                              "--checkpoint-dir, or --resume auto to continue")
         return None
     if cfg.resume == "auto":
-        if not store.step_dirs():
-            return None
+        if not store.committed_names():
+            return None  # nothing committed; a save killed half-way is invisible by design
         loaded = store.latest()
         if loaded is None:
             raise InputError(f"--checkpoint-dir {cfg.checkpoint_dir} holds checkpoints but none "
@@ -166,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
         return exitcodes.INVALID
     signals = StopSignals()
-    signals.install()
+    # Past the deadline for the emergency checkpoint, plus room for the evaluation that may
+    # precede an epoch-end one.
+    signals.install(hard_deadline_s=cfg.preemption_deadline + 30.0)
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
@@ -183,9 +194,24 @@ def main(argv: list[str] | None = None) -> int:
         if info.is_main:
             print(f"error: {e}", file=sys.stderr)
         return exitcodes.INVALID
+    except StorageError as e:
+        if info.is_main:
+            print(f"error: {e}; exiting {exitcodes.STORAGE_FAILED} (retryable): rerun once "
+                  "storage is reachable", file=sys.stderr)
+        return exitcodes.STORAGE_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted twice: exiting without a checkpoint")
         return exitcodes.INTERRUPTED
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        # A peer may die at any moment, during start-up and resume as well as in training.
+        text = str(e)
+        if not isinstance(e, torch.distributed.DistError) and not any(
+                s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
+                                    "Connection reset")):
+            raise
+        log.error("a peer failed or a collective timed out: %s; exiting %d (retryable)",
+                  text[:300], exitcodes.PEER_FAILED)
+        return exitcodes.PEER_FAILED
     finally:
         teardown()
 
@@ -260,13 +286,15 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
                 for change in allowed:
                     log.info("resume: allowed change: %s", change)
                 choice = {"name": loaded.name, "uri": loaded.uri, "error": None}
-        except (InputError, StorageError) as e:
+        except InputError as e:
             choice["error"] = str(e)
+        except StorageError as e:  # unreachable is not invalid: retryable, not exit 2
+            choice["error"], choice["storage"] = f"checkpoint storage failed: {e}", True
     else:
         loaded = None
     choice = coll.broadcast_object(choice)
     if choice["error"]:
-        raise InputError(choice["error"])
+        raise (StorageError if choice.get("storage") else InputError)(choice["error"])
     state = TrainState()
     if choice["uri"]:
         if not info.is_main:
@@ -298,6 +326,8 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
     if info.is_distributed:
         parts.ddp = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+        if info.device.type == "cpu" or cfg.deterministic:  # exact resume (see the hook)
+            parts.ddp.register_comm_hook(None, ordered_mean_hook)
     checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds) \
         if info.is_main else None
     if info.is_main:
@@ -307,19 +337,7 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
                  cfg.checkpoint_dir)
     trainer = Trainer(cfg, info, coll, parts, state, checkpointer, signals)
     try:
-        code = trainer.fit()
-    except torch.distributed.DistError as e:
-        log.error("a peer failed or a collective timed out: %s; exiting %d (retryable)", e,
-                  exitcodes.PEER_FAILED)
-        return exitcodes.PEER_FAILED
-    except RuntimeError as e:
-        text = str(e)
-        if any(s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
-                                   "Connection reset")):
-            log.error("a peer failed: %s; exiting %d (retryable)", text[:300],
-                      exitcodes.PEER_FAILED)
-            return exitcodes.PEER_FAILED
-        raise
+        code = trainer.fit()  # a peer failure propagates to main(): exit PEER_FAILED
     finally:
         if checkpointer is not None:
             checkpointer.wait()
@@ -328,4 +346,12 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _code = exitcodes.FAILED  # an exception escaping main() is a bug (torchrun records it)
+    try:
+        _code = main()
+    except SystemExit as e:  # argparse: --help, unknown flag
+        _code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
+    finally:
+        exitcodes.record(_code)
+    sys.exit(_code)

@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from . import exitcodes
-from .checkpoint import Checkpointer
+from .checkpoint import Checkpointer, SaveTimeout
 from .config import Config
 from .data import EvalShardSampler, ResumableDistributedSampler, mix_seed
 from .distributed import Collectives, DistInfo
@@ -54,24 +55,48 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._installed = False
+        self.received_at: float | None = None  # time.monotonic() of the first signal
+        self.hard_deadline_s = 60.0
 
-    def install(self) -> None:
+    def install(self, hard_deadline_s: float = 60.0) -> None:
+        """``hard_deadline_s``: after a signal, exit no matter what once this much time has
+        passed (a peer that died mid-collective must not keep us past the grace period)."""
+        self.hard_deadline_s = hard_deadline_s
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
-        self._installed = True
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         if self.received is None:
             self.received = signum
+            self.received_at = time.monotonic()
             log.warning("received %s: checkpointing at the next step boundary, then exiting",
                         signal.Signals(signum).name)
+            watchdog = threading.Timer(self.hard_deadline_s, self._give_up)
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _give_up(self) -> None:
+        code = self.exit_code()
+        log.error("no clean stop within %.0fs of the signal; exiting %d without waiting further",
+                  self.hard_deadline_s, code)
+        exitcodes.record(code)
+        logging.shutdown()
+        os._exit(code)
 
     def exit_code(self, signum: int | None = None) -> int:
         signum = signum or self.received
         return exitcodes.INTERRUPTED if signum == signal.SIGINT else exitcodes.PREEMPTED
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the training process. torchrun
+    signals a worker's whole process group; a loader worker killed by it would crash the
+    training process before its emergency checkpoint. (Loader workers still exit when the
+    training process does.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class StorageFailed(Exception):
@@ -171,6 +196,7 @@ class Trainer:
             self.p.train_set.set_epoch(st.epoch)
         return DataLoader(self.p.train_set, batch_size=self.per_rank_batch, sampler=self.sampler,
                           num_workers=self.cfg.num_workers, drop_last=True,
+                          worker_init_fn=ignore_stop_signals,
                           pin_memory=self.info.device.type == "cuda",
                           persistent_workers=False)
 
@@ -330,6 +356,7 @@ class Trainer:
         sampler = EvalShardSampler(len(self.p.test_set), info.world_size, info.rank)
         loader = DataLoader(self.p.test_set, batch_size=max(self.per_rank_batch, 256),
                             sampler=sampler, num_workers=self.cfg.num_workers,
+                            worker_init_fn=ignore_stop_signals,
                             pin_memory=info.device.type == "cuda")
         totals = torch.zeros(3, dtype=torch.float64, device=info.device)
         for x, y, _ in loader:
@@ -356,13 +383,14 @@ class Trainer:
         final = st.epoch >= cfg.epochs
         hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
         blocking = final or stop is not None or hit_max
+        if stop == "preempt":
+            return self._preempt_exit(self._save(blocking=True, reason="epoch",
+                                                 timeout=self._emergency_timeout()))
         ok = self._save(blocking=blocking, reason="epoch")
         if blocking and not ok:
             ok = self._retry_blocking_save()
             if not ok:
                 return self._storage_failed_exit()
-        if stop == "preempt":
-            return self._preempt_exit()
         if hit_max and not final:
             if self.info.is_main:
                 log.info("reached --max-steps %d at step %d; stopping", cfg.max_steps, st.step)
@@ -370,8 +398,9 @@ class Trainer:
         return None
 
     # ------------------------------------------------------------------ saving
-    def _save(self, blocking: bool, reason: str) -> bool:
-        """Collective: every rank calls it; rank 0 snapshots and persists."""
+    def _save(self, blocking: bool, reason: str, timeout: float | None = None) -> bool:
+        """Collective: every rank calls it; rank 0 snapshots and persists. ``timeout``: a
+        blocking save not done by then counts as failed (and is left running)."""
         snapshot = self._state_for_save() if self.state.batch_in_epoch else self.state
         self._last_save_time = time.monotonic()
         ok = True
@@ -384,8 +413,13 @@ class Trainer:
             tensors = {"model": self.p.model.state_dict(),
                        "optimizer": self.p.optimizer.state_dict(),
                        "scheduler": self.p.scheduler.state_dict()}
-            result = self.ckpt.save(self.state.step, tensors, train_state, manifest,
-                                    blocking=blocking)
+            try:
+                result = self.ckpt.save(self.state.step, tensors, train_state, manifest,
+                                        blocking=blocking, timeout=timeout)
+            except SaveTimeout as e:
+                log.error("%s", e)
+                self._abandoned_save = True
+                result = False
             ok = bool(result) if blocking else True
         if blocking:
             ok = bool(self.coll.agree_flags([0 if ok else 1])[0] == 0) if self.info.is_distributed \
@@ -417,20 +451,46 @@ class Trainer:
 
     def _stop_mid_epoch(self, why: str) -> int:
         st = self.state
-        ok = self._save(blocking=True, reason="preempt" if why == "preempt" else "max_steps")
+        if why == "preempt":
+            return self._preempt_exit(self._save(blocking=True, reason="preempt",
+                                                 timeout=self._emergency_timeout()))
+        ok = self._save(blocking=True, reason="max_steps")
         if not ok and not self._retry_blocking_save():
             return self._storage_failed_exit()
-        if why == "preempt":
-            return self._preempt_exit()
         if self.info.is_main:
             log.info("reached --max-steps %d at step %d; stopping", self.cfg.max_steps, st.step)
         return exitcodes.OK
 
-    def _preempt_exit(self) -> int:
+    def _emergency_timeout(self) -> float:
+        """What is left of --preemption-deadline, counted from this rank's signal (from now
+        when the signal reached another rank)."""
+        start = self.signals.received_at or time.monotonic()
+        return max(0.0, self.cfg.preemption_deadline - (time.monotonic() - start))
+
+    def _preempt_exit(self, saved: bool = True) -> int:
+        """No retries when preempted: the grace period is short, and a failed emergency
+        checkpoint costs only the steps since the last committed one."""
         code = self.signals.exit_code()
+        if saved:
+            if self.info.is_main:
+                log.warning("stopped at step %d after an emergency checkpoint; exit %d "
+                            "(retryable): rerun the same command to resume", self.state.step,
+                            code)
+            return code
+        abandoned = getattr(self, "_abandoned_save", False)
         if self.info.is_main:
-            log.warning("stopped at step %d after an emergency checkpoint; exit %d (retryable): "
-                        "rerun the same command to resume", self.state.step, code)
+            last = self.ckpt.last_committed_step if self.ckpt is not None else None
+            log.error("EMERGENCY CHECKPOINT AT STEP %d %s; exiting %d (retryable) without it: "
+                      "the rerun resumes from the newest committed checkpoint (%s)",
+                      self.state.step, f"MISSED --preemption-deadline "
+                      f"{self.cfg.preemption_deadline:g}s" if abandoned else "FAILED", code,
+                      f"step {last}" if last is not None else "from an earlier run, if any")
+        if abandoned:
+            # The write goes on in a thread that interpreter shutdown would wait for; a partial
+            # checkpoint is invisible (no manifest), so leave now.
+            exitcodes.record(code)
+            logging.shutdown()
+            os._exit(code)
         return code
 
     def _storage_failed_exit(self) -> int:

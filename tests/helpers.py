@@ -107,3 +107,25 @@ def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor])
 def strip_timing(history: list[dict]) -> list[dict]:
     """The metric history without wall-clock fields (those legitimately differ)."""
     return [{k: v for k, v in h.items() if k not in ("samples_per_s", "seconds")} for h in history]
+
+
+def processes_matching(text: str) -> list[int]:
+    """PIDs of live processes whose command line contains ``text`` (e.g. a checkpoint dir)."""
+    pids = []
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit() or int(p.name) == os.getpid():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = (p / "stat").read_text().split(") ", 1)[1][:1]
+        except OSError:
+            continue
+        if text in cmd and state != "Z":
+            pids.append(int(p.name))
+    return pids
+
+
+def wait_gone(text: str, timeout: float = 90) -> bool:
+    """Wait until no process mentions ``text``: torchrun workers live in sessions of their own
+    and outlive a kill of torchrun by the time their emergency checkpoint takes."""
+    return wait_for(lambda: not processes_matching(text), timeout, interval=0.2)

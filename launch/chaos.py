@@ -1,0 +1,766 @@
+"""Chaos test: kill the training job at random moments, restart it, and check that it ends
+exactly as an uninterrupted run does.
+
+    python -m launch.chaos --nproc 2 --kills 4 --seed 1            # what CI runs
+    python -m launch.chaos --nproc 4 --kills 50 --seed 4           # the long, opt-in run
+    python -m launch.chaos --nproc 2 --kills 8 -- --model mlp      # training flags after --
+
+The tool sets --checkpoint-dir and --trace-samples itself.
+
+First it runs (or reuses, when its command is unchanged) an uninterrupted reference run in
+WORKDIR/reference. Then it starts the same job under torchrun in WORKDIR/chaos again and again.
+In each attempt it picks a signal (--signals), a target (--targets) and a moment, and kills:
+
+    worker     one worker process (a random rank); torchrun then tears the group down
+    launcher   SIGTERM: torchrun alone, as Kubernetes signals PID 1; torchrun forwards it
+               SIGKILL: every process of the job (torchrun starts each worker in a session of
+               its own, so this kills torchrun's process group and each worker's): a node or
+               container dying
+    moments    start-up, training, inside a checkpoint save (held half-written by the test-only
+               FTT_TEST_PAUSE_IN_SAVE), or right after an epoch's last step (evaluation, or the
+               epoch checkpoint)
+
+It restarts the job after every kill until it exits 0, then checks, against the reference:
+final weights bit for bit, the metric history (wall-clock fields ignored), that every step saw
+the reference's samples (--trace-samples), that no SIGTERM lost a completed step, that no
+SIGKILL lost more than two save intervals, that no worker exited with a permanent code
+(1-127), and that nothing hung or outlived its launcher. It prints a summary, writes it to
+WORKDIR/summary.json and exits 0 on PASS, 1 on FAIL. Linux only (it reads /proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Small and fast: 32 steps per epoch, each restart costs little more than torchrun's start-up.
+# A test set as large as the training set makes evaluation long enough to be hit by kills.
+DEFAULT_TRAIN_ARGS = ["--synthetic-train-size", "2048", "--synthetic-test-size", "2048",
+                      "--batch-size", "64", "--save-every-steps", "3",
+                      "--save-every-seconds", "0", "--log-every-steps", "0"]
+STEPS_PER_KILL = 12  # --epochs, when not given, leaves about this many steps to each kill
+TIMING_FIELDS = ("samples_per_s", "seconds")
+PAUSE_ENV = "FTT_TEST_PAUSE_IN_SAVE"
+SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
+TARGETS = ("worker", "launcher")
+# Planned moment -> weight. The labels reported are what was observed at the kill.
+MOMENTS = {"start-up": 0.1, "training": 0.45, "save": 0.3, "epoch-end": 0.15}
+POLL_S = 0.01
+
+
+# ---------------------------------------------------------------------------- processes
+def _proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, pgid, state) of a live process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[2]), fields[0]
+
+
+def processes_with(marker: str) -> dict[int, int]:
+    """Live (not zombie) processes whose command line contains ``marker``: pid -> ppid."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmd = Path(entry.path, "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmd:
+            stat = _proc_stat(int(entry.name))
+            if stat is not None and stat[2] != "Z":
+                out[int(entry.name)] = stat[0]
+    return out
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+def kill_all(pids: list[int], sig: int) -> None:
+    """Signal every process group the processes lead or belong to, then each process."""
+    groups = {stat[1] for pid in pids if (stat := _proc_stat(pid)) is not None}
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def committed_steps(ckpt_dir: Path) -> list[int]:
+    """Steps whose manifest exists (the commit), oldest first."""
+    return sorted(int(p.parent.name[5:]) for p in Path(ckpt_dir).glob("step_*/manifest.json"))
+
+
+def latest_committed(ckpt_dir: Path) -> int:
+    steps = committed_steps(ckpt_dir)
+    return steps[-1] if steps else 0
+
+
+def half_written(ckpt_dir: Path) -> set[str]:
+    """Data files of step folders that have no manifest yet: a save in progress (or the
+    leftovers of a writer that died)."""
+    out = set()
+    for folder in Path(ckpt_dir).glob("step_*"):
+        files = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
+        if "manifest.json" not in files:
+            out |= {f"{folder.name}/{f}" for f in files if f.startswith("state-") and
+                    f.endswith(".pt")}
+    return out
+
+
+def read_trace(trace_dir: Path) -> list[dict[str, Any]]:
+    """Every complete line the ranks wrote with --trace-samples."""
+    lines = []
+    for path in sorted(Path(trace_dir).glob("rank*.jsonl")):
+        for line in path.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):  # a kill may cut the last line short
+                lines.append(json.loads(line))
+    return lines
+
+
+def flag_value(args: list[str], name: str, default: str) -> str:
+    """The value the training command line gives ``name`` (the last one wins)."""
+    value = default
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def effective_train_args(extra: list[str], kills: int) -> list[str]:
+    """DEFAULT_TRAIN_ARGS, the user's flags, and --epochs sized to leave room for the kills."""
+    args = [*DEFAULT_TRAIN_ARGS, *extra]
+    if not any(a == "--epochs" or a.startswith("--epochs=") for a in extra):
+        steps = (int(flag_value(args, "--synthetic-train-size", "12288"))
+                 // int(flag_value(args, "--batch-size", "256")))
+        args += ["--epochs", str(max(2, math.ceil((kills + 1) * STEPS_PER_KILL / max(steps, 1))))]
+    return args
+
+
+# ---------------------------------------------------------------------------- one launch
+class Job:
+    """One torchrun launch of the training command, in a session of its own.
+
+    Its processes are found by ``trace_dir`` (unique per launch) in their command lines.
+    """
+
+    def __init__(self, nproc: int, train_args: list[str], ckpt_dir: Path, trace_dir: Path,
+                 log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.ckpt_dir, self.trace_dir, self.log_path = Path(ckpt_dir), Path(trace_dir), log_path
+        self.marker = str(self.trace_dir)
+        self.cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node", str(nproc), "-m", "src.train", *train_args,
+                    "--checkpoint-dir", str(ckpt_dir), "--trace-samples", self.marker]
+        self.env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
+        self.env.setdefault("OMP_NUM_THREADS", "1")
+        self.env["PYTHONUNBUFFERED"] = "1"
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        self.env.update(env or {})
+        self.proc: subprocess.Popen | None = None
+        self.t0 = 0.0
+        self.startup_s = 0.0  # set by run_to_end
+
+    def start(self) -> Job:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        self.t0 = time.monotonic()
+        return self
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def processes(self) -> dict[int, int]:
+        """pid -> ppid of torchrun, its workers and theirs (the marker is in every command)."""
+        return processes_with(self.marker)
+
+    def workers(self) -> list[int]:
+        return sorted(p for p, parent in self.processes().items() if parent == self.proc.pid)
+
+    def training_started(self) -> bool:
+        return any(p.stat().st_size for p in self.trace_dir.glob("rank*.jsonl"))
+
+    def steps_done(self) -> int:
+        """Steps rank 0 has trained in this launch (cheap: counts its trace lines)."""
+        return sum(p.read_bytes().count(b"\n") for p in self.trace_dir.glob("rank0-*.jsonl"))
+
+    def trained_steps(self) -> set[int]:
+        return {line["step"] for line in read_trace(self.trace_dir)}
+
+    def epoch_ended(self, steps_per_epoch: int) -> int | None:
+        """The latest epoch whose last batch rank 0 trained in this launch, if any."""
+        epoch = None
+        for path in self.trace_dir.glob("rank0-*.jsonl"):
+            for line in path.read_text().splitlines(keepends=True):
+                if f'"batch": {steps_per_epoch - 1},' in line and line.endswith("\n"):
+                    epoch = json.loads(line)["epoch"]
+        return epoch
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def kill(self, sig: int, target: str, rng: random.Random) -> tuple[str, int, int | None]:
+        """Send ``sig`` to ``target``; returns (target hit, pid, rank)."""
+        if target == "worker":
+            workers = self.workers()
+            if workers:
+                pid = rng.choice(workers)
+                rank = _rank_of(pid)
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+                return "worker", pid, rank
+            # No worker yet (torchrun is still starting): the launcher is all there is.
+        if sig == signal.SIGKILL:
+            kill_all([self.proc.pid, *self.processes()], signal.SIGKILL)
+        else:
+            os.kill(self.proc.pid, sig)
+        return "launcher", self.proc.pid, None
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def wait_until(self, predicate, timeout: float) -> bool:
+        """Poll ``predicate``; False on timeout or when the job exits first."""
+        return poll(predicate, timeout, POLL_S, while_=self.running)
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep while the job runs; False when it exits first."""
+        self.wait_until(lambda: False, seconds)
+        return self.running()
+
+    def reap(self, grace: float = 60.0) -> int:
+        """After the launcher exited: wait for its processes to go; SIGKILL and count those
+        that outlive ``grace``."""
+        if poll(lambda: not self.processes(), grace, 0.1):
+            return 0
+        strays = list(self.processes())
+        kill_all(strays, signal.SIGKILL)
+        return len(strays)
+
+    def stop(self) -> None:
+        """Kill everything of this job (used on errors and Ctrl-C)."""
+        if self.proc is not None:
+            kill_all([self.proc.pid, *processes_with(self.marker)], signal.SIGKILL)
+            self.proc.wait()
+
+
+def poll(predicate, timeout: float, interval: float, while_=lambda: True) -> bool:
+    """True as soon as ``predicate()`` is; False after ``timeout`` or once ``while_()`` is not."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if not while_():
+            return False
+        time.sleep(interval)
+    return False
+
+
+def run_to_end(job: Job, timeout: float) -> int:
+    """Start ``job`` and wait for it; sets ``job.startup_s`` (launch to first trained step).
+    Raises RuntimeError when it hangs."""
+    job.start()
+    job.wait_until(job.training_started, timeout)
+    job.startup_s = job.elapsed
+    rc = job.wait(max(timeout - job.elapsed, 1.0))
+    if rc is None:
+        job.stop()
+        raise RuntimeError(f"{' '.join(job.cmd)} did not finish within {timeout:.0f}s; see "
+                           f"{job.log_path}")
+    job.reap()
+    return rc
+
+
+# ---------------------------------------------------------------------------- reference
+@dataclass
+class Reference:
+    """The uninterrupted run, and what it measured for timing the kills."""
+
+    folder: str
+    nproc: int
+    train_args: list[str]
+    torch: str
+    total_steps: int = 0
+    steps_per_epoch: int = 0
+    startup_s: float = 0.0
+    step_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.folder, "ckpt")
+
+    @property
+    def trace_dir(self) -> Path:
+        return Path(self.folder, "trace")
+
+
+def ensure_reference(folder: Path, nproc: int, train_args: list[str],
+                     timeout: float = 3600.0) -> Reference:
+    """Reuse the reference run in ``folder`` when it ran the same command; else run it."""
+    import torch
+
+    from src.checkpoint import load_uri
+
+    want = Reference(str(folder), nproc, list(train_args), torch.__version__)
+    meta_path = Path(folder, "reference.json")
+    if meta_path.exists():
+        old = Reference(**json.loads(meta_path.read_text()))
+        if ((old.nproc, old.train_args, old.torch) == (nproc, want.train_args, want.torch)
+                and old.total_steps and latest_committed(old.ckpt_dir) == old.total_steps):
+            old.folder = str(folder)  # the folder may have moved since
+            return old
+    shutil.rmtree(folder, ignore_errors=True)
+    job = Job(nproc, train_args, want.ckpt_dir, want.trace_dir, Path(folder, "log.txt"))
+    rc = run_to_end(job, timeout)
+    if rc != 0:
+        raise RuntimeError(f"the reference run failed (exit {rc}); see {job.log_path}")
+    loaded = load_uri(str(want.ckpt_dir))
+    want.total_steps = int(loaded.manifest["step"])
+    want.steps_per_epoch = int(loaded.train_state["steps_per_epoch"])
+    want.wall_s = job.elapsed
+    want.startup_s = job.startup_s
+    want.step_s = max(want.wall_s - job.startup_s, 0.1) / max(want.total_steps, 1)
+    meta_path.write_text(json.dumps(asdict(want), indent=1))
+    return want
+
+
+# ---------------------------------------------------------------------------- comparison
+def strip_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in h.items() if k not in TIMING_FIELDS} for h in history]
+
+
+def compare_runs(ref: Reference, ckpt_dir: Path, trace_dirs: list[Path]) -> dict[str, Any]:
+    """Final weights, history and sample sequence of a run against the reference.
+
+    Returns {"problems": [...], "weights": ..., "history": ..., "samples": ...} (text).
+    """
+    import torch
+
+    from src.checkpoint import load_uri
+
+    out: dict[str, Any] = {"problems": []}
+    problems = out["problems"]
+    want = load_uri(str(ref.ckpt_dir))
+    try:
+        got = load_uri(str(ckpt_dir))
+    except Exception as e:  # noqa: BLE001 - no valid checkpoint: reported, not raised
+        problems.append(f"no valid final checkpoint in {ckpt_dir}: {e}")
+        return out
+    if got.manifest["step"] != want.manifest["step"]:
+        problems.append(f"final step {got.manifest['step']}, reference {want.manifest['step']}")
+    a, b = want.state["model"], got.state["model"]
+    differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or
+                    a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
+                    or not torch.equal(a[k], b[k]))
+    if differ:
+        worst = max(((a[k].double() - b[k].double()).abs().max().item()
+                     for k in differ if k in a and k in b and a[k].shape == b[k].shape),
+                    default=float("nan"))
+        out["weights"] = f"DIFFER in {len(differ)} of {len(a)} tensors (max abs diff {worst:.3g})"
+        problems.append(f"weights differ: {', '.join(differ[:5])}")
+    else:
+        out["weights"] = f"bitwise identical ({len(a)} tensors)"
+    ha, hb = strip_timing(want.train_state["history"]), strip_timing(got.train_state["history"])
+    if ha == hb:
+        out["history"] = f"identical ({len(ha)} epochs; {', '.join(TIMING_FIELDS)} ignored)"
+    else:
+        first = next((i for i, (x, y) in enumerate(zip(ha, hb, strict=False)) if x != y),
+                     min(len(ha), len(hb)))
+        out["history"] = f"DIFFERS from epoch {first + 1}"
+        problems.append(f"history differs from epoch {first + 1}: "
+                        f"{hb[first] if first < len(hb) else 'missing'} vs "
+                        f"{ha[first] if first < len(ha) else 'missing'}")
+    out["samples"] = _compare_samples(ref, trace_dirs, problems)
+    return out
+
+
+def _compare_samples(ref: Reference, trace_dirs: list[Path], problems: list[str]) -> str:
+    expected = {(t["step"], t["rank"]): t["idx"] for t in read_trace(ref.trace_dir)}
+    seen_steps: set[int] = set()
+    wrong = []
+    for folder in trace_dirs:
+        for t in read_trace(folder):
+            seen_steps.add(t["step"])
+            if expected.get((t["step"], t["rank"])) != t["idx"]:
+                wrong.append(t["step"])
+    missing = {s for s, _ in expected} - seen_steps
+    if wrong:
+        problems.append(f"steps {sorted(set(wrong))[:10]} trained other samples than the reference")
+    if missing:
+        problems.append(f"steps {sorted(missing)[:10]} never ran")
+    if wrong or missing:
+        return f"DIFFER ({len(set(wrong))} steps with other samples, {len(missing)} missing)"
+    return f"every step saw the reference's samples; all {ref.total_steps} steps ran"
+
+
+# ---------------------------------------------------------------------------- chaos
+@dataclass
+class Kill:
+    signal: str
+    target: str
+    moment: str
+    pid: int
+    rank: int | None
+    at_s: float  # seconds after the launch
+    step: int  # highest step trained in this attempt when the kill was sent
+
+
+@dataclass
+class Attempt:
+    index: int
+    rc: int | None = None
+    wall_s: float = 0.0
+    kill: Kill | None = None
+    trained: int = 0  # steps trained in this attempt
+    committed_before: int = 0
+    committed_after: int = 0
+    lost: int = 0  # steps of this attempt past the checkpoint the next one resumes from
+    worker_exits: list[int] = field(default_factory=list)
+    hung: bool = False
+    strays: int = 0
+
+
+@dataclass
+class Plan:
+    signal: str
+    target: str
+    moment: str
+
+
+class Chaos:
+    def __init__(self, ref: Reference, folder: Path, kills: int, seed: int, signals: list[str],
+                 targets: list[str], pause_in_save: float, attempt_timeout: float,
+                 log=print) -> None:
+        self.ref, self.folder, self.kills = ref, Path(folder), kills
+        self.rng = random.Random(seed)
+        self.signals, self.targets = signals, targets
+        self.pause_in_save = pause_in_save
+        self.attempt_timeout = attempt_timeout
+        self.ckpt_dir = self.folder / "ckpt"
+        self.attempts: list[Attempt] = []
+        self.log = log
+        self.save_every = int(flag_value(ref.train_args, "--save-every-steps", "0"))
+        self._kinds: list[tuple[str, str]] = []
+
+    def plan(self) -> Plan:
+        """Every (signal, target) pair once per round, in random order; a weighted moment."""
+        if not self._kinds:
+            self._kinds = [(s, t) for s in self.signals for t in self.targets]
+            self.rng.shuffle(self._kinds)
+        sig, target = self._kinds.pop()
+        moments, weights = zip(*MOMENTS.items(), strict=True)
+        return Plan(sig, target, self.rng.choices(moments, weights)[0])
+
+    def budget(self, kills_left: int) -> float:
+        """Mean steps an attempt trains before its kill: what is left to train spread over
+        the kills left, one share kept for the final run (so that every kill lands)."""
+        return (self.ref.total_steps - latest_committed(self.ckpt_dir)) / (kills_left + 1)
+
+    def _after_steps(self, job: Job, steps: int) -> bool:
+        """Wait until rank 0 has trained ``steps`` steps in this launch, then a random part of
+        one more step, so that kills do not land on step boundaries. False if the job ended."""
+        t0 = time.monotonic()
+        if not job.wait_until(lambda: job.steps_done() >= steps, self.attempt_timeout):
+            return False
+        per_step = (time.monotonic() - t0) / steps if steps > 1 else self.ref.step_s
+        return job.sleep(self.rng.uniform(0.0, per_step))
+
+    def run(self) -> list[Attempt]:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.ckpt_dir.mkdir(parents=True)
+        kills_done = failures = 0
+        while True:
+            index = len(self.attempts)
+            plan = self.plan() if kills_done < self.kills else None
+            attempt = self._attempt(index, plan)
+            self.attempts.append(attempt)
+            self.log(self._describe(attempt))
+            if attempt.kill is not None:
+                kills_done += 1
+            elif attempt.rc == 0:
+                return self.attempts
+            else:
+                failures += 1
+                if failures > 3:
+                    self.log("giving up: the job fails without being killed")
+                    return self.attempts
+
+    def _attempt(self, index: int, plan: Plan | None) -> Attempt:
+        folder = self.folder / f"attempt_{index:03d}"
+        env = {PAUSE_ENV: str(self.pause_in_save)} if plan and plan.moment == "save" else {}
+        job = Job(self.ref.nproc, self.ref.train_args, self.ckpt_dir, folder / "trace",
+                  folder / "log.txt", env)
+        attempt = Attempt(index, committed_before=latest_committed(self.ckpt_dir))
+        kills_left = self.kills - sum(a.kill is not None for a in self.attempts)
+        job.start()
+        try:
+            if plan is not None:
+                attempt.kill = self._kill_when_planned(job, plan, kills_left)
+            timeout = 120.0 if attempt.kill else self.attempt_timeout
+            attempt.rc = job.wait(timeout)
+            if attempt.rc is None:
+                attempt.hung = True
+                job.stop()
+            attempt.strays = job.reap()
+        except BaseException:
+            job.stop()
+            raise
+        attempt.wall_s = job.elapsed
+        trained = job.trained_steps()
+        attempt.trained = len(trained)
+        attempt.committed_after = latest_committed(self.ckpt_dir)
+        attempt.lost = sum(s > attempt.committed_after for s in trained)
+        # torchrun's failure report: "exitcode  : 143 (pid: 1234)", once per failed worker.
+        exits = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", job.log_text())
+        attempt.worker_exits = list({pid: int(code) for code, pid in exits}.values())
+        return attempt
+
+    def _kill_when_planned(self, job: Job, plan: Plan, kills_left: int) -> Kill | None:
+        """Wait for the planned moment and kill; None when the job finished first."""
+        moment = plan.moment
+        stale = half_written(self.ckpt_dir)  # leftovers of earlier kills
+        if moment == "start-up":
+            if not job.sleep(self.rng.uniform(0.0, max(self.ref.startup_s, 0.5))):
+                return None
+            if job.training_started():
+                moment = "training"
+        else:
+            if not job.wait_until(job.training_started, self.attempt_timeout):
+                return None
+            budget = self.budget(kills_left)
+            if moment == "training":
+                if not self._after_steps(job, round(self.rng.uniform(0.0, 2 * budget))):
+                    return None
+            elif moment == "save":
+                if not self._after_steps(job, round(self.rng.uniform(0.0, budget))):
+                    return None
+                if not job.wait_until(lambda: bool(half_written(self.ckpt_dir) - stale), 60.0):
+                    if not job.running():
+                        return None
+                    moment = "training"  # no save came: kill anyway
+                else:
+                    moment = "inside a save"
+            else:
+                if not job.wait_until(lambda: job.epoch_ended(self.ref.steps_per_epoch) is not None,
+                                      self.attempt_timeout):
+                    return None
+                job.sleep(self.rng.uniform(0.0, 0.1))
+                # Rank 0 logs "epoch N/M done" when the evaluation is over: look just before
+                # the kill (a SIGTERM lets the evaluation finish).
+                epoch = job.epoch_ended(self.ref.steps_per_epoch)
+                done = re.search(rf"epoch {epoch + 1}/\d+ done", job.log_text())
+                moment = "epoch-end save" if done else "evaluation"
+        step = max(job.trained_steps(), default=0)
+        target, pid, rank = job.kill(SIGNALS[plan.signal], plan.target, self.rng)
+        return Kill(plan.signal, target, moment, pid, rank, round(job.elapsed, 2), step)
+
+    def _describe(self, a: Attempt) -> str:
+        if a.kill is None:
+            what = "ran to the end" if a.rc == 0 else "FAILED WITHOUT A KILL"
+        else:
+            k = a.kill
+            who = f"rank {k.rank}" if k.target == "worker" else "launcher"
+            what = f"{k.signal} {who} at {k.at_s:.1f}s ({k.moment}, step {k.step})"
+        return (f"attempt {a.index:3d}: {what}; exit {a.rc}, trained {a.trained} steps, "
+                f"resumes at {a.committed_after}, lost {a.lost}"
+                + (" HUNG" if a.hung else "") + (f" {a.strays} STRAY" if a.strays else ""))
+
+
+# ---------------------------------------------------------------------------- summary
+def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str, Any]:
+    attempts, ref = chaos.attempts, chaos.ref
+    kills = [a for a in attempts if a.kill is not None]
+    problems = list(verdict.get("problems", []))
+    by_sig = Counter(a.kill.signal for a in kills)
+    by_kind = Counter(f"{a.kill.signal} {a.kill.target}" for a in kills)
+    moments = Counter(a.kill.moment for a in kills)
+    term = [a for a in kills if a.kill.signal == "SIGTERM"]
+    term_lost = [a for a in term if a.lost]
+    clean = [a for a in term if a.trained and not a.lost]
+    sigkill_lost = [a.lost for a in kills if a.kill.signal == "SIGKILL"]
+    bound = 2 * chaos.save_every
+    for a in term_lost:
+        problems.append(f"attempt {a.index}: SIGTERM lost {a.lost} completed steps")
+    if chaos.save_every:
+        for a in kills:
+            if a.kill.signal == "SIGKILL" and a.lost > bound:
+                problems.append(f"attempt {a.index}: SIGKILL lost {a.lost} steps, more than two "
+                                f"save intervals ({bound})")
+    permanent = sorted({c for a in attempts for c in a.worker_exits if 0 < c < 128})
+    if permanent:
+        problems.append(f"workers exited with permanent codes {permanent} (expected 0 or "
+                        "128-255, or a signal)")
+    for a in attempts:
+        if a.hung:
+            problems.append(f"attempt {a.index} hung after its kill")
+        if a.strays:
+            problems.append(f"attempt {a.index}: {a.strays} processes outlived the launcher")
+        if a.kill is None and a.rc != 0:
+            problems.append(f"attempt {a.index} failed (exit {a.rc}) without a kill")
+    finished = bool(attempts) and attempts[-1].kill is None and attempts[-1].rc == 0
+    if not finished:
+        problems.append("the job never finished")
+    if len(kills) < chaos.kills:
+        problems.append(f"only {len(kills)} of {chaos.kills} kills landed before the job "
+                        "finished; give it more --epochs")
+    lost = sum(a.lost for a in attempts)
+    exits = Counter(a.rc for a in attempts)
+    return {
+        "nproc": ref.nproc, "kills_requested": chaos.kills, "kills": len(kills),
+        "kills_by_signal": dict(by_sig), "kills_by_kind": dict(by_kind),
+        "moments": dict(moments), "restarts": len(attempts) - 1,
+        "launcher_exits": {str(k): v for k, v in sorted(exits.items(), key=str)},
+        "worker_exits": dict(Counter(c for a in attempts for c in a.worker_exits)),
+        "clean_preemptions": len(clean), "sigterm_before_training": len(term) - len(clean)
+        - len(term_lost), "steps_lost": lost, "steps_trained": sum(a.trained for a in attempts),
+        "total_steps": ref.total_steps, "sigkill_max_lost": max(sigkill_lost, default=0),
+        "sigkill_mean_lost": (sum(sigkill_lost) / len(sigkill_lost)) if sigkill_lost else 0.0,
+        "weights": verdict.get("weights", "-"), "history": verdict.get("history", "-"),
+        "samples": verdict.get("samples", "-"), "problems": problems,
+        "result": "FAIL" if problems else "PASS", "wall_s": round(wall_s, 1),
+        "reference_wall_s": round(ref.wall_s, 1), "train_args": ref.train_args,
+        "attempts": [asdict(a) for a in attempts],
+    }
+
+
+def format_summary(s: dict[str, Any], seed: int) -> str:
+    def counts(c: dict[str, int]) -> str:
+        return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "-"
+
+    lines = [
+        f"chaos summary: {s['nproc']} workers, seed {seed}, {s['total_steps']} steps",
+        f"  kills        {s['kills']} of {s['kills_requested']}: {counts(s['kills_by_kind'])}",
+        f"  moments      {counts(s['moments'])}",
+        f"  restarts     {s['restarts']} (launcher exits: {counts(s['launcher_exits'])}; "
+        f"worker exits: {counts({str(k): v for k, v in s['worker_exits'].items()})})",
+        f"  preemptions  {s['clean_preemptions']} clean SIGTERM stops (emergency checkpoint, "
+        f"no step lost), {s['sigterm_before_training']} before training began",
+        f"  steps lost   {s['steps_lost']} trained twice ({s['steps_trained']} trained for "
+        f"{s['total_steps']}); per SIGKILL max {s['sigkill_max_lost']}, mean "
+        f"{s['sigkill_mean_lost']:.1f}; per SIGTERM 0 required",
+        f"  weights      {s['weights']}",
+        f"  history      {s['history']}",
+        f"  samples      {s['samples']}",
+        f"  wall time    {s['wall_s']:.0f}s (uninterrupted reference {s['reference_wall_s']:.0f}s)",
+    ]
+    lines += [f"  problem      {p}" for p in s["problems"]]
+    lines.append(f"  result       {s['result']}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- CLI
+def _csv(choices) -> Any:
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)}; got {text!r}")
+        return items
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m launch.chaos", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nproc", type=int, default=2, help="workers (torchrun --nproc_per_node)")
+    p.add_argument("--kills", type=int, default=5, help="kills before the job may finish")
+    p.add_argument("--seed", type=int, default=0, help="seed of the kill plan (not training)")
+    p.add_argument("--workdir", default="runs/chaos", help="reference/, chaos/, summary.json")
+    p.add_argument("--reference", default="",
+                   help="folder of the uninterrupted run (default WORKDIR/reference); reused "
+                        "when its command is the same")
+    p.add_argument("--signals", type=_csv(tuple(SIGNALS)), default=list(SIGNALS),
+                   help="comma-separated: SIGKILL,SIGTERM")
+    p.add_argument("--targets", type=_csv(TARGETS), default=list(TARGETS),
+                   help="comma-separated: worker,launcher")
+    p.add_argument("--pause-in-save", type=float, default=0.5,
+                   help="seconds a save stays half-written in attempts that aim inside one")
+    p.add_argument("--attempt-timeout", type=float, default=900.0,
+                   help="seconds an attempt may run before it counts as hung")
+    p.add_argument("train_args", nargs=argparse.REMAINDER,
+                   help="after --: extra flags for src.train (default: "
+                        + " ".join(DEFAULT_TRAIN_ARGS) + ", --epochs sized to the kills)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # Stopped by SIGTERM or Ctrl-C (even from a background shell, which ignores SIGINT), the
+    # tool unwinds and kills the job it is running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.nproc < 1 or args.kills < 0:
+        print("error: --nproc must be >= 1 and --kills >= 0", file=sys.stderr)
+        return 2
+    workdir = Path(args.workdir).resolve()
+    train_args = effective_train_args(extra, args.kills)
+    t0 = time.monotonic()
+    print(f"reference: {args.nproc} workers, src.train {' '.join(train_args)}", flush=True)
+    ref = ensure_reference(Path(args.reference).resolve() if args.reference
+                           else workdir / "reference", args.nproc, train_args)
+    print(f"reference: {ref.total_steps} steps, {ref.wall_s:.1f}s (start-up {ref.startup_s:.1f}s)"
+          f" in {ref.folder}", flush=True)
+    chaos = Chaos(ref, workdir / "chaos", args.kills, args.seed, args.signals, args.targets,
+                  args.pause_in_save, args.attempt_timeout,
+                  log=lambda line: print(line, flush=True))
+    attempts = chaos.run()
+    verdict = compare_runs(ref, chaos.ckpt_dir, [chaos.folder / f"attempt_{a.index:03d}" / "trace"
+                                                 for a in attempts])
+    summary = summarize(chaos, verdict, time.monotonic() - t0)
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(format_summary(summary, args.seed), flush=True)
+    return 0 if summary["result"] == "PASS" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

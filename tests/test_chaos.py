@@ -1,0 +1,51 @@
+"""The chaos test tool, run as users run it: ``python -m launch.chaos``.
+
+CI runs a short version (a handful of kills, 2 workers). The long runs (50 kills, 2 and 4
+workers) are opt-in: ``pytest -m soak tests/test_chaos.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_chaos(workdir: Path, *args: str, reference: Path | None = None,
+              timeout: float = 600) -> dict:
+    cmd = [sys.executable, "-m", "launch.chaos", "--workdir", str(workdir), *args]
+    if reference is not None:
+        cmd += ["--reference", str(reference)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    output = r.stdout[-6000:] + r.stderr[-3000:]
+    assert r.returncode == 0, output
+    assert "result       PASS" in r.stdout, output
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["result"] == "PASS" and not summary["problems"]
+    return summary
+
+
+@pytest.mark.slow
+def test_short_chaos_run_passes(tmp_path, tmp_path_factory):
+    # Shares its uninterrupted reference run with tests/test_exact_resume.py (same command).
+    summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "4", "--seed", "1",
+                        reference=tmp_path_factory.getbasetemp() / "reference")
+    assert summary["kills"] == 4
+    assert summary["restarts"] >= 4
+    assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
+    assert summary["weights"].startswith("bitwise identical")
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("nproc", [2, 4])
+def test_fifty_kills(tmp_path, nproc):
+    summary = run_chaos(tmp_path, "--nproc", str(nproc), "--kills", "50", "--seed", str(nproc),
+                        timeout=3 * 3600)
+    assert summary["kills"] == 50
+    assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
+    assert summary["clean_preemptions"] > 0

@@ -1,0 +1,167 @@
+"""Exact resume under real kills.
+
+The whole job (torchrun and every worker) is SIGKILLed mid-epoch, during evaluation and inside
+a save; the same command then runs to the end, and its final weights, metric history and
+sample sequence must equal those of one uninterrupted run, bit for bit. The number of
+DataLoader workers must not change a bit either.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import random
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset
+
+from launch import chaos
+from src.data import VisionIndexed
+from src.distributed import Collectives, DistInfo
+
+NPROC = 2
+# launch.chaos's default training flags for a short run (2 epochs of 32 steps, a step
+# checkpoint every 3 steps): tests/test_chaos.py's CI run reuses the same reference run.
+TRAIN_ARGS = chaos.effective_train_args([], kills=4)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> chaos.Reference:
+    return chaos.ensure_reference(tmp_path_factory.getbasetemp() / "reference", NPROC,
+                                  TRAIN_ARGS)
+
+
+def start_job(tmp_path: Path, name: str, extra: tuple[str, ...] = (),
+              env: dict | None = None) -> chaos.Job:
+    return chaos.Job(NPROC, [*TRAIN_ARGS, *extra], tmp_path / "ckpt", tmp_path / name / "trace",
+                     tmp_path / name / "log.txt", env).start()
+
+
+def kill_whole_job(job: chaos.Job) -> None:
+    job.kill(signal.SIGKILL, "launcher", random.Random(0))
+    assert job.wait(60) is not None
+    assert job.reap(30) == 0
+
+
+def resume_and_compare(reference: chaos.Reference, tmp_path: Path, killed: chaos.Job) -> chaos.Job:
+    """Run the same command to the end; assert it ends exactly as the reference did."""
+    job = chaos.Job(NPROC, TRAIN_ARGS, tmp_path / "ckpt", tmp_path / "resumed" / "trace",
+                    tmp_path / "resumed" / "log.txt")
+    assert chaos.run_to_end(job, timeout=300) == 0, job.log_text()[-3000:]
+    verdict = chaos.compare_runs(reference, tmp_path / "ckpt", [killed.trace_dir, job.trace_dir])
+    assert not verdict["problems"], verdict
+    return job
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_exactly(reference, tmp_path):
+    job = start_job(tmp_path, "killed")
+    # At a random moment after the first step checkpoint has committed.
+    assert job.wait_until(lambda: chaos.latest_committed(tmp_path / "ckpt") > 0, 120), \
+        job.log_text()[-3000:]
+    job.sleep(random.uniform(0.0, 0.4))
+    kill_whole_job(job)
+    resume_at = chaos.latest_committed(tmp_path / "ckpt")
+    assert resume_at % reference.steps_per_epoch, "the kill should land mid-epoch"
+    assert max(job.trained_steps()) >= resume_at
+    resumed = resume_and_compare(reference, tmp_path, job)
+    assert f"batch {resume_at} of epoch 1" in resumed.log_text()
+
+
+@pytest.mark.slow
+def test_sigkill_during_evaluation_resumes_exactly(reference, tmp_path):
+    job = start_job(tmp_path, "killed")
+    # Rank 0 has trained the last batch of epoch 1: the evaluation follows.
+    assert job.wait_until(lambda: job.epoch_ended(reference.steps_per_epoch) is not None, 120), \
+        job.log_text()[-3000:]
+    kill_whole_job(job)
+    assert "epoch 1/2 done" not in job.log_text(), "the kill came after the evaluation"
+    assert reference.steps_per_epoch not in chaos.committed_steps(tmp_path / "ckpt")
+    resume_and_compare(reference, tmp_path, job)
+
+
+@pytest.mark.slow
+def test_sigkill_inside_a_save_resumes_exactly(reference, tmp_path):
+    # The test-only pause holds the first step checkpoint with its data files written and no
+    # manifest: the kill leaves a half-written checkpoint and nothing committed. (The rerun
+    # used to refuse to start, exit 2: "holds checkpoints but none is valid".)
+    job = start_job(tmp_path, "killed", env={chaos.PAUSE_ENV: "30"})
+    assert job.wait_until(lambda: bool(chaos.half_written(tmp_path / "ckpt")), 120), \
+        job.log_text()[-3000:]
+    kill_whole_job(job)
+    assert chaos.half_written(tmp_path / "ckpt")
+    assert chaos.committed_steps(tmp_path / "ckpt") == []
+    resume_and_compare(reference, tmp_path, job)
+
+
+@pytest.mark.slow
+def test_dataloader_workers_do_not_change_the_weights(reference, tmp_path):
+    job = start_job(tmp_path, "workers2", ("--num-workers", "2"))
+    assert job.wait(300) == 0, job.log_text()[-3000:]
+    job.reap()
+    verdict = chaos.compare_runs(reference, tmp_path / "ckpt", [job.trace_dir])
+    assert not verdict["problems"], verdict
+
+
+def _check_resumed_step(rank: int, steps: list[int], store: str, out) -> None:
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    coll = Collectives(DistInfo(rank, 2, rank, torch.device("cpu"), "gloo"))
+    out.put((rank, coll.all_equal(steps[0]), coll.all_equal(steps[rank])))
+    dist.destroy_process_group()
+
+
+def test_every_rank_checks_that_all_resumed_at_the_same_step(tmp_path):
+    # train.py refuses to go on (exit 2) when Collectives.all_equal(step) is False on any rank.
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_check_resumed_step,
+                         args=(r, [40, 41], str(tmp_path / "store"), results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+    assert got == [(0, True, False), (1, True, False)]
+
+
+# ---------------------------------------------------------------------------- augmentation
+class TinyImages(Dataset):
+    """A torchvision-like dataset: (PIL image, label) pairs, as CIFAR10 returns them."""
+
+    def __init__(self, n: int) -> None:
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(7)
+        pixels = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+        self.items = [(Image.fromarray(p.numpy()), i % 10) for i, p in enumerate(pixels)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+def _epoch_batches(data: VisionIndexed, epoch: int, workers: int, global_seed: int):
+    data.set_epoch(epoch)
+    torch.manual_seed(global_seed)  # the global RNG, which seeds DataLoader workers
+    loader = DataLoader(data, batch_size=4, num_workers=workers, shuffle=False)
+    return [(x, y, i) for x, y, i in loader]
+
+
+def test_augmentation_is_seeded_per_sample_not_per_worker():
+    data = VisionIndexed(TinyImages(24), "cifar10", seed=3, augment=True)
+    one = _epoch_batches(data, 1, workers=0, global_seed=0)
+    two = _epoch_batches(data, 1, workers=2, global_seed=1)
+    for (xa, ya, ia), (xb, yb, ib) in zip(one, two, strict=True):
+        assert torch.equal(ia, ib) and torch.equal(ya, yb)
+        assert torch.equal(xa, xb)
+    # The augmentation is real: it changes with the epoch, and differs from no augmentation.
+    other_epoch = _epoch_batches(data, 2, workers=0, global_seed=0)
+    assert not all(torch.equal(a[0], b[0]) for a, b in zip(one, other_epoch, strict=True))
+    plain = VisionIndexed(TinyImages(24), "cifar10", seed=3, augment=False)
+    assert not all(torch.equal(a[0], b[0]) for a, b in
+                   zip(one, _epoch_batches(plain, 1, 0, 0), strict=True))
