@@ -1,0 +1,79 @@
+"""Config layering (CLI > YAML > env > defaults) and validation, in-process and via the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from src.config import Config, ConfigError, build_parser, load_config
+from tests.helpers import PY, ROOT, base_env
+
+
+def test_defaults():
+    cfg = load_config([], environ={})
+    assert cfg == Config()
+    assert cfg.dataset == "synthetic" and cfg.checkpoint_dir == "./checkpoints"
+
+
+def test_precedence_cli_over_yaml_over_env(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: 7\nlr: 0.2\nbatch-size: 128\n")
+    env = {"FTT_EPOCHS": "9", "FTT_LR": "0.3", "FTT_SEED": "5", "FTT_DETERMINISTIC": "true"}
+    cfg = load_config(["--config", str(y), "--epochs", "3"], environ=env)
+    assert cfg.epochs == 3  # CLI beats YAML and env
+    assert cfg.lr == 0.2  # YAML beats env
+    assert cfg.batch_size == 128  # dashes allowed in YAML keys
+    assert cfg.seed == 5 and cfg.deterministic is True  # env beats defaults
+
+
+def test_config_file_from_env(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("epochs: 6\n")
+    assert load_config([], environ={"FTT_CONFIG": str(y)}).epochs == 6
+
+
+def test_all_problems_reported_together(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("bogus: 1\nepochs: many\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(["--config", str(y), "--batch-size", "0", "--lr", "-1", "--keep-last", "1",
+                     "--storage-options", "{nope"], environ={"FTT_SEED": "x"})
+    text = "\n".join(e.value.problems)
+    for needle in ("unknown option 'bogus'", "--epochs", "--batch-size", "--lr", "--keep-last",
+                   "--storage-options", "$FTT_SEED"):
+        assert needle in text, needle
+
+
+def test_bad_choice_names_flag():
+    with pytest.raises(SystemExit):
+        load_config(["--optimizer", "rmsprop"], environ={})
+    with pytest.raises(ConfigError, match="--dataset"):
+        load_config([], environ={"FTT_DATASET": "imagenet"})
+
+
+def test_resnet_needs_cifar():
+    with pytest.raises(ConfigError, match="--model: resnet18"):
+        load_config(["--model", "resnet18"], environ={})
+
+
+def test_help_lists_every_option_with_default():
+    text = build_parser().format_help()
+    for f in Config.__dataclass_fields__.values():
+        assert "--" + f.name.replace("_", "-") in text
+    assert "(default: 'synthetic')" in text
+
+
+def test_secret_options_redacted():
+    cfg = load_config(["--storage-options", '{"secret": "hunter2"}'], environ={})
+    assert cfg.storage_options_dict() == {"secret": "hunter2"}
+    assert "hunter2" not in str(cfg.to_dict())
+
+
+def test_cli_invalid_exits_2_before_any_process_group():
+    r = subprocess.run([PY, "-m", "src.train", "--epochs", "0", "--batch-size", "-3",
+                        "--optimizer", "adamw", "--scheduler", "cosine", "--keep-last", "0"],
+                       cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "--epochs" in r.stderr and "--batch-size" in r.stderr and "--keep-last" in r.stderr
+    assert "Traceback" not in r.stderr
