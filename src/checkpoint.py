@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .storage import Storage, StorageError
+from .storage import Storage, StorageError, redact
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,8 @@ class CheckpointStore:
             return False
         except CorruptCheckpoint as e:
             reason = e
+        if "format version" in str(reason):
+            return False  # another build's valid checkpoint: not ours to un-commit
         raw = b""
         try:
             raw = self.storage.read(f"{name}/{MANIFEST}")
@@ -284,21 +286,34 @@ class CheckpointStore:
         return True
 
     # ------------------------------------------------------------------ retention
-    def retain(self, keep_last: int, grace_s: float, now: float | None = None) -> list[str]:
+    def probe_writable(self) -> None:
+        """Write and delete a small file at the root, so that an unwritable --checkpoint-dir
+        is reported before training (PermissionError, NotADirectoryError, ...), not as failed
+        saves after the first interval."""
+        probe = f".write-probe-{uuid.uuid4().hex[:12]}"
+        self.storage.write(probe, b"probe\n")
+        self.storage.remove(probe)
+
+    def retain(self, keep_last: int, grace_s: float, now: float | None = None,
+               newest: int | None = None) -> list[str]:
         """Delete committed checkpoints beyond the newest ``keep_last`` (manifest first, so a
         half-deleted one never looks committed), and leftovers of crashed writers older than
         ``grace_s``. Returns what it deleted.
 
         Only checkpoints whose manifest parses count towards ``keep_last``, so a damaged
-        manifest never pushes the last good checkpoints out. On S3 a "folder" is a key prefix
+        manifest never pushes the last good checkpoints out. ``newest``: the step just
+        committed; committed folders of later steps (corrupt ones a resume skipped, or another
+        run's) are neither counted nor deleted, so they never push this run's checkpoints out. On S3 a "folder" is a key prefix
         without a time of its own: a leftover's age is that of its newest object.
         """
         keep_last = max(2, keep_last)
         now = time.time() if now is None else now
         deleted = []
         kept = 0
-        for _step, name in self.step_dirs():
+        for step, name in self.step_dirs():
             files = self.storage.listdir(name)
+            if MANIFEST in files and newest is not None and step > newest:
+                continue
             if MANIFEST not in files:
                 if self._age(name, files, now) > grace_s:
                     log.info("removing %s: no manifest and untouched for over %.0fs (crashed "
@@ -469,14 +484,14 @@ class Checkpointer:
             self.consecutive_failures = 0
             self.last_committed_step = req.step
             try:
-                self.store.retain(self.keep_last, self.orphan_grace_s)
+                self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step)
             except (StorageError, OSError) as e:
                 log.warning("retention after %s failed (will retry next save): %s", name, e)
             return True
         except Exception as e:  # noqa: BLE001 - a failed save must not kill training
             self.consecutive_failures += 1
             log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
-                      self.consecutive_failures, type(e).__name__, e)
+                      self.consecutive_failures, type(e).__name__, redact(str(e)))
             return False
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -123,6 +124,11 @@ class Config:
             p.append(f"{flag('resume')}: give 'auto', 'never' or a checkpoint URI")
         if not self.checkpoint_dir.strip():
             p.append(f"{flag('checkpoint_dir')}: must not be empty")
+        for name in ("checkpoint_dir", "data_dir") + (("resume",) if self.resume not in
+                                                      ("auto", "never") else ()):
+            problem = _protocol_problem(getattr(self, name))
+            if problem:
+                p.append(f"{flag(name)}: {problem}")
         try:
             self.storage_options_dict()
         except ValueError as e:
@@ -152,6 +158,22 @@ class Config:
         """SHA-256 of the fields that define what is trained (see INCOMPATIBLE_FIELDS)."""
         core = {k: getattr(self, k) for k in INCOMPATIBLE_FIELDS}
         return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def _protocol_problem(uri: str) -> str | None:
+    """Why fsspec cannot open ``uri`` (unknown protocol, its package missing), else None."""
+    if "://" not in uri:
+        return None
+    import fsspec
+
+    protocol = uri.split("://", 1)[0].lower()
+    try:
+        fsspec.get_filesystem_class(protocol)
+    except ValueError:
+        return f"unknown storage protocol {protocol!r} in {uri!r}; use a local path or s3://"
+    except ImportError as e:
+        return f"{protocol}:// needs a package that is not installed ({e})"
+    return None
 
 
 class ConfigError(Exception):
@@ -190,7 +212,10 @@ def _coerce(name: str, value: Any, source: str, problems: list[str]) -> Any:
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            return float(value)
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError("expected a finite number")
+            return number
         if kind is str and name == "storage_options" and isinstance(value, dict):
             return json.dumps(value)
         return str(value)

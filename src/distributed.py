@@ -176,6 +176,14 @@ class Collectives:
         dist.broadcast_object_list(box, src=0, group=self._ctrl_group())
         return box[0]
 
+    def gather_objects(self, obj):
+        """``obj`` from every rank, in rank order, on every rank (control group)."""
+        if not self.info.is_distributed:
+            return [obj]
+        out = [None] * self.info.world_size
+        dist.all_gather_object(out, obj, group=self._ctrl_group())
+        return out
+
     def barrier(self) -> None:
         if self.info.is_distributed:
             dist.barrier(group=self._ctrl_group())

@@ -20,7 +20,7 @@ from .config import Config, ConfigError, load_config
 from .data import SPECS, DataError, build_datasets, fetch_remote_data_dir
 from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
 from .models import build_model, model_args
-from .storage import Storage, StorageError
+from .storage import Storage, StorageError, redact
 from .trainer import Parts, StopSignals, Trainer, TrainState, init_seed, seed_all
 
 log = logging.getLogger("src.train")
@@ -142,6 +142,14 @@ def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, An
                              f"`python -m src.ckpt ls {cfg.checkpoint_dir}`; to start over, use "
                              "--resume never with an empty --checkpoint-dir")
         return loaded
+    if store.committed_names():
+        # A restart of the same command must continue this run's own newer checkpoints, not
+        # go back to the URI it started from.
+        log.info("--resume %s: --checkpoint-dir %s already holds this run's checkpoints; "
+                 "resuming from the newest of them instead", cfg.resume, cfg.checkpoint_dir)
+        loaded = store.latest()
+        if loaded is not None:
+            return loaded
     other, name = open_uri(cfg.resume, options)
     try:
         loaded = other.load(name) if name else other.latest()
@@ -188,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return exitcodes.INVALID
+    except RuntimeError as e:  # rendezvous/store failures: a peer or the launcher is gone
+        log.error("cannot start the process group: %s; exiting %d (retryable)", str(e)[:300],
+                  exitcodes.PEER_FAILED)
+        return exitcodes.PEER_FAILED
     try:
         return _run(cfg, info, signals)
     except InputError as e:
@@ -235,24 +247,35 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
     coll = Collectives(info)
     options = cfg.storage_options_dict()
 
-    # ---- data (bad input is reported by rank 0; every rank exits 2)
-    error = None
+    # ---- data (bad input: exit 2 on every rank; storage outage: 140)
+    error: tuple[str, str] | None = None
     try:
         data_dir = cfg.data_dir
         if "://" in data_dir and cfg.dataset != "synthetic":
             data_dir = _node_local_copy(cfg.data_dir, info, coll, options)
         if cfg.download and info.is_distributed and cfg.dataset != "synthetic":
-            # One download per node; the others read what it fetched.
+            # One download per node; the others read what it fetched. The barrier is reached
+            # whatever happens, so a failed download cannot leave the ranks in other collectives.
+            download_error = None
             if info.local_rank == 0:
-                build_datasets(cfg.dataset, data_dir, True, cfg.seed, 1, 1)
+                try:
+                    build_datasets(cfg.dataset, data_dir, True, cfg.seed, 1, 1)
+                except (DataError, OSError) as e:
+                    download_error = e
             coll.barrier()
+            if download_error is not None:
+                raise download_error
         train_set, test_set = build_datasets(cfg.dataset, data_dir, cfg.download, cfg.seed,
                                              cfg.synthetic_train_size, cfg.synthetic_test_size)
-    except (DataError, StorageError, OSError) as e:
-        error = str(e)
-    errors = coll.broadcast_object(error) if info.is_distributed else error
-    if error or errors:
-        raise InputError(error or errors)
+    except StorageError as e:
+        error = ("storage", f"--data-dir {cfg.data_dir}: {e}")
+    except (DataError, OSError) as e:
+        error = ("input", str(e))
+    errors = coll.gather_objects(error) if info.is_distributed else [error]
+    found = [e for e in errors if e is not None]
+    if found:
+        kind, text = next((e for e in found if e[0] == "input"), found[0])
+        raise (StorageError if kind == "storage" else InputError)(text)
 
     # ---- model, optimizer, scheduler (seeded before the model exists)
     spec = SPECS[cfg.dataset]
@@ -276,6 +299,13 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
     choice: dict[str, Any] = {"name": None, "uri": None, "error": None}
     if info.is_main:
         try:
+            try:
+                store.probe_writable()
+            except StorageError as e:
+                # Transient trouble is the saves' business (retried, counted, exit 140); only
+                # a folder we may never write to is bad input.
+                log.warning("--checkpoint-dir %s: write probe failed (%s); continuing",
+                            cfg.checkpoint_dir, e)
             loaded = choose_checkpoint(cfg, store, options)
             if loaded is not None:
                 refuse, allowed = compatibility_problems(cfg, loaded, margs, info.world_size)
@@ -288,6 +318,10 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
                 choice = {"name": loaded.name, "uri": loaded.uri, "error": None}
         except InputError as e:
             choice["error"] = str(e)
+        except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
+            choice["error"] = (f"--checkpoint-dir {cfg.checkpoint_dir}: cannot write there "
+                               f"({type(e).__name__}: {redact(str(e))[:200]}); fix the "
+                               "permissions or pick another folder")
         except StorageError as e:  # unreachable is not invalid: retryable, not exit 2
             choice["error"], choice["storage"] = f"checkpoint storage failed: {e}", True
     else:
@@ -300,8 +334,10 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
         if not info.is_main:
             try:
                 loaded = open_uri(choice["uri"], options)[0].load(choice["name"])
-            except (CorruptCheckpoint, StorageError) as e:
+            except CorruptCheckpoint as e:
                 raise InputError(f"rank {info.rank} cannot load {choice['uri']}: {e}") from None
+            except StorageError as e:  # unreachable is not invalid: retryable
+                raise StorageError(f"rank {info.rank} cannot read {choice['uri']}: {e}") from None
         state = apply_checkpoint(cfg, loaded, parts)
         if info.is_main:
             log.info("resumed from %s: %d epochs done, step %d, batch %d of epoch %d",
