@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -14,6 +15,11 @@ import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# torch >= 2.13 deprecates the name all_gather_into_tensor (used by ordered_mean_hook, and the
+# only one torch 2.10/2.11 have); one warning per step per rank buries the progress lines.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
+                        category=FutureWarning)
 
 
 @dataclass
