@@ -27,13 +27,20 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 
 from .storage import Storage, StorageError, redact
 
 log = logging.getLogger(__name__)
+
+# Writes one file's bytes into the binary file object it is given.
+Producer = Callable[[BinaryIO], object]
+
+
+def _bytes_producer(data: bytes | bytearray | memoryview) -> Producer:
+    return lambda fh: fh.write(data)
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -94,6 +101,7 @@ class CheckpointStore:
 
     def __init__(self, storage: Storage) -> None:
         self.storage = storage
+        self.last_commit_bytes = 0  # size of the files of the newest commit (for the log)
 
     @property
     def uri(self) -> str:
@@ -210,31 +218,36 @@ class CheckpointStore:
         return out
 
     # ------------------------------------------------------------------ commit
-    def commit(self, step: int, files: dict[str, bytes | memoryview], manifest: dict[str, Any],
-               writer: str) -> bool:
+    def commit(self, step: int, files: dict[str, bytes | memoryview | Producer],
+               manifest: dict[str, Any], writer: str) -> bool:
         """Write ``files`` into the step's folder, then the manifest, create-only.
 
-        Returns True when this writer's checkpoint is committed. Returns False (and removes this
-        writer's files) when the step is already committed by another writer: an earlier run,
-        or a concurrent one (a replacement pod while the old one still runs); the second writer
-        is logged and never overwrites the first. A committed but corrupt checkpoint at the step
-        is moved out of the way (its manifest kept as ``manifest.json.corrupt-<time>``) and
-        written anew. Raises StorageError on failure.
+        A file is given as its bytes, or as a ``Producer``: a function that writes the file's
+        bytes into the file object it is given (``torch.save`` straight to the storage, hashed as
+        it goes). Returns True when this writer's checkpoint is committed. Returns False (and
+        removes this writer's files) when the step is already committed by another writer: an
+        earlier run, or a concurrent one (a replacement pod while the old one still runs); the
+        second writer is logged and never overwrites the first. A committed but corrupt
+        checkpoint at the step is moved out of the way (its manifest kept as
+        ``manifest.json.corrupt-<time>``) and written anew. Raises StorageError on failure.
         """
         name = step_dirname(step)
         if self.storage.exists(f"{name}/{MANIFEST}") and not self._make_way(name, writer):
             return self._is_ours(name, writer)
         table = {}
         for fname, data in files.items():
-            table[fname] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+            produce = data if callable(data) else _bytes_producer(data)
             try:
-                self.storage.write(f"{name}/{fname}", data, create_only=True)
+                size, digest = self.storage.write_stream(f"{name}/{fname}", produce,
+                                                         create_only=True)
             except FileExistsError:
                 # The names carry this writer's token and the step is not committed: the file
                 # is this writer's own from a failed earlier attempt at this step. Replace it.
                 log.info("replacing %s left by an earlier failed attempt",
                          self.storage.uri(f"{name}/{fname}"))
-                self.storage.write(f"{name}/{fname}", data)
+                size, digest = self.storage.write_stream(f"{name}/{fname}", produce)
+            table[fname] = {"size": size, "sha256": digest}
+        self.last_commit_bytes = sum(meta["size"] for meta in table.values())
         # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint
         # half-written for this many seconds so that a kill lands inside the save.
         time.sleep(float(os.environ.get("FTT_TEST_PAUSE_IN_SAVE") or 0))
@@ -467,11 +480,11 @@ class Checkpointer:
     def _persist(self, req: SaveRequest) -> bool:
         name = step_dirname(req.step)
         try:
-            buf = io.BytesIO()
-            torch.save(req.state, buf)
             state_file = f"state-{self.writer}.pt"
             train_file = f"train_state-{self.writer}.json"
-            files = {state_file: buf.getbuffer(),
+            # torch.save writes straight into the storage's file, hashed as it goes: no copy of
+            # the whole state in memory and no second pass over it to hash it.
+            files = {state_file: lambda fh: torch.save(req.state, fh),
                      train_file: json.dumps(req.train_state, sort_keys=True).encode()}
             manifest = dict(req.manifest, format_version=FORMAT_VERSION, step=req.step,
                             state_file=state_file, train_state_file=train_file,
@@ -480,7 +493,7 @@ class Checkpointer:
             secs = time.monotonic() - req.started
             if committed:
                 log.info("checkpoint %s committed (%.1f MiB, %.2fs)", self.store.storage.uri(name),
-                         len(buf.getbuffer()) / 2**20, secs)
+                         self.store.last_commit_bytes / 2**20, secs)
             self.consecutive_failures = 0
             self.last_committed_step = req.step
             try:

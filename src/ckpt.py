@@ -223,6 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"error: storage: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `ckpt inspect URI --json | head`: the reader left; not an error of ours. Point stdout
+        # at /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

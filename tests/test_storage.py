@@ -6,11 +6,14 @@ before and after S3 handled the request, and answers held back past the read tim
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import multiprocessing
 import os
 
 import pytest
+import torch
 
 from src.data import DataError, fetch_remote_data_dir
 from src.storage import Storage, StorageError, is_transient, redact
@@ -68,6 +71,40 @@ def test_create_only_never_overwrites_but_is_idempotent(backend):
         st.write("step/manifest.json", b"second", create_only=True)
     st.write("step/manifest.json", b"first", create_only=True)  # the same bytes: already done
     assert backend.read("run/step/manifest.json") == b"first"
+
+
+def test_write_stream_hashes_what_it_publishes(backend):
+    # torch.save writes its file through write_stream in many chunks: the size and SHA-256
+    # returned must be those of the bytes that landed, on local disk and on S3 alike.
+    st = Storage(backend.uri("run"))
+    state = {"w": torch.arange(300_000, dtype=torch.float32), "step": 7}
+    size, digest = st.write_stream("step/state.pt", lambda fh: torch.save(state, fh),
+                                   create_only=True)
+    landed = backend.read("run/step/state.pt")
+    assert (size, digest) == (len(landed), hashlib.sha256(landed).hexdigest())
+    assert size > 1_200_000
+    back = torch.load(io.BytesIO(landed), weights_only=True)
+    assert torch.equal(back["w"], state["w"]) and back["step"] == 7
+    # Create-only: the same bytes again count as written, other bytes are refused.
+    assert st.write_stream("step/state.pt", lambda fh: torch.save(state, fh),
+                           create_only=True) == (size, digest)
+    with pytest.raises(FileExistsError):
+        st.write_stream("step/state.pt", lambda fh: fh.write(b"other"), create_only=True)
+    assert backend.read("run/step/state.pt") == landed
+
+
+def test_write_stream_that_fails_half_way_publishes_nothing(backend):
+    st = Storage(backend.uri("run"))
+
+    def produce(fh):
+        fh.write(b"x" * 100_000)
+        raise RuntimeError("serialisation failed half-way")
+
+    with pytest.raises(StorageError, match="serialisation failed half-way"):
+        st.write_stream("step/state.pt", produce, create_only=True)
+    assert not st.exists("step/state.pt")
+    if st.is_local:  # no temp file left behind either
+        assert os.listdir(st.full("step")) == []
 
 
 def test_create_only_whose_answer_was_lost_still_succeeds(s3, fault_proxy, via_proxy):
