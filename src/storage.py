@@ -302,49 +302,46 @@ class Storage:
         counts as written: an earlier attempt of this very write may have landed with its answer
         lost (a reset after the upload), and its retry is then refused with 412.
         """
-        try:
-            self._write(rel, data, create_only)
-        except FileExistsError:
-            if not self._holds(rel, len(data), hashlib.sha256(data).hexdigest()):
-                raise
-            log.info("%s already holds these exact bytes (an earlier attempt landed); "
-                     "counting it as written", self.uri(rel))
+        self.write_stream(rel, lambda fh: fh.write(data), create_only)
 
     def write_stream(self, rel: str, produce: Callable[[BinaryIO], object],
                      create_only: bool = False) -> tuple[int, str]:
-        """Publish what ``produce(sink)`` writes into ``sink``, atomically like ``write``.
+        """Publish what ``produce(sink)`` writes into ``sink``, atomically, as ``write`` does.
 
         Returns the size and SHA-256 (hex) of the published bytes, hashed as they are written:
         no second pass over them. A local file is written straight into its temp file, without
-        an in-memory copy of the whole payload. A remote file is produced into a buffer first (then uploaded as
-        ``write`` does). ``produce`` may run again when a local attempt is retried.
+        an in-memory copy of the whole payload; ``produce`` runs again if that is retried. A
+        remote file is produced into a buffer once, then uploaded (retried as a whole).
         """
+        written: dict[str, Any] = {}
         if self.is_local:
-            written: dict[str, Any] = {}
-            try:
+            def publish() -> None:
                 self._call(f"write {self.uri(rel)}", lambda: _local_atomic_write_stream(
                     self.full(rel), produce, create_only, written))
-            except FileExistsError:
-                if not self._holds(rel, written["size"], written["sha256"]):
-                    raise
-                log.info("%s already holds these exact bytes (an earlier attempt landed); "
-                         "counting it as written", self.uri(rel))
-            return written["size"], written["sha256"]
-        buf = io.BytesIO()
-        sink = HashingWriter(buf)
-        try:
-            produce(sink)
-        except Exception as e:  # noqa: BLE001 - reported like a failed local write
-            raise StorageError(f"write {self.uri(rel)}: {redact(str(e)) or type(e).__name__}") \
-                from e
-        self.write(rel, buf.getbuffer(), create_only)
-        return sink.size, sink.hexdigest()
+        else:
+            buf = io.BytesIO()
+            sink = HashingWriter(buf)
+            try:
+                produce(sink)
+            except Exception as e:  # noqa: BLE001 - reported like a failed local write
+                raise StorageError(f"write {self.uri(rel)}: "
+                                   f"{redact(str(e)) or type(e).__name__}") from e
+            written.update(size=sink.size, sha256=sink.hexdigest())
+            body = buf.getvalue()  # botocore takes bytes, not the buffer's memoryview
+            del buf
 
-    def _write(self, rel: str, data: bytes | bytearray | memoryview, create_only: bool) -> None:
-        if self.is_local:
-            self._call(f"write {self.uri(rel)}", lambda: _local_atomic_write_stream(
-                self.full(rel), lambda fh: fh.write(data), create_only, {}))
-            return
+            def publish() -> None:
+                self._upload(rel, body, create_only)
+        try:
+            publish()
+        except FileExistsError:
+            if not self._holds(rel, written["size"], written["sha256"]):
+                raise
+            log.info("%s already holds these exact bytes (an earlier attempt landed); "
+                     "counting it as written", self.uri(rel))
+        return written["size"], written["sha256"]
+
+    def _upload(self, rel: str, body: bytes, create_only: bool) -> None:
         path = self.full(rel)
 
         def go() -> None:
@@ -354,9 +351,7 @@ class Storage:
                 if self.fs.exists(path):
                     raise FileExistsError(f"{self.uri(rel)} already exists")
             kwargs = {"mode": "create"} if create_only and self.protocol == "s3" else {}
-            # botocore takes bytes, bytearray or a file, not the memoryview a torch.save buffer
-            # gives: one copy here (the upload is from memory anyway).
-            self.fs.pipe_file(path, data if isinstance(data, bytes) else bytes(data), **kwargs)
+            self.fs.pipe_file(path, body, **kwargs)
 
         self._call(f"upload {self.uri(rel)}", go)
 
