@@ -38,10 +38,6 @@ log = logging.getLogger(__name__)
 # Writes one file's bytes into the binary file object it is given.
 Producer = Callable[[BinaryIO], object]
 
-
-def _bytes_producer(data: bytes | bytearray | memoryview) -> Producer:
-    return lambda fh: fh.write(data)
-
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{10})$")
@@ -236,16 +232,15 @@ class CheckpointStore:
             return self._is_ours(name, writer)
         table = {}
         for fname, data in files.items():
-            produce = data if callable(data) else _bytes_producer(data)
+            put = self.storage.write_stream if callable(data) else self.storage.write
             try:
-                size, digest = self.storage.write_stream(f"{name}/{fname}", produce,
-                                                         create_only=True)
+                size, digest = put(f"{name}/{fname}", data, create_only=True)
             except FileExistsError:
                 # The names carry this writer's token and the step is not committed: the file
                 # is this writer's own from a failed earlier attempt at this step. Replace it.
                 log.info("replacing %s left by an earlier failed attempt",
                          self.storage.uri(f"{name}/{fname}"))
-                size, digest = self.storage.write_stream(f"{name}/{fname}", produce)
+                size, digest = put(f"{name}/{fname}", data)
             table[fname] = {"size": size, "sha256": digest}
         self.last_commit_bytes = sum(meta["size"] for meta in table.values())
         # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint

@@ -294,15 +294,17 @@ class Storage:
                 os.unlink(tmp)
 
     # ------------------------------------------------------------------ writes
-    def write(self, rel: str, data: bytes | bytearray | memoryview, create_only: bool = False) -> None:
-        """Publish ``data`` at ``rel`` atomically: readers see all of it or nothing.
+    def write(self, rel: str, data: bytes | bytearray | memoryview,
+              create_only: bool = False) -> tuple[int, str]:
+        """Publish ``data`` at ``rel`` atomically: readers see all of it or nothing. Returns its
+        size and SHA-256 (hex), as ``write_stream`` does.
 
         ``create_only``: raise FileExistsError instead of replacing an existing file (two writers
         can never overwrite each other's commit). A file that already holds exactly ``data``
         counts as written: an earlier attempt of this very write may have landed with its answer
         lost (a reset after the upload), and its retry is then refused with 412.
         """
-        self.write_stream(rel, lambda fh: fh.write(data), create_only)
+        return self.write_stream(rel, lambda fh: fh.write(data), create_only)
 
     def write_stream(self, rel: str, produce: Callable[[BinaryIO], object],
                      create_only: bool = False) -> tuple[int, str]:
