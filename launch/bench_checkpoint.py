@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from src.checkpoint import Checkpointer, CheckpointStore, _Snapshot, step_dirname
-from src.distributed import choose_device
-from src.storage import Storage
+from ftrain.checkpoint import Checkpointer, CheckpointStore, _Snapshot, step_dirname
+from ftrain.distributed import choose_device
+from ftrain.storage import Storage
 
 
 def _median(fn, repeats: int) -> float:

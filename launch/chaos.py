@@ -189,7 +189,7 @@ class Job:
         self.env.setdefault("OMP_NUM_THREADS", "1")
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+            p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
         self.env.update(env or {})
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
@@ -348,7 +348,7 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
     """Reuse the reference run in ``folder`` when it ran the same command; else run it."""
     import torch
 
-    from src.checkpoint import load_uri
+    from ftrain.checkpoint import load_uri
 
     want = Reference(str(folder), nproc, list(train_args), torch.__version__)
     meta_path = Path(folder, "reference.json")
@@ -385,7 +385,7 @@ def compare_runs(ref: Reference, ckpt_dir: Path, trace_dirs: list[Path]) -> dict
     """
     import torch
 
-    from src.checkpoint import load_uri
+    from ftrain.checkpoint import load_uri
 
     out: dict[str, Any] = {"problems": []}
     problems = out["problems"]

@@ -451,8 +451,8 @@ def save_checkpoint(uri: str, step: int, epochs_done: int = 0) -> dict:
     (snapshot, serialize, create-only commit) and return its model weights."""
     import torch
 
-    from src.checkpoint import Checkpointer, CheckpointStore
-    from src.storage import Storage
+    from ftrain.checkpoint import Checkpointer, CheckpointStore
+    from ftrain.storage import Storage
 
     torch.manual_seed(step)
     model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),

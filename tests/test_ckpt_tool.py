@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from src import ckpt as ckpt_tool
-from src.checkpoint import step_dirname
+from ftrain import ckpt as ckpt_tool
+from ftrain.checkpoint import step_dirname
 from tests.helpers import assert_bitwise_equal, ckpt
 from tests.s3server import CORRUPTIONS, history_rows, save_checkpoint
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 
-from src.checkpoint import Loaded
-from src.config import load_config
-from src.models import model_args
-from src.train import compatibility_problems
+from ftrain.checkpoint import Loaded
+from ftrain.config import load_config
+from ftrain.models import model_args
+from ftrain.train import compatibility_problems
 from tests.helpers import SMALL, committed_steps, run_train
 
 pytestmark = pytest.mark.slow

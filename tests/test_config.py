@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from src.config import Config, ConfigError, build_parser, load_config
+from ftrain.config import Config, ConfigError, build_parser, load_config
 from tests.helpers import PY, ROOT, base_env
 
 

@@ -18,9 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
+from ftrain.data import VisionIndexed
+from ftrain.distributed import Collectives, DistInfo
 from launch import chaos
-from src.data import VisionIndexed
-from src.distributed import Collectives, DistInfo
 
 NPROC = 2
 # launch.chaos's default training flags for a short run (2 epochs of 32 steps, a step

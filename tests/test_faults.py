@@ -10,9 +10,9 @@ import re
 
 import pytest
 
-from src import ckpt as ckpt_tool
-from src import exitcodes
-from src.checkpoint import load_uri, open_uri, step_dirname
+from ftrain import ckpt as ckpt_tool
+from ftrain import exitcodes
+from ftrain.checkpoint import load_uri, open_uri, step_dirname
 from tests.helpers import SMALL, assert_bitwise_equal, ckpt, run_train
 from tests.s3server import CORRUPTIONS, Fault, save_checkpoint
 

@@ -7,9 +7,9 @@ import os
 
 import pytest
 
-from src.checkpoint import MANIFEST, CheckpointStore, step_dirname
-from src.config import ConfigError, load_config
-from src.storage import Storage
+from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
+from ftrain.config import ConfigError, load_config
+from ftrain.storage import Storage
 from tests.helpers import SMALL, run_train
 
 

@@ -15,8 +15,8 @@ import uuid
 import pytest
 import torch
 
+from ftrain.checkpoint import load_uri, step_dirname
 from launch import chaos
-from src.checkpoint import load_uri, step_dirname
 from tests.helpers import assert_bitwise_equal, run_train, start_train, strip_timing, wait_for
 
 pytestmark = pytest.mark.slow

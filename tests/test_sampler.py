@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from src.data import EvalShardSampler, ResumableDistributedSampler, make_synthetic, mix_seed
-from src.trainer import epoch_seed
+from ftrain.data import EvalShardSampler, ResumableDistributedSampler, make_synthetic, mix_seed
+from ftrain.trainer import epoch_seed
 
 
 class Dummy(torch.utils.data.Dataset):

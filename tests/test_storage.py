@@ -15,8 +15,8 @@ import os
 import pytest
 import torch
 
-from src.data import DataError, fetch_remote_data_dir
-from src.storage import Storage, StorageError, is_transient, redact
+from ftrain.data import DataError, fetch_remote_data_dir
+from ftrain.storage import Storage, StorageError, is_transient, redact
 from tests.s3server import Fault
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
@@ -35,7 +35,7 @@ def test_transient_faults_are_retried(s3, fault_proxy, via_proxy, action, caplog
     st = Storage(s3.uri("run"), {"config_kwargs": {"read_timeout": 1}}) if action == "slow" \
         else via_proxy
     fault_proxy.set_faults(Fault(action, times=2, delay=2.0))
-    with caplog.at_level(logging.WARNING, logger="src.storage"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.storage"):
         st.write("a/blob", b"x" * 1000)
         assert st.read("a/blob") == b"x" * 1000
         assert st.listdir() == ["a"]

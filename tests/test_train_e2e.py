@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import torch
 
-from src.models import build_model
+from ftrain.models import build_model
 from tests.helpers import (
     PY,
     ROOT,

@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from src.checkpoint import CheckpointStore
-from src.storage import Storage
+from ftrain.checkpoint import CheckpointStore
+from ftrain.storage import Storage
 from tests.helpers import ROOT, SMALL, base_env, committed_steps, run_train
 from tests.tracing import (
     assert_epoch_exactly_once,

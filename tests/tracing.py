@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from src.checkpoint import CheckpointStore, Loaded
-from src.data import ResumableDistributedSampler
-from src.storage import Storage
+from ftrain.checkpoint import CheckpointStore, Loaded
+from ftrain.data import ResumableDistributedSampler
+from ftrain.storage import Storage
 from tests.helpers import PY, ROOT, base_env, free_port, processes_matching
 
 TRACE_NAME = re.compile(r"^rank(\d+)-pid(\d+)\.jsonl$")

@@ -230,5 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``ftrain-ckpt``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -84,5 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     return exitcodes.OK
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Console script ``ftrain-predict``."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,7 +23,7 @@ from .models import build_model, model_args
 from .storage import Storage, StorageError, redact
 from .trainer import Parts, StopSignals, Trainer, TrainState, init_seed, seed_all
 
-log = logging.getLogger("src.train")
+log = logging.getLogger("ftrain.train")
 
 
 class InputError(Exception):
@@ -381,13 +381,18 @@ def _run(cfg: Config, info: DistInfo, signals: StopSignals) -> int:
     return code
 
 
-if __name__ == "__main__":
-    _code = exitcodes.FAILED  # an exception escaping main() is a bug (torchrun records it)
+def cli() -> None:
+    """Console script ``ftrain-train`` and ``python -m ftrain.train`` / ``src.train``."""
+    code = exitcodes.FAILED  # an exception escaping main() is a bug (torchrun records it)
     try:
-        _code = main()
+        code = main()
     except SystemExit as e:  # argparse: --help, unknown flag
-        _code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
         raise
     finally:
-        exitcodes.record(_code)
-    sys.exit(_code)
+        exitcodes.record(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()
