@@ -453,17 +453,18 @@ def save_checkpoint(uri: str, step: int, epochs_done: int = 0) -> dict:
 
     from ftrain.checkpoint import Checkpointer, CheckpointStore
     from ftrain.storage import Storage
+    from tests.toytask import ToyTask
 
     torch.manual_seed(step)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.BatchNorm1d(8),
-                                torch.nn.Linear(8, 4))
+    model = ToyTask().build_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for p in model.parameters():  # an optimizer step gives it momentum buffers to save
         p.grad = torch.randn_like(p)
     opt.step()
     sched = torch.optim.lr_scheduler.StepLR(opt, 10)
     meta = {"epoch": epochs_done, "batch_in_epoch": 0, "world_size": 1, "global_batch_size": 32,
-            "seed": 0, "config_digest": "0" * 64, "model_args": {"name": "test"}}
+            "seed": 0, "config_digest": "0" * 64,
+            "task": {"import": "tests.toytask:ToyTask", "args": {}}}
     train_state = {**meta, "step": step, "history": history_rows(epochs_done),
                    "epoch_progress": {"loss_steps": [], "correct": 0, "seen": 0, "elapsed": 0.0}}
     # One Storage per root and endpoint: a new s3fs client costs up to a second on a busy box.

@@ -81,7 +81,7 @@ def test_empty_roots_and_bad_options(backend, capsys):
     assert run_tool(capsys, "verify", uri)[0] == 1
     code, _, err = run_tool(capsys, "inspect", uri, "--json")
     assert code == 1 and "no valid checkpoint" in err
-    with pytest.raises(SystemExit, match="--storage-options is not valid JSON"):
+    with pytest.raises(SystemExit, match="--storage-options: not valid JSON"):
         ckpt_tool.main(["ls", uri, "--storage-options", "{not json"])
 
 

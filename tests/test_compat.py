@@ -8,9 +8,9 @@ import pytest
 
 from ftrain.checkpoint import Loaded
 from ftrain.config import load_config
-from ftrain.models import model_args
-from ftrain.train import compatibility_problems
-from tests.helpers import SMALL, committed_steps, run_train
+from ftrain.resume import RULES, check, markdown_table, run_facts
+from ftrain.tasks import Task, task_ref
+from tests.helpers import ROOT, SMALL, committed_steps, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -36,8 +36,8 @@ def refused(d, *flags: str) -> str:
 
 def test_model_change_is_refused(cnn_sgd):
     err = refused(cnn_sgd, "--model", "mlp")
-    assert "model (depth, name, width; set by --model/--width/--depth/--dataset)" in err
-    assert "'name': 'cnn'" in err and "'name': 'mlp'" in err
+    assert "--model: checkpoint 'cnn', now 'mlp'" in err
+    assert "--width: checkpoint None, now 256" in err
 
 
 def test_optimizer_kind_change_is_refused_with_every_field_listed(cnn_sgd):
@@ -46,14 +46,36 @@ def test_optimizer_kind_change_is_refused_with_every_field_listed(cnn_sgd):
     assert "--scheduler: checkpoint 'cosine', now 'step'" in err
 
 
+def test_seed_change_is_refused(cnn_sgd):
+    """The data order, the initial weights and the synthetic data derive from the seed."""
+    err = refused(cnn_sgd, "--seed", "1")
+    assert "--seed: checkpoint 0, now 1" in err
+
+
+def test_legacy_cifar_checkpoint_refuses_the_new_augmentation():
+    """Checkpoints written before the torchvision v2 augmentation recorded none; for CIFAR-10
+    they count as the old hand-written one, and a resume would change the samples."""
+    cfg = config("--dataset", "cifar10", "--model", "resnet18")
+    ts = {"config": cfg.to_dict(), "world_size": 1, "global_batch_size": 256, "seed": 0}
+    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
+    from ftrain.tasks import ImageClassification
+
+    facts = run_facts(cfg, task_ref(cfg), ImageClassification("cifar10", "resnet18"), 1,
+                      {"train": None, "eval": None})
+    v = check(loaded, facts, cfg)
+    assert len(v.refusals) == 1 and v.refusals[0].startswith(
+        "augmentation version: checkpoint 'seeded crop/flip/1', now 'torchvision-v2")
+
+
 def test_allowed_changes_are_logged(cnn_sgd):
     """Other epochs, save cadence, world size (1 -> 2) and loader workers: resumed, logged."""
     r = run_train([*SMALL, "--checkpoint-dir", str(cnn_sgd), "--epochs", "3",
                    "--save-every-steps", "4", "--num-workers", "1", "--max-steps", "8"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    for change in ("world size 1 -> 2 (per-rank batch 32)", "--epochs: 2 -> 3",
-                   "--save-every-steps: 0 -> 4", "--num-workers: 0 -> 1", "--max-steps: 6 -> 8"):
+    for change in ("world size 1 -> 2 (per-rank batch 32)", "--save-every-steps: 0 -> 4", "--num-workers: 0 -> 1",
+                   "--max-steps: 6 -> 8"):
         assert f"resume: allowed change: {change}" in r.stderr, r.stderr[-3000:]
+    assert "resume: applying --epochs 2 -> 3 (the LR schedule stretches" in r.stderr
     assert "resumed from" in r.stderr and "step 6" in r.stderr
     assert committed_steps(cnn_sgd)[-1] == 8
 
@@ -63,31 +85,103 @@ def config(*argv: str):
     return load_config(list(argv), environ={})
 
 
-def _loaded(argv: list[str], world_size: int) -> tuple[Loaded, dict]:
+def _facts(cfg, world_size: int) -> dict:
+    data = {"train": {"len": 2048, "digest": "aa"}, "eval": {"len": 512, "digest": "bb"}}
+    return run_facts(cfg, task_ref(cfg), Task(), world_size, data)
+
+
+def _loaded(argv: list[str], world_size: int) -> Loaded:
     cfg = config(*argv)
-    margs = model_args(cfg.model, 1, 28, 10, cfg.width, cfg.depth)
-    ts = {"config": cfg.to_dict(), "config_digest": cfg.digest(), "model_args": margs,
-          "world_size": world_size, "global_batch_size": cfg.batch_size}
-    manifest = {k: ts[k] for k in ("config_digest", "model_args", "world_size",
-                                   "global_batch_size")}
-    return Loaded("step_0000000010", "mem://x/step_0000000010", manifest, {}, ts), margs
+    ts = {"config": cfg.to_dict(), "run": _facts(cfg, world_size), "world_size": world_size,
+          "global_batch_size": cfg.batch_size}
+    return Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
 
 
-def test_batch_size_and_dividing_world_size():
-    loaded, margs = _loaded(["--batch-size", "64"], world_size=4)
-    refuse, allowed = compatibility_problems(config("--batch-size", "64"), loaded, margs, 2)
-    assert refuse == [] and allowed == ["world size 4 -> 2 (per-rank batch 32)"]
-    refuse, _ = compatibility_problems(config("--batch-size", "64"), loaded, margs, 3)
-    assert refuse == ["world size 3 does not divide the global batch size 64; use a world size "
-                      "that divides it"]
-    refuse, _ = compatibility_problems(config("--batch-size", "128"), loaded, margs, 4)
-    assert len(refuse) == 1 and refuse[0].startswith("--batch-size: checkpoint was trained with "
-                                                     "global batch 64, now 128")
+def test_rules_table_is_the_one_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert markdown_table() in readme, "regenerate with: python -m ftrain.resume"
+    assert {r.action for r in RULES} == {"refuse", "apply"}
 
 
-def test_digest_decides_when_no_config_was_recorded():
-    loaded, margs = _loaded([], world_size=1)
-    del loaded.train_state["config"]
-    assert compatibility_problems(config(), loaded, margs, 1) == ([], [])
-    refuse, _ = compatibility_problems(config("--optimizer", "adamw"), loaded, margs, 1)
-    assert len(refuse) == 1 and refuse[0].startswith("config digest: checkpoint ")
+def test_world_size_change_is_applied_batch_change_refused():
+    loaded = _loaded(["--batch-size", "64"], world_size=4)
+    cfg = config("--batch-size", "64")
+    v = check(loaded, _facts(cfg, 2), cfg)
+    assert v.refusals == [] and v.applied == {"world_size": (4, 2)}
+    cfg = config("--batch-size", "128")
+    v = check(loaded, _facts(cfg, 4), cfg)
+    assert len(v.refusals) == 1 and v.refusals[0].startswith("--batch-size: checkpoint 64, now 128")
+
+
+def test_seed_and_data_changes_are_refused_with_both_values():
+    loaded = _loaded([], world_size=1)
+    cfg = config("--seed", "7")
+    facts = _facts(cfg, 1)
+    facts["data_train"] = {"len": 2048, "digest": "cc"}
+    v = check(loaded, facts, cfg)
+    assert any(r.startswith("--seed: checkpoint 0, now 7") for r in v.refusals), v.refusals
+    assert any("training data fingerprint: checkpoint 2048 items, digest aa, now 2048 items, "
+               "digest cc" in r for r in v.refusals), v.refusals
+
+
+def test_checkpoint_without_recorded_facts_is_the_builtin_task():
+    """Checkpoints written before tasks existed: the facts come from their configuration."""
+    cfg = config()
+    ts = {"config": cfg.to_dict(), "world_size": 1, "global_batch_size": 256, "seed": 0,
+          "model_args": {"name": "cnn", "in_channels": 1, "image_size": 28, "num_classes": 10}}
+    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
+    v = check(loaded, _facts(cfg, 1), cfg)
+    assert v.refusals == [] and v.applied == {}
+    cfg = config("--model", "mlp")
+    v = check(loaded, _facts(cfg, 1), cfg)
+    assert any(r.startswith("--model: checkpoint 'cnn', now 'mlp'") for r in v.refusals)
+
+
+def test_changed_lr_momentum_weight_decay_are_really_applied():
+    """Optimizer.load_state_dict restores the checkpoint's values; the resume then writes the
+    new ones into every param group and the schedule's base, and the schedule goes on from
+    there: the LR after resuming with --lr 0.1 is twice the one of the 0.05 run."""
+    import torch
+
+    from ftrain.resume import apply_hyperparameters
+
+    def parts(lr: float, momentum: float, wd: float):
+        model = torch.nn.Linear(3, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=wd)
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+
+    opt, sched = parts(0.05, 0.9, 1e-4)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    saved_opt, saved_sched = opt.state_dict(), sched.state_dict()
+    sched.step()
+    lr_next_old = opt.param_groups[0]["lr"]
+
+    opt2, sched2 = parts(0.1, 0.5, 2e-4)
+    opt2.load_state_dict(saved_opt)
+    sched2.load_state_dict(saved_sched)
+    assert opt2.param_groups[0]["momentum"] == 0.9  # the trap: the old values came back
+    apply_hyperparameters(opt2, sched2, {"lr": (0.05, 0.1), "momentum": (0.9, 0.5),
+                                         "weight_decay": (1e-4, 2e-4)})
+    g = opt2.param_groups[0]
+    assert g["momentum"] == 0.5 and abs(g["weight_decay"] - 2e-4) < 1e-18
+    assert g["initial_lr"] == 0.1
+    sched2.step()
+    assert abs(opt2.param_groups[0]["lr"] - 2 * lr_next_old) < 1e-12
+
+
+def test_lr_change_on_resume_warns_and_shows_in_the_next_checkpoint(cnn_sgd, tmp_path):
+    import shutil
+
+    d = tmp_path / "ck"
+    shutil.copytree(cnn_sgd, d)
+    nxt = str(committed_steps(d)[-1] + 1)
+    r = run_train([*SMALL, "--checkpoint-dir", str(d), "--lr", "0.1", "--max-steps", nxt, "--epochs", "3"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume: applying --lr 0.05 -> 0.1" in r.stderr
+    assert "no longer bitwise-equal to an uninterrupted one" in r.stderr
+    from ftrain.checkpoint import load_uri
+
+    group = load_uri(str(d)).state["optimizer"]["param_groups"][0]
+    assert group["initial_lr"] == 0.1

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ftrain.data import VisionIndexed
+from ftrain.data import SeededItems, VisionItems
 from ftrain.distributed import Collectives, DistInfo
 from launch import chaos
 
@@ -145,15 +145,16 @@ class TinyImages(Dataset):
         return self.items[i]
 
 
-def _epoch_batches(data: VisionIndexed, epoch: int, workers: int, global_seed: int):
+def _epoch_batches(data: SeededItems, epoch: int, workers: int, global_seed: int):
     data.set_epoch(epoch)
     torch.manual_seed(global_seed)  # the global RNG, which seeds DataLoader workers
     loader = DataLoader(data, batch_size=4, num_workers=workers, shuffle=False)
-    return [(x, y, i) for x, y, i in loader]
+    return [(x, y, i) for (x, y), i in loader]
 
 
 def test_augmentation_is_seeded_per_sample_not_per_worker():
-    data = VisionIndexed(TinyImages(24), "cifar10", seed=3, augment=True)
+    """torchvision's own random transforms, made deterministic by the per-item forked RNG."""
+    data = SeededItems(VisionItems(TinyImages(24), "cifar10", augment=True), seed=3)
     one = _epoch_batches(data, 1, workers=0, global_seed=0)
     two = _epoch_batches(data, 1, workers=2, global_seed=1)
     for (xa, ya, ia), (xb, yb, ib) in zip(one, two, strict=True):
@@ -162,6 +163,12 @@ def test_augmentation_is_seeded_per_sample_not_per_worker():
     # The augmentation is real: it changes with the epoch, and differs from no augmentation.
     other_epoch = _epoch_batches(data, 2, workers=0, global_seed=0)
     assert not all(torch.equal(a[0], b[0]) for a, b in zip(one, other_epoch, strict=True))
-    plain = VisionIndexed(TinyImages(24), "cifar10", seed=3, augment=False)
+    plain = SeededItems(VisionItems(TinyImages(24), "cifar10", augment=False), seed=3)
     assert not all(torch.equal(a[0], b[0]) for a, b in
                    zip(one, _epoch_batches(plain, 1, 0, 0), strict=True))
+    # The caller's RNG streams are untouched by fetching items.
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    data[3], data[7]
+    assert torch.equal(torch.rand(3), expected)

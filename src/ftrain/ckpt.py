@@ -1,10 +1,10 @@
 """Checkpoint tool, for local folders and s3:// URIs alike.
 
-    python -m src.ckpt ls ROOT                 step, epoch, time, size, valid or why not
-    python -m src.ckpt verify URI              exit 1 if anything is invalid
-    python -m src.ckpt inspect URI [--json]    step, epoch, world size, batch, seed, history
-    python -m src.ckpt export URI OUT.pth      the model's plain state_dict (CPU tensors)
-    python -m src.ckpt plot ROOT OUT.png       loss and accuracy curves from the history
+    python -m ftrain.ckpt ls ROOT                 step, epoch, time, size, valid or why not
+    python -m ftrain.ckpt verify URI              exit 1 if anything is invalid
+    python -m ftrain.ckpt inspect URI [--json]    step, epoch, world size, batch, seed, history
+    python -m ftrain.ckpt export URI OUT.pth      the model's plain state_dict (CPU tensors)
+    python -m ftrain.ckpt plot ROOT OUT.png       loss and accuracy curves from the history
 
 URI is a checkpoint root (then the newest valid checkpoint in it) or one step folder.
 Extra fsspec options: --storage-options JSON (or FTT_STORAGE_OPTIONS).
@@ -20,20 +20,18 @@ import sys
 from typing import Any
 
 from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
+from .config import json_object
+from .resume import checkpoint_task
 from .storage import StorageError
+from .tasks import TaskError, load_task
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    raw = args.storage_options or os.environ.get("FTT_STORAGE_OPTIONS", "")
-    if not raw:
-        return {}
     try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise SystemExit(f"error: --storage-options is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise SystemExit("error: --storage-options must be a JSON object")
-    return value
+        return json_object(args.storage_options or os.environ.get("FTT_STORAGE_OPTIONS", ""),
+                           '{"anon": false}')
+    except ValueError as e:
+        raise SystemExit(f"error: --storage-options: {e}") from None
 
 
 def _when(ts: float | None) -> str:
@@ -98,6 +96,7 @@ def summary(loaded: Loaded) -> dict[str, Any]:
         "seed": m.get("seed"),
         "config_digest": m.get("config_digest"),
         "model_args": m.get("model_args"),
+        "task": checkpoint_task(ts, m).to_dict(),
         "created_unix": m.get("created_unix"),
         "versions": m.get("versions"),
         "reason": m.get("reason"),
@@ -107,7 +106,8 @@ def summary(loaded: Loaded) -> dict[str, Any]:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = summary(_load(args))
+    loaded = _load(args)
+    info = summary(loaded)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
         return 0
@@ -116,23 +116,52 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{info['batch_in_epoch']} of the next)")
     print(f"world size   {info['world_size']}   global batch {info['global_batch_size']}   "
           f"seed {info['seed']}")
-    print(f"model        {info['model_args']}")
+    task = info["task"]
+    print(f"task         {task['import']}  {json.dumps(task['args'], sort_keys=True)}")
+    try:
+        model = rebuild_model(loaded)
+        count = sum(p.numel() for p in model.parameters())
+        print(f"model        {type(model).__name__}, {count:,} parameters (rebuilt from the task)")
+    except TaskError as e:
+        print(f"model        cannot be rebuilt here: {e}")
     print(f"written      {_when(info['created_unix'])}  versions {info['versions']}")
     if info["history"]:
-        print(f"{'epoch':>5} {'step':>7} {'train_loss':>10} {'train_acc':>9} {'eval_loss':>9} "
-              f"{'eval_acc':>8} {'lr':>9} {'samples/s':>9}")
+        keys = info["history"][0]
+        metrics = [k for k in keys if k.startswith("train_")] + [k for k in keys
+                                                                  if k.startswith("eval_")]
+        print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{k:>10}" for k in metrics)
+              + f" {'lr':>9} {'samples/s':>9}")
         for h in info["history"]:
-            print(f"{h['epoch']:>5} {h['step']:>7} {h['train_loss']:>10.4f} {h['train_acc']:>9.4f} "
-                  f"{h['eval_loss']:>9.4f} {h['eval_acc']:>8.4f} {h['lr']:>9.3g} "
-                  f"{h['samples_per_s']:>9.0f}")
+            print(f"{h['epoch']:>5} {h['step']:>7} "
+                  + " ".join(f"{h.get(k, float('nan')):>10.4f}" for k in metrics)
+                  + f" {h['lr']:>9.3g} {h['samples_per_s']:>9.0f}")
     return 0
+
+
+def rebuild_model(loaded: Loaded):
+    """The checkpoint's model, rebuilt from its task and loaded with its weights (CPU).
+    Raises TaskError when the task cannot be imported or the weights do not fit it."""
+    ref = checkpoint_task(loaded.train_state, loaded.manifest)
+    task = load_task(ref)
+    try:
+        model = task.build_model()
+    except Exception as e:  # noqa: BLE001 - the task's own code: report it with its name
+        raise TaskError(f"--task {ref.target} {json.dumps(ref.args)}: building the model "
+                        f"failed: {type(e).__name__}: {e}") from None
+    try:
+        model.load_state_dict(loaded.state["model"])
+    except RuntimeError as e:
+        raise TaskError(f"the weights of {loaded.uri} do not fit the model of its task "
+                        f"({str(e)[:300]}); is this the same version of the task's code?") from None
+    return model
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     import torch
 
     loaded = _load(args)
-    state = {k: v.detach().cpu().contiguous() for k, v in loaded.state["model"].items()}
+    # Rebuilt and loaded first: what is exported is known to load into the task's model.
+    state = {k: v.detach().cpu().contiguous() for k, v in rebuild_model(loaded).state_dict().items()}
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
     tmp = args.out + ".tmp"
@@ -155,14 +184,14 @@ def cmd_plot(args: argparse.Namespace) -> int:
         print(f"error: {loaded.uri} has no completed epoch to plot yet", file=sys.stderr)
         return 1
     epochs = [h["epoch"] for h in hist]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot(epochs, [h["train_loss"] for h in hist], "o-", label="train")
-    ax1.plot(epochs, [h["eval_loss"] for h in hist], "s-", label="eval")
-    ax1.set(xlabel="epoch", ylabel="loss", title="loss")
-    ax2.plot(epochs, [h["train_acc"] for h in hist], "o-", label="train")
-    ax2.plot(epochs, [h["eval_acc"] for h in hist], "s-", label="eval")
-    ax2.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
-    for ax in (ax1, ax2):
+    names = [k[len("train_"):] for k in hist[0] if k.startswith("train_")]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for split, style in (("train", "o-"), ("eval", "s-")):
+            key = f"{split}_{name}"
+            if key in hist[0]:
+                ax.plot(epochs, [h.get(key, float("nan")) for h in hist], style, label=split)
+        ax.set(xlabel="epoch", ylabel=name, title=name)
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(f"{loaded.uri} (step {loaded.manifest['step']})", fontsize=9)
@@ -173,7 +202,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m src.ckpt", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ftrain.ckpt", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--storage-options", default="", help="extra fsspec options as JSON")
     # Accepted after the command too (``ckpt ls ROOT --storage-options ...``).
@@ -223,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"error: storage: {e}", file=sys.stderr)
         return 1
+    except TaskError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         # `ckpt inspect URI --json | head`: the reader left; not an error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not raise again.

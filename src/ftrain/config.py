@@ -25,9 +25,10 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
 
-# Fields that define *what* is trained. Changing one of them between runs makes a checkpoint
-# incompatible (see checkpoint.compatibility_problems); the rest may change on resume.
-INCOMPATIBLE_FIELDS = ("dataset", "model", "width", "depth", "optimizer", "synthetic_train_size")
+BUILTIN_TASK = "ftrain.tasks:ImageClassification"
+# Flags that configure the built-in task only (ftrain.tasks.ImageClassification's arguments).
+BUILTIN_TASK_FIELDS = ("dataset", "model", "width", "depth", "synthetic_train_size",
+                       "synthetic_test_size")
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: Any) -> Any:
@@ -38,7 +39,12 @@ def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None, **kw: 
 class Config:
     """The whole job's configuration. Each field is also a ``--flag`` (underscores -> dashes)."""
 
-    # --- data ---
+    # --- task ---
+    task: str = _opt(BUILTIN_TASK, "Task to train, as an import string 'package.module:attr' (a "
+                     "Task, a Task class or a factory). The default is the built-in image "
+                     "classification task, configured by --dataset, --model and their flags.")
+    task_args: str = _opt("", "The task's arguments as a JSON object (YAML: the task: section).")
+    # --- the built-in task's arguments (ignored by other tasks) ---
     dataset: str = _opt("synthetic", "Dataset to train on; 'synthetic' needs no download.", DATASETS)
     data_dir: str = _opt("./data", "Folder (or s3:// URL) holding the torchvision datasets.")
     download: bool = _opt(False, "Download the torchvision dataset into --data-dir if missing.")
@@ -59,6 +65,9 @@ class Config:
     scheduler: str = _opt("cosine", "LR schedule, stepped once per optimizer step.", SCHEDULERS)
     lr_step_epochs: int = _opt(1, "'step' scheduler: decay the LR every this many epochs.")
     lr_gamma: float = _opt(0.5, "'step' scheduler: decay factor.")
+    grad_accum: int = _opt(1, "Split each rank's share of the global batch into N micro-batches "
+                           "(gradient accumulation); the global batch stays the unit of work.")
+    clip_grad_norm: float = _opt(0.0, "Clip the gradients' global norm to this value (0: off).")
     seed: int = _opt(0, "Seed of all randomness (data, init, order, augmentation).")
     deterministic: bool = _opt(False, "Use deterministic algorithms (exact GPU resume; slower).")
     # --- system ---
@@ -103,10 +112,11 @@ class Config:
 
         for name in ("epochs", "batch_size", "synthetic_train_size", "synthetic_test_size",
                      "width", "depth", "lr_step_epochs", "max_failed_saves", "dist_timeout",
-                     "preemption_deadline"):
+                     "preemption_deadline", "grad_accum"):
             positive(name)
         for name in ("lr", "num_workers", "save_every_steps", "save_every_seconds", "max_steps",
-                     "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds"):
+                     "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds",
+                     "clip_grad_norm"):
             positive(name, allow_zero=True)
         if self.lr == 0:
             p.append(f"{flag('lr')}: must be > 0")
@@ -115,10 +125,22 @@ class Config:
         if self.keep_last < 2:
             p.append(f"{flag('keep_last')}: must be at least 2 (a fallback is always kept), "
                      f"got {self.keep_last}")
-        if self.dataset == "synthetic" and self.batch_size > self.synthetic_train_size:
+        if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
+            p.append(f"{flag('grad_accum')}: {self.grad_accum} does not divide --batch-size "
+                     f"{self.batch_size}; pick a divisor of it")
+        module, _, attr = self.task.partition(":")
+        if not module.strip() or not attr.strip() or ":" in attr:
+            p.append(f"{flag('task')}: {self.task!r} is not an import string "
+                     "'package.module:attr'")
+        try:
+            self.task_args_dict()
+        except ValueError as e:
+            p.append(f"{flag('task_args')}: {e}")
+        builtin = self.task == BUILTIN_TASK
+        if builtin and self.dataset == "synthetic" and self.batch_size > self.synthetic_train_size:
             p.append(f"{flag('batch_size')}: {self.batch_size} is larger than the training set "
                      f"({flag('synthetic_train_size')} {self.synthetic_train_size})")
-        if self.model == "resnet18" and self.dataset != "cifar10":
+        if builtin and self.model == "resnet18" and self.dataset != "cifar10":
             p.append(f"{flag('model')}: resnet18 expects 32x32 colour input; use --dataset cifar10")
         if self.resume not in ("auto", "never") and not self.resume.strip():
             p.append(f"{flag('resume')}: give 'auto', 'never' or a checkpoint URI")
@@ -137,15 +159,11 @@ class Config:
 
     def storage_options_dict(self) -> dict[str, Any]:
         """``--storage-options`` parsed; raises ValueError with the reason."""
-        if not self.storage_options.strip():
-            return {}
-        try:
-            value = json.loads(self.storage_options)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"not valid JSON ({e.msg} at char {e.pos})") from None
-        if not isinstance(value, dict):
-            raise ValueError("must be a JSON object, e.g. '{\"anon\": false}'")
-        return value
+        return json_object(self.storage_options, '{"anon": false}')
+
+    def task_args_dict(self) -> dict[str, Any]:
+        """``--task-args`` parsed; raises ValueError with the reason."""
+        return json_object(self.task_args, '{"layers": 4}')
 
     # ------------------------------------------------------------------ serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -155,9 +173,21 @@ class Config:
         return d
 
     def digest(self) -> str:
-        """SHA-256 of the fields that define what is trained (see INCOMPATIBLE_FIELDS)."""
-        core = {k: getattr(self, k) for k in INCOMPATIBLE_FIELDS}
-        return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+        """SHA-256 of the whole configuration (storage options redacted), for the manifest."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def json_object(text: str, example: str) -> dict[str, Any]:
+    """A JSON object given as text ('' is {}); raises ValueError with the reason."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be a JSON object, e.g. '{example}'")
+    return value
 
 
 def _protocol_problem(uri: str) -> str | None:
@@ -216,7 +246,7 @@ def _coerce(name: str, value: Any, source: str, problems: list[str]) -> Any:
             if not math.isfinite(number):
                 raise ValueError("expected a finite number")
             return number
-        if kind is str and name == "storage_options" and isinstance(value, dict):
+        if kind is str and name in ("storage_options", "task_args") and isinstance(value, dict):
             return json.dumps(value)
         return str(value)
     except (TypeError, ValueError) as e:
@@ -226,9 +256,10 @@ def _coerce(name: str, value: Any, source: str, problems: list[str]) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m src.train",
+        prog="python -m ftrain.train",
         description="Fault-tolerant DDP training with automatic resume. Also run by torchrun: "
-        "torchrun --nproc_per_node=4 -m src.train [options]. Every option can also be set in a "
+        "torchrun --nproc_per_node=4 -m ftrain.train [options] (from a checkout also -m "
+        "src.train; installed also ftrain-train). Every option can also be set in a "
         f"YAML --config file or as an environment variable {ENV_PREFIX}<OPTION> (e.g. "
         f"{ENV_PREFIX}EPOCHS=5); flags win over the file, the file over the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -299,6 +330,15 @@ def _read_yaml(path: str, names: set[str], problems: list[str]) -> dict[str, Any
         problems.append(f"--config: {path!r} must hold a mapping of option: value")
         return {}
     out: dict[str, Any] = {}
+    task = data.pop("task", None)
+    if isinstance(task, dict):
+        # The task: section: 'import' names the task, every other key is one of its arguments.
+        task = dict(task)
+        if "import" in task:
+            out["task"] = _coerce("task", task.pop("import"), f"{path}:task.import", problems)
+        out["task_args"] = json.dumps(task)
+    elif task is not None:
+        out["task"] = _coerce("task", task, f"{path}:task", problems)
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in names or name == "config":

@@ -1,16 +1,24 @@
-"""Datasets, seeded per-sample augmentation, and a DistributedSampler that resumes mid-epoch.
+"""Datasets, per-item forked RNG, data fingerprints, and a DistributedSampler that resumes
+mid-epoch.
 
-Every item is ``(image, label, index)``: the index lets the trainer trace exactly which samples
-each step saw (``--trace-samples``), which is how exactly-once data is tested.
+A task's dataset yields ``(inputs, targets)``. The trainer wraps it in ``SeededItems``, which
+produces every item under RNGs (python, numpy, torch) seeded from (seed, epoch, sample index)
+and adds the index: any random transform (torchvision's own included) is then deterministic,
+whatever the worker count or timing, and ``--trace-samples`` can record which samples each step
+saw, which is how exactly-once data is tested.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
-from collections.abc import Iterator
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
@@ -71,7 +79,7 @@ def make_synthetic(seed: int, train_size: int, test_size: int) -> tuple[Dataset,
                                              align_corners=False)
     protos = (protos - protos.mean(dim=(2, 3), keepdim=True)) / protos.std(dim=(2, 3), keepdim=True)
 
-    def split(n: int, stream: int) -> TensorIndexed:
+    def split(n: int, stream: int) -> TensorItems:
         gs = torch.Generator().manual_seed(mix_seed(seed, stream))
         labels = torch.randint(0, 10, (n,), generator=gs)
         other = (labels + torch.randint(1, 10, (n,), generator=gs)) % 10
@@ -84,13 +92,15 @@ def make_synthetic(seed: int, train_size: int, test_size: int) -> tuple[Dataset,
         x = x + 2.6 * torch.randn(x.shape, generator=gs)
         flip = torch.rand(n, generator=gs) < 0.08
         labels = torch.where(flip, torch.randint(0, 10, (n,), generator=gs), labels)
-        return TensorIndexed(x.contiguous(), labels)
+        return TensorItems(x.contiguous(), labels)
 
     return split(train_size, 1), split(test_size, 2)
 
 
-class TensorIndexed(Dataset):
-    """In-memory tensors; items are (x, y, index)."""
+class TensorItems(Dataset):
+    """In-memory tensors; items are (x, y). Drawing an item uses no randomness."""
+
+    rng_free = True  # SeededItems may skip seeding the RNGs for these items
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.x, self.y = x, y
@@ -99,55 +109,130 @@ class TensorIndexed(Dataset):
         return len(self.y)
 
     def __getitem__(self, i: int):
-        return self.x[i], int(self.y[i]), i
+        return self.x[i], self.y[i]
 
 
 # ---------------------------------------------------------------------------- torchvision data
-class SeededCropFlip:
-    """Random 4-pixel-padded crop and horizontal flip drawn from a given generator, so the
-    augmentation of a sample depends on (seed, epoch, index) alone, not on worker or timing."""
-
-    def __init__(self, size: int, padding: int = 4) -> None:
-        self.size, self.padding = size, padding
-
-    def __call__(self, img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        p = self.padding
-        padded = torch.nn.functional.pad(img, (p, p, p, p))
-        top = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
-        left = int(torch.randint(0, 2 * p + 1, (1,), generator=g))
-        out = padded[:, top:top + self.size, left:left + self.size]
-        if bool(torch.rand(1, generator=g) < 0.5):
-            out = out.flip(-1)
-        return out
+# Recorded in checkpoints and compared on resume: a change of the augmentation changes the
+# samples, so it is refused like a change of the data. 1 was a hand-written seeded crop/flip.
+AUGMENTATION_VERSION = "torchvision-v2 RandomCrop(pad 4)+RandomHorizontalFlip, forked RNG/2"
 
 
-class VisionIndexed(Dataset):
-    """A torchvision dataset with ToTensor + Normalize (+ seeded augmentation); items are
-    (x, y, index)."""
+class VisionItems(Dataset):
+    """A torchvision dataset turned into normalised tensors (+ torchvision v2 random crop and
+    flip); items are (x, y). The random transforms draw from the global RNGs, which
+    ``SeededItems`` seeds per item."""
 
-    def __init__(self, base: Dataset, name: str, seed: int, augment: bool) -> None:
-        from torchvision import transforms
+    def __init__(self, base: Dataset, name: str, augment: bool) -> None:
+        from torchvision.transforms import v2
 
         mean, std = NORMALIZATION[name]
+        steps = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+        if augment:
+            # After normalising, as before: the padding is 0 in normalised units.
+            size = SPECS[name].image_size
+            steps += [v2.RandomCrop(size, padding=4), v2.RandomHorizontalFlip()]
         self.base = base
-        self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
-        self.augment = SeededCropFlip(SPECS[name].image_size) if augment else None
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.transform = v2.Compose(steps)
 
     def __len__(self) -> int:
         return len(self.base)
 
     def __getitem__(self, i: int):
         img, label = self.base[i]
-        x = self.to_tensor(img)
-        if self.augment is not None:
-            g = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch, i))
-            x = self.augment(x, g)
-        return x, int(label), i
+        return self.transform(img).as_subclass(torch.Tensor), torch.tensor(int(label))
+
+
+# ---------------------------------------------------------------------------- per-item RNG
+class SeededItems(Dataset):
+    """Wraps a task's dataset: item ``i`` of epoch ``e`` is produced with python's, numpy's and
+    torch's global RNGs seeded from (seed, e, i), and comes back as ``(item, i)``.
+
+    The RNG states are saved and restored around each fetch (one item, or a batch through
+    ``__getitems__``), so the caller's random streams are untouched. Datasets that declare
+    ``rng_free = True`` are fetched without seeding.
+    """
+
+    def __init__(self, base: Dataset, seed: int) -> None:
+        self.base = base
+        self.seed = seed
+        self.epoch = 0
+        self.seeded = not getattr(base, "rng_free", False)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        return self.__getitems__([i])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
+        if not self.seeded:
+            return [(self.base[i], i) for i in indices]
+        saved = _rng_states()
+        try:
+            out = []
+            for i in indices:
+                _seed_rngs(mix_seed(self.seed, self.epoch, i))
+                out.append((self.base[i], i))
+            return out
+        finally:
+            _restore_rngs(saved)
+
+
+def _rng_states() -> tuple:
+    return random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+
+
+def _seed_rngs(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.default_generator.manual_seed(seed)  # CPU only: seeding CUDA would sync every device
+
+
+def _restore_rngs(saved: tuple) -> None:
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    torch.default_generator.set_state(saved[2])
+
+
+# ---------------------------------------------------------------------------- fingerprints
+FINGERPRINT_ITEMS = 8
+
+
+def fingerprint(dataset: Dataset, seed: int) -> dict[str, Any]:
+    """The dataset's length and a digest of a deterministic sample of its items (produced as
+    in epoch 0). Recorded in checkpoints; a resume on changed data is refused."""
+    n = len(dataset)  # type: ignore[arg-type]
+    h = hashlib.sha256(f"len={n}".encode())
+    if n:
+        g = torch.Generator().manual_seed(mix_seed(0xF1A6, n))
+        picks = sorted(set(torch.randint(0, n, (FINGERPRINT_ITEMS,), generator=g).tolist()))
+        for item, i in SeededItems(dataset, seed).__getitems__(picks):
+            h.update(f"#{i}".encode())
+            _digest_into(h, item)
+    return {"len": n, "digest": h.hexdigest()[:16]}
+
+
+def _digest_into(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(f"K{k}".encode())
+            _digest_into(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"L{len(obj)}".encode())
+        for v in obj:
+            _digest_into(h, v)
+    elif isinstance(obj, np.ndarray):
+        _digest_into(h, torch.from_numpy(np.ascontiguousarray(obj)))
+    else:
+        h.update(repr(obj).encode())
 
 
 def _torchvision_class(name: str):
@@ -215,7 +300,7 @@ def build_datasets(name: str, data_dir: str, download: bool, seed: int, train_si
     except OSError as e:
         raise DataError(f"--dataset {name}: cannot read --data-dir {data_dir}: {e}") from None
     augment = name == "cifar10"
-    return VisionIndexed(train, name, seed, augment), VisionIndexed(test, name, seed, False)
+    return VisionItems(train, name, augment), VisionItems(test, name, False)
 
 
 # ---------------------------------------------------------------------------- sampling

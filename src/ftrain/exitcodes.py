@@ -16,6 +16,10 @@ PEER_FAILED = 141  # another rank died or a collective timed out: restart the gr
 RETRYABLE_FLOOR = 128
 
 
+class InputError(Exception):
+    """Bad input (data, task, checkpoint, incompatible resume): exit 2 with this message."""
+
+
 def is_retryable(code: int) -> bool:
     return code >= RETRYABLE_FLOOR
 

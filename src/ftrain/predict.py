@@ -1,27 +1,33 @@
 """Inference from a checkpoint, on any machine (GPU-saved checkpoints load on CPU).
 
-    python -m src.predict --checkpoint URI [--split test] [--limit N] [--device auto]
+    python -m ftrain.predict --checkpoint URI [--split test] [--limit N] [--device auto]
+
+The model is rebuilt from the task the checkpoint records (its import string and arguments):
+a user's task needs the same code on the path. Prints the first predictions and the task's
+metrics over the split (for classifiers, the accuracy).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from . import exitcodes
 from .checkpoint import CorruptCheckpoint, load_uri
-from .data import DataError, build_datasets
+from .config import json_object
+from .data import DataError, SeededItems
 from .distributed import choose_device
-from .models import build_model
-from .storage import StorageError
+from .resume import checkpoint_task
+from .tasks import TaskContext, TaskError, load_task
+from .trainer import to_device
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m src.predict", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m ftrain.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder, or a --checkpoint-dir (newest valid one)")
@@ -36,52 +42,80 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --limit must be >= 0", file=sys.stderr)
         return exitcodes.INVALID
     try:
-        options = json.loads(args.storage_options) if args.storage_options else {}
-        loaded = load_uri(args.checkpoint, options)
-    except json.JSONDecodeError as e:
-        print(f"error: --storage-options is not valid JSON: {e}", file=sys.stderr)
+        options = json_object(args.storage_options, '{"anon": false}')
+    except ValueError as e:
+        print(f"error: --storage-options: {e}", file=sys.stderr)
         return exitcodes.INVALID
-    except (CorruptCheckpoint, FileNotFoundError, StorageError) as e:
+    try:
+        loaded = load_uri(args.checkpoint, options)
+    except (CorruptCheckpoint, FileNotFoundError) as e:
         print(f"error: --checkpoint {args.checkpoint}: {e}", file=sys.stderr)
+        return exitcodes.INVALID
+    except Exception as e:  # noqa: BLE001 - StorageError and the like: name the flag
+        print(f"error: --checkpoint {args.checkpoint}: {type(e).__name__}: {e}", file=sys.stderr)
         return exitcodes.INVALID
     cfg = loaded.train_state.get("config", {})
     try:
         device = choose_device(args.device, 0)
-    except ValueError as e:
+        task = load_task(checkpoint_task(loaded.train_state, loaded.manifest))
+        seed = int(cfg.get("seed", 0))
+        ctx = TaskContext(seed, args.data_dir or cfg.get("data_dir", "./data"), False, 0, 1, 0)
+        train_set, test_set = task.datasets(ctx)
+    except (ValueError, TaskError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.INVALID
-    model = build_model(loaded.manifest["model_args"])
+    model = task.build_model()
     model.load_state_dict(loaded.state["model"])
+    if loaded.state.get("task"):
+        task.load_state_dict(loaded.state["task"])
     model.to(device).eval()
-    try:
-        train_set, test_set = build_datasets(
-            cfg.get("dataset", "synthetic"), args.data_dir or cfg.get("data_dir", "./data"), False,
-            int(cfg.get("seed", 0)), int(cfg.get("synthetic_train_size", 12288)),
-            int(cfg.get("synthetic_test_size", 2048)))
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return exitcodes.INVALID
-    ds = test_set if args.split == "test" else train_set
+    ds: Any = SeededItems(test_set if args.split == "test" else train_set, seed)
     if args.limit:
         ds = Subset(ds, range(min(args.limit, len(ds))))
-    correct = total = 0
+    names: list[str] = []
+    totals: list[float] = []
+    items = correct = 0
+    classifier = True
     shown = 0
     with torch.no_grad():
-        for x, y, idx in DataLoader(ds, batch_size=512):
-            out = model(x.to(device))
-            prob = out.softmax(1)
-            pred = prob.argmax(1).cpu()
-            correct += int((pred == y).sum())
-            total += len(y)
-            for i in range(len(y)):
+        for (inputs, targets), idx in DataLoader(ds, batch_size=512):
+            inputs, targets = to_device(inputs, device), to_device(targets, device)
+            out = task.forward(model, inputs)
+            _, sums = task.loss(out, targets)
+            if not names:
+                names, totals = list(sums), [0.0] * len(sums)
+            totals = [t + float(sums[n]) for t, n in zip(totals, names, strict=True)]
+            items += len(idx)
+            pred = task.predict(out).cpu()
+            target = targets.cpu() if isinstance(targets, torch.Tensor) else None
+            classifier = classifier and target is not None and target.shape == pred.shape \
+                and pred.dim() == 1
+            if classifier:
+                correct += int((pred == target).sum())
+            for i in range(len(idx)):
                 if shown >= args.show:
                     break
-                print(f"sample {int(idx[i]):>6}  predicted {int(pred[i])}  "
-                      f"(p={float(prob[i, pred[i]]):.3f})  label {int(y[i])}")
+                print(f"sample {int(idx[i]):>6}  predicted {_short(pred[i])}"
+                      + (f"  (p={float(out[i].softmax(-1)[pred[i]]):.3f})  label "
+                         f"{int(target[i])}" if classifier else ""))
                 shown += 1
-    print(f"checkpoint {loaded.uri} (step {loaded.manifest['step']}): accuracy on "
-          f"{args.split} {correct}/{total} = {correct / max(total, 1):.4f}")
+    metrics = task.metrics(dict(zip(names, totals, strict=True)), items)
+    print(f"checkpoint {loaded.uri} (step {loaded.manifest['step']}): "
+          + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" over {items} {args.split} "
+          "items")
+    if classifier:
+        print(f"checkpoint {loaded.uri} (step {loaded.manifest['step']}): accuracy on "
+              f"{args.split} {correct}/{items} = {correct / max(items, 1):.4f}")
     return exitcodes.OK
+
+
+def _short(t: torch.Tensor) -> str:
+    """One prediction: a number, or the start of a sequence."""
+    if t.dim() == 0:
+        value = t.item()
+        return f"{value:.4g}" if isinstance(value, float) else str(value)
+    values = t.reshape(-1).tolist()
+    return str(values[:16])[:-1] + (", ...]" if len(values) > 16 else "]")
 
 
 def cli() -> None:

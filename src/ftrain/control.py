@@ -1,0 +1,143 @@
+"""Stop control: signals, the ranks' agreement on stopping or saving, and the exit codes.
+
+SIGTERM/SIGINT only set a flag. Each step every rank contributes its flags (a signal arrived,
+a timed save is due, saves keep failing) to an asynchronous element-wise max, and reads the
+result a step later, so agreeing costs no wait; every rank then acts on the same decision at
+the same step boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import exitcodes
+from .distributed import Collectives
+
+log = logging.getLogger(__name__)
+
+
+class StopSignals:
+    """SIGTERM/SIGINT set a flag; the loop agrees on it with the other ranks at the next step
+    boundary and writes an emergency checkpoint. A second SIGINT aborts at once."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.received_at: float | None = None  # time.monotonic() of the first signal
+        self.hard_deadline_s = 60.0
+
+    def install(self, hard_deadline_s: float = 60.0) -> None:
+        """``hard_deadline_s``: after a signal, exit no matter what once this much time has
+        passed (a peer that died mid-collective must not keep us past the grace period)."""
+        self.hard_deadline_s = hard_deadline_s
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.received is None:
+            self.received = signum
+            self.received_at = time.monotonic()
+            log.warning("received %s: checkpointing at the next step boundary, then exiting",
+                        signal.Signals(signum).name)
+            watchdog = threading.Timer(self.hard_deadline_s, self._give_up)
+            watchdog.daemon = True
+            watchdog.start()
+
+    def _give_up(self) -> None:
+        code = self.exit_code()
+        log.error("no clean stop within %.0fs of the signal; exiting %d without waiting further",
+                  self.hard_deadline_s, code)
+        hard_exit(code)
+
+    def exit_code(self) -> int:
+        return exitcodes.INTERRUPTED if self.received == signal.SIGINT else exitcodes.PREEMPTED
+
+
+def hard_exit(code: int) -> None:
+    """Exit now, without waiting for threads (a write in flight, a hung collective)."""
+    exitcodes.record(code)
+    logging.shutdown()
+    os._exit(code)
+
+
+def ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: leave SIGTERM/SIGINT to the training process. torchrun
+    signals a worker's whole process group; a loader worker killed by it would crash the
+    training process before its emergency checkpoint. (Loader workers still exit when the
+    training process does.)"""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What every rank agreed on."""
+
+    preempt: bool
+    timed_save: bool
+    storage_failed: bool
+
+
+class StopControl:
+    """The ranks' agreement on preemption, timed saves and failed storage.
+
+    ``timed_due`` and ``saves_failing`` are asked on this rank (only rank 0's saver knows);
+    the answers of all ranks are combined by an element-wise max.
+    """
+
+    def __init__(self, coll: Collectives, signals: StopSignals, timed_due: Callable[[], bool],
+                 saves_failing: Callable[[], bool]) -> None:
+        self.coll = coll
+        self.signals = signals
+        self.timed_due = timed_due
+        self.saves_failing = saves_failing
+        self._pending = None
+
+    def _flags(self) -> list[int]:
+        return [int(self.signals.received is not None), int(self.timed_due()),
+                int(self.saves_failing())]
+
+    def start_epoch(self) -> None:
+        """Start the pipelined agreement (one exchange in flight from here on)."""
+        if self.coll.info.is_distributed:
+            self._pending = self.coll.start_agree(self._flags())
+
+    def after_step(self) -> Decision:
+        """This step's flags go out; the decision is the one all ranks raised a step ago
+        (this step's own, at world size 1)."""
+        flags = self._flags()
+        if self._pending is not None:
+            agreed = self._pending.result()
+            self._pending = self.coll.start_agree(flags)
+        else:
+            agreed = flags
+        return Decision(*(bool(x) for x in agreed))
+
+    def drain(self) -> None:
+        """Finish the exchange in flight (before any other collective)."""
+        if self._pending is not None:
+            self._pending.result()
+            self._pending = None
+
+    def agree_now(self) -> Decision:
+        """A blocking agreement (at the epoch end, where a signal may have come during
+        evaluation)."""
+        return Decision(*(bool(x) for x in self.coll.agree_flags(self._flags())))
+
+    # ------------------------------------------------------------------ exits
+    def exit_code(self) -> int:
+        return self.signals.exit_code()
+
+    def emergency_timeout(self, deadline_s: float) -> float:
+        """What is left of --preemption-deadline, counted from this rank's signal (from now
+        when the signal reached another rank)."""
+        start = self.signals.received_at or time.monotonic()
+        return max(0.0, deadline_s - (time.monotonic() - start))

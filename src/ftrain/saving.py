@@ -1,0 +1,109 @@
+"""Save policy: when to checkpoint, what goes into a checkpoint, and what a failed save means.
+
+It is handed the objects to save (model, optimizer, schedule, task) and the run's fixed facts;
+the trainer hands it the progress to record. ``save`` is collective: every rank calls it, rank
+0's Checkpointer snapshots and persists in the background, and for a blocking save every rank
+learns whether it committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from .checkpoint import Checkpointer, SaveTimeout
+from .config import Config
+from .distributed import Collectives, DistInfo
+from .tasks import Task
+
+log = logging.getLogger(__name__)
+
+# Copied into the manifest, so that tools list checkpoints without reading the train state.
+MANIFEST_KEYS = ("epoch", "batch_in_epoch", "world_size", "global_batch_size", "seed",
+                 "config_digest", "task")
+
+
+class SavePolicy:
+    def __init__(self, cfg: Config, info: DistInfo, coll: Collectives,
+                 checkpointer: Checkpointer | None, model: nn.Module,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
+                 meta: dict[str, Any]) -> None:
+        self.cfg, self.info, self.coll = cfg, info, coll
+        self.ckpt = checkpointer  # rank 0 only
+        self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
+        self.meta = meta  # fixed facts of the run, recorded in every checkpoint
+        self.last_save_time = time.monotonic()
+        self.abandoned = False  # a save that missed its deadline is still being written
+
+    # ------------------------------------------------------------------ when
+    def step_due(self, step: int) -> bool:
+        return bool(self.cfg.save_every_steps) and step % self.cfg.save_every_steps == 0
+
+    def timed_due(self) -> bool:
+        """Rank 0 keeps the clock; the ranks agree on it through StopControl."""
+        return (self.info.is_main and self.cfg.save_every_seconds > 0
+                and time.monotonic() - self.last_save_time >= self.cfg.save_every_seconds)
+
+    def saves_failing(self) -> bool:
+        return self.ckpt is not None and self.ckpt.consecutive_failures >= self.cfg.max_failed_saves
+
+    @property
+    def last_committed_step(self) -> int | None:
+        return self.ckpt.last_committed_step if self.ckpt is not None else None
+
+    # ------------------------------------------------------------------ what and how
+    def save(self, progress: dict[str, Any], step: int, blocking: bool, reason: str,
+             timeout: float | None = None) -> bool:
+        """Collective. ``progress``: the trainer's state (epoch, step, sums, history).
+        ``timeout``: a blocking save not done by then counts as failed (and is left running).
+        Returns whether it committed (always True for a background save)."""
+        self.last_save_time = time.monotonic()
+        ok = True
+        if self.ckpt is not None:
+            train_state = dict(progress, **self.meta)
+            manifest = {k: train_state[k] for k in MANIFEST_KEYS}
+            if "model_args" in self.meta:
+                manifest["model_args"] = self.meta["model_args"]
+            manifest["reason"] = reason
+            tensors = {"model": self.model.state_dict(),
+                       "optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict()}
+            extra = self.task.state_dict()
+            if extra:
+                tensors["task"] = extra
+            try:
+                result = self.ckpt.save(step, tensors, train_state, manifest, blocking=blocking,
+                                        timeout=timeout)
+            except SaveTimeout as e:
+                log.error("%s", e)
+                self.abandoned = True
+                result = False
+            ok = bool(result) if blocking else True
+        if blocking and self.info.is_distributed:
+            ok = self.coll.agree_flags([0 if ok else 1])[0] == 0
+        return ok
+
+    def save_blocking(self, progress: dict[str, Any], step: int, reason: str) -> bool:
+        """A save that must commit (final, --max-steps, epoch end before a stop): retried with
+        backoff up to --max-failed-saves attempts."""
+        if self.save(progress, step, blocking=True, reason=reason):
+            return True
+        for attempt in range(1, self.cfg.max_failed_saves):
+            delay = min(30.0, 2.0 * 2 ** (attempt - 1))
+            if self.info.is_main:
+                log.warning("retrying the checkpoint in %.0fs (attempt %d/%d)", delay,
+                            attempt + 1, self.cfg.max_failed_saves)
+            time.sleep(delay)
+            if self.save(progress, step, blocking=True, reason="retry"):
+                return True
+        return False
+
+    def close(self) -> None:
+        """Wait for the save in flight and stop the writer (rank 0)."""
+        if self.ckpt is not None:
+            self.ckpt.wait()
+            self.ckpt.close()

@@ -1,0 +1,143 @@
+"""The task API: a user's task trained from the command line and from Python, the checkpoint
+recording it, the tools rebuilding it, clear errors for a task that cannot be imported, a data
+fingerprint that refuses changed data, --grad-accum and --clip-grad-norm resuming exactly, and
+a package that installs ftrain and no top-level src."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import zipfile
+
+import pytest
+
+from ftrain.tasks import TaskError, TaskRef, load_task
+from tests.helpers import (
+    PY,
+    ROOT,
+    SMALL,
+    assert_bitwise_equal,
+    base_env,
+    ckpt,
+    committed_steps,
+    export_weights,
+    run_train,
+)
+from tests.tracing import latest
+
+TOY = ["--task", "tests.toytask:ToyTask", "--batch-size", "16", "--epochs", "2",
+       "--log-every-steps", "0", "--save-every-seconds", "0"]
+
+
+def test_the_wheel_holds_ftrain_and_no_top_level_src(tmp_path):
+    """What `pip install .` installs: the ftrain package, its metadata and console scripts;
+    no top-level src (the shims in src/ are for checkouts only)."""
+    r = subprocess.run([PY, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = tmp_path.glob("ftrain-*.whl")
+    with zipfile.ZipFile(wheel) as z:
+        names = z.namelist()
+        top = {n.split("/")[0] for n in names}
+        entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert top == {"ftrain", next(t for t in top if t.endswith(".dist-info"))}, top
+    assert "ftrain/tasks.py" in names and not any(n.startswith("src") for n in names)
+    for script in ("ftrain-train = ftrain.train:cli", "ftrain-ckpt = ftrain.ckpt:cli",
+                   "ftrain-predict = ftrain.predict:cli"):
+        assert script in entry_points
+
+
+def test_load_task_names_the_import_string_that_failed():
+    with pytest.raises(TaskError, match=r"--task nosuch\.mod:Task: cannot import module "
+                                        r"'nosuch\.mod' .*Install the package"):
+        load_task(TaskRef("nosuch.mod:Task", {}))
+    with pytest.raises(TaskError, match="has no attribute 'Nope'"):
+        load_task(TaskRef("tests.toytask:Nope", {}))
+    with pytest.raises(TaskError, match=r"--task-args \{\"width\": 3\} do not fit"):
+        load_task(TaskRef("tests.toytask:ToyTask", {"width": 3}))
+    with pytest.raises(TaskError, match="returned a int, not an ftrain.Task"):
+        load_task(TaskRef("json:loads", {"s": "1"}))
+
+
+@pytest.mark.slow
+def test_unknown_task_exits_2_with_the_import_string(tmp_path):
+    r = run_train(["--task", "nosuch.mod:Task", "--checkpoint-dir", str(tmp_path / "c")])
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--task nosuch.mod:Task: cannot import module 'nosuch.mod'" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "c").exists()
+
+
+@pytest.mark.slow
+def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
+    d = tmp_path / "ckpt"
+    code = ("import sys, ftrain\nfrom tests.toytask import ToyTask\n"
+            f"sys.exit(ftrain.fit(ToyTask, {{'epochs': 2, 'batch_size': 16, "
+            f"'checkpoint_dir': {str(d)!r}, 'log_every_steps': 0}}))")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert committed_steps(d)[-1] == 8  # 64 items / 16, 2 epochs
+    loaded = latest(d)
+    assert loaded.manifest["task"] == {"import": "tests.toytask:ToyTask", "args": {}}
+    assert [sorted(h) for h in loaded.train_state["history"]][0] == sorted(
+        ["epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr",
+         "samples_per_s", "seconds"])
+    weights = export_weights(str(d), tmp_path / "w.pth")
+    assert_bitwise_equal(weights, loaded.state["model"])
+    out = ckpt("inspect", str(d))
+    assert out.returncode == 0 and "task         tests.toytask:ToyTask" in out.stdout
+    assert "Sequential" in out.stdout
+    # The same command again: complete, nothing to do.
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and "training already complete" in r.stdout + r.stderr
+    # A checkpoint whose task cannot be imported here: the tools say which and what to do.
+    manifest = d / f"step_{8:010d}" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["task"]["import"] = "gone.module:ToyTask"
+    manifest.write_text(json.dumps(m))
+    out = ckpt("export", str(d / f"step_{8:010d}"), str(tmp_path / "x.pth"))
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "--task gone.module:ToyTask: cannot import module 'gone.module'" in out.stderr
+
+
+@pytest.mark.slow
+def test_changed_data_under_the_same_task_is_refused(tmp_path):
+    from tests.toytask import write_data
+
+    data, d = tmp_path / "data", tmp_path / "ckpt"
+    write_data(data, 1)
+    args = ["--task", "tests.toytask:FileTask", "--data-dir", str(data), "--batch-size", "16",
+            "--checkpoint-dir", str(d), "--log-every-steps", "0"]
+    r = run_train([*args, "--max-steps", "2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = latest(d).train_state["run"]["data_train"]
+    write_data(data, 2)
+    r = run_train(args)
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert (f"training data fingerprint: checkpoint 64 items, digest {before['digest']}, now 64 "
+            "items, digest ") in r.stderr
+    assert committed_steps(d) == [2]
+
+
+@pytest.mark.slow
+def test_grad_accum_and_clipping_resume_bitwise(tmp_path):
+    """--grad-accum 4 --clip-grad-norm 0.5: cut at step 11 and resumed, the weights equal an
+    uninterrupted run's bit for bit (2 workers)."""
+    args = [*SMALL, "--grad-accum", "4", "--clip-grad-norm", "0.5"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_train([*args, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
+    r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "11"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    a, b = latest(ref), latest(cut)
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert a.train_state["run"]["grad_accum"] == 4
+    # Changing them on resume is applied, and the log says the run is no longer bitwise-equal.
+    r = run_train([*args[:-4], "--grad-accum", "2", "--clip-grad-norm", "0.5", "--epochs", "3",
+                   "--max-steps", "70", "--checkpoint-dir", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resume: applying --grad-accum 4 -> 2" in r.stderr
+    assert "no longer bitwise-equal" in r.stderr

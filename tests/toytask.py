@@ -1,0 +1,44 @@
+"""A minimal user task for tests that write checkpoints by hand (tests/s3server.py)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ftrain import Task
+
+
+class ToyTask(Task):
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8), nn.Linear(8, 4))
+
+    def datasets(self, ctx):
+        g = torch.Generator().manual_seed(ctx.seed)
+        x = torch.randn(64, 16, generator=g)
+        y = torch.randint(0, 4, (64,), generator=g)
+        data = torch.utils.data.TensorDataset(x, y)
+        return data, data
+
+    def loss(self, outputs, targets):
+        loss = nn.functional.cross_entropy(outputs, targets, reduction="sum")
+        return loss, {"loss": loss.detach(), "acc": (outputs.argmax(1) == targets).sum()}
+
+
+class FileTask(ToyTask):
+    """Reads its data from ``--data-dir``/data.pt: the test changes the file between runs."""
+
+    def datasets(self, ctx):
+        import os
+
+        x, y = torch.load(os.path.join(ctx.data_dir, "data.pt"), weights_only=True)
+        data = torch.utils.data.TensorDataset(x, y)
+        return data, data
+
+
+def write_data(folder, seed: int) -> None:
+    import os
+
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    torch.save((torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)),
+               os.path.join(folder, "data.pt"))
