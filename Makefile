@@ -21,7 +21,7 @@ test-soak: $(VENV)/.installed
 	$(PY) -m pytest -q -m soak
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check src tests launch
+	$(VENV)/bin/ruff check src tests launch examples
 
 clean:
 	rm -rf checkpoints .pytest_cache

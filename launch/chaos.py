@@ -4,6 +4,8 @@ exactly as an uninterrupted run does.
     python -m launch.chaos --nproc 2 --kills 4 --seed 1            # what CI runs
     python -m launch.chaos --nproc 4 --kills 50 --seed 4           # the long, opt-in run
     python -m launch.chaos --nproc 2 --kills 8 -- --model mlp      # training flags after --
+    python -m launch.chaos --nproc 2 --kills 4 --task examples.charlm:CharLM \
+        --task-args '{"context": 32, "d_model": 64, "layers": 1, "max_train_chars": 65600}'
 
 The tool sets --checkpoint-dir and --trace-samples itself.
 
@@ -726,6 +728,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a save stays half-written in attempts that aim inside one")
     p.add_argument("--attempt-timeout", type=float, default=900.0,
                    help="seconds an attempt may run before it counts as hung")
+    p.add_argument("--task", default="",
+                   help="the task to train, an import string (default: the built-in job); its "
+                        "epochs should be about 32 steps, or give --epochs after --")
+    p.add_argument("--task-args", default="", help="the task's arguments as JSON")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: extra flags for src.train (default: "
                         + " ".join(DEFAULT_TRAIN_ARGS) + ", --epochs sized to the kills)")
@@ -739,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
+    if args.task:
+        extra = ["--task", args.task, *(["--task-args", args.task_args] if args.task_args
+                                        else []), *extra]
     if args.nproc < 1 or args.kills < 0:
         print("error: --nproc must be >= 1 and --kills >= 0", file=sys.stderr)
         return 2
