@@ -77,3 +77,22 @@ def test_cli_invalid_exits_2_before_any_process_group():
     assert r.returncode == 2
     assert "--epochs" in r.stderr and "--batch-size" in r.stderr and "--keep-last" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_yaml_task_section_names_the_task_and_its_arguments(tmp_path):
+    """task: {import: ..., <arguments>} in the YAML file; --task-args on the command line
+    replaces the file's arguments."""
+    cfg_file = tmp_path / "job.yaml"
+    cfg_file.write_text("task:\n  import: examples.charlm:CharLM\n  d_model: 32\n  layers: 1\n"
+                        "lr: 0.003\n")
+    cfg = load_config(["--config", str(cfg_file)], environ={})
+    assert cfg.task == "examples.charlm:CharLM" and cfg.lr == 0.003
+    assert cfg.task_args_dict() == {"d_model": 32, "layers": 1}
+    cfg = load_config(["--config", str(cfg_file), "--task-args", '{"layers": 3}'], environ={})
+    assert cfg.task_args_dict() == {"layers": 3}
+    with pytest.raises(ConfigError) as e:
+        load_config(["--task", "no_colon", "--task-args", "[1]"], environ={})
+    assert any(p.startswith("--task: 'no_colon' is not an import string") for p in e.value.problems)
+    assert any(p.startswith("--task-args: must be a JSON object") for p in e.value.problems)
+    with pytest.raises(ConfigError, match="--grad-accum: 3 does not divide --batch-size 256"):
+        load_config(["--grad-accum", "3"], environ={})
