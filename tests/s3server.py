@@ -427,7 +427,7 @@ class Corruption:
 
 CORRUPTIONS = [
     Corruption("truncate", "truncated"),
-    Corruption("flip", "SHA-256"),
+    Corruption("flip", "XXH3-128"),
     Corruption("delete_file", "missing"),
     Corruption("delete_manifest", "no manifest", target="manifest"),
     Corruption("garbage_manifest", "not valid JSON", target="manifest"),

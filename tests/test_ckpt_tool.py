@@ -40,7 +40,7 @@ def test_ls_verify_inspect_export_plot(root, tmp_path, capsys, caplog):
     header, *rows = out.splitlines()
     assert header.split() == ["STEP", "EPOCH", "TIME", "SIZE", "STATUS"]
     assert [r.split()[0] for r in rows] == ["96", "64", "32"]
-    assert "INVALID" in rows[0] and "SHA-256" in rows[0] and rows[0].endswith(D96)
+    assert "INVALID" in rows[0] and "XXH3-128" in rows[0] and rows[0].endswith(D96)
     for row, epoch in ((rows[1], "2"), (rows[2], "1")):
         assert row.split()[1] == epoch and " valid " in row and "MiB" in row
 
@@ -50,7 +50,7 @@ def test_ls_verify_inspect_export_plot(root, tmp_path, capsys, caplog):
     assert out.splitlines()[-1] == "2 valid, 1 invalid"
     assert run_tool(capsys, "verify", f"{uri}/{D64}")[0] == 0
     code, out, _ = run_tool(capsys, "verify", f"{uri}/{D96}/")
-    assert code == 1 and "SHA-256" in out
+    assert code == 1 and "XXH3-128" in out
 
     code, out, _ = run_tool(capsys, "inspect", uri, "--json")
     assert code == 0

@@ -59,10 +59,10 @@ def test_training_through_faulty_s3_completes_and_resume_skips_damage(s3, fault_
     CORRUPTIONS[1].apply(s3, f"run/{newest}")
     fault_proxy.set_faults()
     assert ckpt_tool.main(["ls", uri]) == 0
-    assert re.search(rf"INVALID: .*SHA-256.*{newest}", capsys.readouterr().out)
+    assert re.search(rf"INVALID: .*XXH3-128.*{newest}", capsys.readouterr().out)
     r = run_train(args, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert re.search(rf"SKIPPING checkpoint {uri}/{newest}: .*SHA-256", r.stderr)
+    assert re.search(rf"SKIPPING checkpoint {uri}/{newest}: .*XXH3-128", r.stderr)
     assert f"resumed from {uri}/{step_dirname(STEPS[-2])}" in r.stderr
     assert f"{uri}/{newest} is committed but invalid" in r.stderr
     assert all(e.valid for e in open_uri(uri)[0].entries())

@@ -9,13 +9,14 @@ Layout below the checkpoint root (local folder or s3://bucket/prefix)::
 
 Data files carry the writer's token in their names, so two writers of the same step never touch
 each other's files and the create-only manifest decides which one committed. A checkpoint is
-valid when its manifest parses and every file it lists has the recorded size and SHA-256.
+valid when its manifest parses and every file it lists has the recorded size and checksum
+(format 2: XXH3-128, the algorithm named per file; format 1 checkpoints carry SHA-256 and still
+verify and load).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import io
 import json
 import logging
@@ -31,14 +32,15 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .storage import Storage, StorageError, redact
+from .storage import CHECKSUM, CHECKSUM_NAMES, Storage, StorageError, checksum, redact
 
 log = logging.getLogger(__name__)
 
 # Writes one file's bytes into the binary file object it is given.
 Producer = Callable[[BinaryIO], object]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-file checksum algorithm (XXH3-128); 1: SHA-256
+READABLE_FORMATS = (1, 2)
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{10})$")
 
@@ -63,6 +65,20 @@ def library_versions() -> dict[str, str]:
 
 class CorruptCheckpoint(Exception):
     """A checkpoint that is not committed, or whose files do not match its manifest."""
+
+
+def verify_checksum(fname: str, meta: dict[str, Any], data: bytes | memoryview) -> None:
+    """Raise CorruptCheckpoint unless ``data`` has the checksum the manifest entry records
+    (``algorithm`` + ``digest``; format 1 entries: ``sha256``)."""
+    algorithm = "sha256" if "sha256" in meta else str(meta.get("algorithm"))
+    expected = meta.get("sha256") if algorithm == "sha256" else meta.get("digest")
+    try:
+        actual = checksum(data, algorithm)
+    except ValueError as e:
+        raise CorruptCheckpoint(f"{fname}: {e}") from None
+    if actual != expected:
+        raise CorruptCheckpoint(f"{fname} fails its {CHECKSUM_NAMES[algorithm]} check "
+                                "(corrupted bytes)")
 
 
 class SaveTimeout(Exception):
@@ -125,9 +141,9 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"manifest is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise CorruptCheckpoint("manifest has no 'files' table")
-        if manifest.get("format_version") != FORMAT_VERSION:
+        if manifest.get("format_version") not in READABLE_FORMATS:
             raise CorruptCheckpoint(f"format version {manifest.get('format_version')!r}, this "
-                                    f"build reads {FORMAT_VERSION}")
+                                    f"build reads {', '.join(map(str, READABLE_FORMATS))}")
         for key in ("step", "epoch", "state_file", "train_state_file"):
             if key not in manifest:
                 raise CorruptCheckpoint(f"manifest lacks {key!r}")
@@ -135,7 +151,7 @@ class CheckpointStore:
 
     def read_verified(self, name: str, manifest: dict[str, Any] | None = None
                       ) -> tuple[dict[str, Any], dict[str, bytes]]:
-        """Manifest and the bytes of every file it lists, each checked for size and SHA-256."""
+        """Manifest and the bytes of every file it lists, each checked for size and checksum."""
         manifest = self.read_manifest(name) if manifest is None else manifest
         blobs: dict[str, bytes] = {}
         for fname, meta in manifest["files"].items():
@@ -146,8 +162,7 @@ class CheckpointStore:
             if len(data) != meta.get("size"):
                 raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
                                         f"{meta.get('size')} (truncated?)")
-            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-                raise CorruptCheckpoint(f"{fname} fails its SHA-256 check (corrupted bytes)")
+            verify_checksum(fname, meta, data)
             blobs[fname] = data
         return manifest, blobs
 
@@ -241,7 +256,7 @@ class CheckpointStore:
                 log.info("replacing %s left by an earlier failed attempt",
                          self.storage.uri(f"{name}/{fname}"))
                 size, digest = put(f"{name}/{fname}", data)
-            table[fname] = {"size": size, "sha256": digest}
+            table[fname] = {"size": size, "algorithm": CHECKSUM, "digest": digest}
         self.last_commit_bytes = sum(meta["size"] for meta in table.values())
         # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint
         # half-written for this many seconds so that a kill lands inside the save.
