@@ -150,13 +150,13 @@ class CheckpointStore:
         return manifest
 
     def read_verified(self, name: str, manifest: dict[str, Any] | None = None
-                      ) -> tuple[dict[str, Any], dict[str, bytes]]:
+                      ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Manifest and the bytes of every file it lists, each checked for size and checksum."""
         manifest = self.read_manifest(name) if manifest is None else manifest
         blobs: dict[str, bytes] = {}
         for fname, meta in manifest["files"].items():
             try:
-                data = self.storage.read(f"{name}/{fname}")
+                data = self.storage.read_mapped(f"{name}/{fname}")
             except FileNotFoundError:
                 raise CorruptCheckpoint(f"{fname} is missing") from None
             if len(data) != meta.get("size"):
@@ -171,10 +171,16 @@ class CheckpointStore:
         manifest, blobs = self.read_verified(name)
         return self._deserialize(name, manifest, blobs)
 
-    def _deserialize(self, name: str, manifest: dict[str, Any], blobs: dict[str, bytes]) -> Loaded:
+    def _deserialize(self, name: str, manifest: dict[str, Any], blobs: dict[str, Any]) -> Loaded:
         try:
-            state = torch.load(io.BytesIO(blobs[manifest["state_file"]]), map_location="cpu",
-                               weights_only=True)
+            blob = blobs[manifest["state_file"]]
+            path = self.storage.local_path(f"{name}/{manifest['state_file']}")
+            if path is not None and len(blob):
+                # Verified through the same page cache a moment ago; files are never rewritten
+                # in place. The tensors map the file (copy-on-write): no copy of the state.
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            else:
+                state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except KeyError:
             raise CorruptCheckpoint("manifest's state_file is not among its files") from None
         except Exception as e:  # noqa: BLE001 - UnpicklingError, RuntimeError (bad zip), ...
@@ -182,7 +188,7 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"state file cannot be loaded safely: "
                                     f"{type(e).__name__}: {str(e)[:200]}") from None
         try:
-            train_state = json.loads(blobs[manifest["train_state_file"]])
+            train_state = json.loads(bytes(blobs[manifest["train_state_file"]]))
         except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"train state unreadable: {e}") from None
         if not isinstance(state, dict) or "model" not in state:

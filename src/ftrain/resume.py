@@ -318,6 +318,7 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
     try:
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
+        _own_memory(optimizer)
         load_scheduler_state(cfg, sched, st["scheduler"], custom_scheduler)
         if st.get("task"):
             task.load_state_dict(st["task"])
@@ -325,6 +326,16 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
         raise InputError(f"checkpoint {loaded.uri} does not fit this model/optimizer: "
                          f"{str(e)[:600]}") from None
     apply_hyperparameters(optimizer, sched, applied)
+
+
+def _own_memory(optimizer: torch.optim.Optimizer) -> None:
+    """A local checkpoint is loaded memory-mapped; the model copies its weights, but the
+    optimizer keeps the loaded CPU tensors as its state. Give it memory of its own, so that
+    the run never depends on the checkpoint's file (retention deletes it, a user may move it)."""
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.device.type == "cpu":
+                state[key] = value.clone()
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import errno
 import hashlib
 import io
 import logging
+import mmap
 import os
 import random
 import re
@@ -258,6 +259,24 @@ class Storage:
     def read(self, rel: str) -> bytes:
         path = self.full(rel)
         return self._call(f"read {self.uri(rel)}", lambda: self.fs.cat_file(path))
+
+    def read_mapped(self, rel: str) -> bytes | mmap.mmap:
+        """The file's bytes; a local file is memory-mapped read-only (no copy: hashing it reads
+        the pages once, and ``torch.load(..., mmap=True)`` maps the same page cache)."""
+        if not self.is_local:
+            return self.read(rel)
+
+        def go() -> bytes | mmap.mmap:
+            with open(self.full(rel), "rb") as fh:
+                if os.fstat(fh.fileno()).st_size == 0:
+                    return b""
+                return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+        return self._call(f"read {self.uri(rel)}", go)
+
+    def local_path(self, rel: str) -> str | None:
+        """The file's path on this machine, None for a remote backend."""
+        return self.full(rel) if self.is_local else None
 
     def info(self, rel: str) -> dict[str, Any]:
         path = self.full(rel)
