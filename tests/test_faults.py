@@ -42,12 +42,17 @@ def test_training_through_faulty_s3_completes_and_resume_skips_damage(s3, fault_
     assert set(injected) == {"reset_after", "503", "500", "reset", "slow"}, injected
     assert re.search(r"failed \(.*\); retry 1/4", r.stderr)
     assert "SAVE FAILED" not in r.stderr and "training complete" in r.stderr
-    assert s3.committed("run") == STEPS
+    # Saves that came due while a slow, retried persist was in flight were superseded by newer
+    # ones (the loop never waits for storage); the newest state always commits.
+    committed = s3.committed("run")
+    assert committed[-1] == STEPS[-1] and set(committed) <= set(STEPS) and len(committed) >= 2
+    if committed != STEPS:
+        assert "come due faster than storage takes them" in r.stderr
     assert not s3.multipart_uploads()
     # Every committed checkpoint verifies (read directly, not through the proxy).
     v = ckpt("verify", uri, env=s3.env)
     assert v.returncode == 0, v.stdout + v.stderr
-    assert v.stdout.splitlines()[-1] == f"{len(STEPS)} valid, 0 invalid"
+    assert v.stdout.splitlines()[-1] == f"{len(committed)} valid, 0 invalid"
     assert SECRET not in r.stdout + r.stderr
     for key in s3.keys("run/"):
         assert SECRET.encode() not in s3.read(key), key
@@ -63,7 +68,7 @@ def test_training_through_faulty_s3_completes_and_resume_skips_damage(s3, fault_
     r = run_train(args, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-4000:]
     assert re.search(rf"SKIPPING checkpoint {uri}/{newest}: .*XXH3-128", r.stderr)
-    assert f"resumed from {uri}/{step_dirname(STEPS[-2])}" in r.stderr
+    assert f"resumed from {uri}/{step_dirname(committed[-2])}" in r.stderr
     assert f"{uri}/{newest} is committed but invalid" in r.stderr
     assert all(e.valid for e in open_uri(uri)[0].entries())
     got = load_uri(uri)

@@ -82,7 +82,7 @@ def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
     assert loaded.manifest["task"] == {"import": "tests.toytask:ToyTask", "args": {}}
     assert [sorted(h) for h in loaded.train_state["history"]][0] == sorted(
         ["epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr",
-         "samples_per_s", "seconds"])
+         "samples_per_s", "seconds", "saves_dropped"])
     weights = export_weights(str(d), tmp_path / "w.pth")
     assert_bitwise_equal(weights, loaded.state["model"])
     out = ckpt("inspect", str(d))

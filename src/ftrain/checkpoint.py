@@ -16,7 +16,6 @@ verify and load).
 
 from __future__ import annotations
 
-import concurrent.futures
 import io
 import json
 import logging
@@ -432,66 +431,138 @@ class _Snapshot:
 @dataclass
 class SaveRequest:
     step: int
-    state: dict[str, Any]  # tensors already snapshotted
+    state: dict[str, Any]  # tensors already snapshotted into buffer set ``buffers``
     train_state: dict[str, Any]
     manifest: dict[str, Any]
-    on_done: Callable[[bool], None] | None = None
+    buffers: int  # which of the two host buffer sets holds the tensors
+    serial: int  # order of the requests
     started: float = field(default_factory=time.monotonic)
 
 
 class Checkpointer:
-    """Rank 0's saver: snapshot in the caller, serialize + upload + retention in a background
-    thread, one save in flight at a time. Consecutive failures are counted for the caller."""
+    """Rank 0's saver. The caller only snapshots: it copies the state into one of two sets of
+    reused host buffers (pinned when the state is on a GPU). A persister thread serializes,
+    writes and commits, then applies retention.
+
+    One save persists while at most one newer snapshot waits. A save that comes due while one
+    persists never makes the loop wait: its snapshot waits its turn, and a still newer save
+    replaces it (the superseded snapshot is dropped and counted; the persister always takes the
+    newest state). Only blocking saves (final, preemption, exit) wait for their own commit.
+    So the work a SIGKILL can lose is bounded by the larger of the save interval and one
+    persist. Consecutive failures are counted for the caller.
+    """
 
     def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float) -> None:
         self.store = store
         self.keep_last = keep_last
         self.orphan_grace_s = orphan_grace_s
         self.writer = uuid.uuid4().hex[:12]
-        self._snap = _Snapshot()
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ckpt-persist")
-        self._inflight: concurrent.futures.Future | None = None
-        self._inflight_step: int | None = None
-        self._lock = threading.Lock()
+        self._sets = (_Snapshot(), _Snapshot())
+        self._cond = threading.Condition()
+        self._pending: SaveRequest | None = None  # snapshotted, waiting for the persister
+        self._running: SaveRequest | None = None  # being persisted
+        self._results: dict[int, bool] = {}  # serial -> committed (finished requests)
+        self._serial = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="ckpt-persist", daemon=True)
+        self._thread.start()
         self.consecutive_failures = 0
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0
+        self.last_persist_s = 0.0  # duration of the newest finished persist
+        self.dropped = 0  # snapshots superseded before their persist started
+        self._drop_logged = False
+        self._last_request: float | None = None  # monotonic time of the previous save request
+        self.request_interval_s = 0.0  # time between the two newest save requests
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
              manifest: dict[str, Any], blocking: bool = False,
              timeout: float | None = None) -> bool | None:
-        """Snapshot now, persist in the background. With ``blocking`` wait and return whether
-        it committed (or was already committed); otherwise return None. ``timeout`` bounds
-        the whole call, including the wait for the previous save: SaveTimeout past it."""
+        """Snapshot now, persist in the background. With ``blocking`` wait for this save's
+        commit and return whether it committed (or was already committed); otherwise return
+        None at once. ``timeout`` bounds a blocking save's wait: SaveTimeout past it (the save
+        stays in flight)."""
         t0 = time.perf_counter()
         deadline = None if timeout is None else time.monotonic() + timeout
-        self.wait(timeout)  # the buffers are reused: the previous persist must be done with them
-        snap = self._snap.copy(state)
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize()
-        req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(manifest))
-        self._inflight = self._pool.submit(self._persist, req)
-        self._inflight_step = step
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("Checkpointer.save() after close()")
+            now = time.monotonic()
+            if self._last_request is not None:
+                self.request_interval_s = now - self._last_request
+            self._last_request = now
+            # The set the running persist reads from is off limits; the waiting snapshot has
+            # not started, so its set is free to overwrite.
+            free = 1 - self._running.buffers if self._running is not None else 0
+            if self._pending is not None:
+                self._drop(self._pending)
+            snap = self._sets[free].copy(state)
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()
+            self._serial += 1
+            req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(manifest),
+                              free, self._serial)
+            self._pending = req
+            self._cond.notify_all()
         self.last_stall_s = time.perf_counter() - t0
         if blocking:
-            return self.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            return self._wait_for(req, deadline)
         return None
 
-    def wait(self, timeout: float | None = None) -> bool:
-        """Wait for the save in flight; True when it succeeded (or none was in flight).
+    def _drop(self, old: SaveRequest) -> None:
+        """Called with the lock held: ``old`` is superseded before its persist started."""
+        self.dropped += 1
+        self._results[old.serial] = False
+        if not self._drop_logged:
+            self._drop_logged = True
+            log.warning("checkpoint saves come due faster than storage takes them: the last "
+                        "persist took %.2fs, saves come every %.2fs; the snapshot of step %d is "
+                        "dropped for a newer one (the newest always waits its turn, so a crash "
+                        "loses up to one persist of work). Raise --save-every-steps or "
+                        "--save-every-seconds; dropped saves are counted in the history "
+                        "(saves_dropped)", self.last_persist_s, self.request_interval_s,
+                        old.step)
 
-        Raises SaveTimeout after ``timeout`` seconds; the save then stays in flight.
-        """
-        fut = self._inflight
-        if fut is None:
-            return True
-        try:
-            ok = fut.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise SaveTimeout(f"the save of step {self._inflight_step} is still in flight after "
-                              f"{timeout:.1f}s") from None
-        self._inflight = None
-        return ok
+    def _wait_for(self, req: SaveRequest, deadline: float | None) -> bool:
+        with self._cond:
+            while req.serial not in self._results:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise SaveTimeout(f"the save of step {req.step} is still in flight after "
+                                      f"the time it was given")
+                self._cond.wait(left)
+            return self._results[req.serial]
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until nothing is waiting or persisting; True when the newest save committed
+        (or there was none). Raises SaveTimeout after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending is not None or self._running is not None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise SaveTimeout(f"a save is still in flight after {timeout:.1f}s")
+                self._cond.wait(left)
+            return self._results.get(self._serial, True)
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    return
+                req, self._pending = self._pending, None
+                self._running = req
+            t0 = time.monotonic()
+            ok = self._persist(req)
+            with self._cond:
+                self.last_persist_s = time.monotonic() - t0
+                self._results[req.serial] = ok
+                for serial in [k for k in self._results if k < req.serial - 64]:
+                    del self._results[serial]  # nobody waits for those any more
+                self._running = None
+                self._cond.notify_all()
 
     def _persist(self, req: SaveRequest) -> bool:
         name = step_dirname(req.step)
@@ -524,4 +595,8 @@ class Checkpointer:
             return False
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Persist what is waiting, then stop the persister thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()

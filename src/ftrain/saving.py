@@ -52,6 +52,11 @@ class SavePolicy:
         return self.ckpt is not None and self.ckpt.consecutive_failures >= self.cfg.max_failed_saves
 
     @property
+    def dropped(self) -> int:
+        """Snapshots superseded by newer ones before storage took them (rank 0's count)."""
+        return self.ckpt.dropped if self.ckpt is not None else 0
+
+    @property
     def last_committed_step(self) -> int | None:
         return self.ckpt.last_committed_step if self.ckpt is not None else None
 

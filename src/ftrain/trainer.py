@@ -324,7 +324,8 @@ class Trainer:
         entry.update({f"train_{k}": v for k, v in train.items()})
         entry.update({f"eval_{k}": v for k, v in evaluated.items()})
         entry.update(lr=self.p.scheduler.get_last_lr()[0],
-                     samples_per_s=st.seen / max(st.elapsed, 1e-9), seconds=st.elapsed)
+                     samples_per_s=st.seen / max(st.elapsed, 1e-9), seconds=st.elapsed,
+                     saves_dropped=self.saver.dropped)  # timing-dependent, like the two above
         st.history.append(entry)
         st.epoch += 1
         st.batch_in_epoch = 0

@@ -1,0 +1,50 @@
+"""The saver never makes the loop wait for storage: while one save persists, a newer snapshot
+waits its turn in the second buffer set and a still newer one replaces it (dropped, counted,
+logged once with the numbers); what is persisted is always the state at the time of its save."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ftrain.checkpoint import Checkpointer, CheckpointStore
+from ftrain.storage import Storage
+from tests.helpers import committed_steps
+
+
+def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("FTT_TEST_PAUSE_IN_SAVE", "0.8")  # storage takes 0.8 s per save
+    store = CheckpointStore(Storage(str(tmp_path)))
+    saver = Checkpointer(store, keep_last=10, orphan_grace_s=3600)
+    model = torch.nn.Linear(64, 64)
+
+    def save(step: int, **kw):
+        with torch.no_grad():
+            model.weight.fill_(step)
+        t0 = time.perf_counter()
+        result = saver.save(step, {"model": model.state_dict()}, {"epoch": 0, "step": step},
+                            {"epoch": 0}, **kw)
+        return result, time.perf_counter() - t0
+
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
+        stalls = [save(1)[1]]
+        time.sleep(0.2)  # its persist has started
+        stalls += [save(step)[1] for step in (2, 3, 4)]
+        assert max(stalls) < 0.4, stalls  # none waited for the 0.8 s persist
+        assert saver.wait() is True
+    assert committed_steps(tmp_path) == [1, 4]
+    assert saver.dropped == 2
+    assert caplog.text.count("come due faster than storage takes them") == 1
+    assert "the last persist took" in caplog.text and "saves come every" in caplog.text
+    for step in (1, 4):  # each holds the weights of its own moment, not a later snapshot's
+        loaded = store.load(f"step_{step:010d}")
+        assert torch.all(loaded.state["model"]["weight"] == step)
+    # A blocking save waits for its own commit, also behind a persist in flight.
+    save(5)
+    time.sleep(0.2)  # its persist has started
+    result, waited = save(6, blocking=True)
+    assert result is True and waited > 0.8
+    assert committed_steps(tmp_path)[-1] == 6 and saver.dropped == 2
+    saver.close()
