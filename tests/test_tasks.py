@@ -141,3 +141,18 @@ def test_grad_accum_and_clipping_resume_bitwise(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume: applying --grad-accum 4 -> 2" in r.stderr
     assert "no longer bitwise-equal" in r.stderr
+
+
+@pytest.mark.slow
+def test_torchrun_world_size_one_equals_a_single_process(tmp_path):
+    """Under torchrun at world size 1 the model is not wrapped in DDP (nothing to reduce) and
+    the batches are gathered on the device: the weights equal a plain process's bit for bit,
+    and equal those of the DataLoader path (--data-on-device off)."""
+    args = [*SMALL, "--max-steps", "12"]
+    runs = {"torchrun": (1, []), "process": (0, []), "loader": (0, ["--data-on-device", "off"])}
+    for name, (nproc, extra) in runs.items():
+        r = run_train([*args, *extra, "--checkpoint-dir", str(tmp_path / name)], nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b, c = (latest(tmp_path / name).state["model"] for name in runs)
+    assert_bitwise_equal(a, b)
+    assert_bitwise_equal(b, c)

@@ -51,6 +51,11 @@ class Config:
     synthetic_train_size: int = _opt(12288, "Training samples of the synthetic dataset.")
     synthetic_test_size: int = _opt(2048, "Test samples of the synthetic dataset.")
     num_workers: int = _opt(0, "DataLoader worker processes per rank.")
+    data_on_device: str = _opt("auto", "'auto': an in-memory tensor training set without "
+                               "per-item transforms (synthetic, MNIST-like) is put on the device "
+                               "once and batches are gathered there from the sampler's indices "
+                               "(same samples, same order); 'off': always a DataLoader.",
+                               ("auto", "off"))
     # --- model ---
     model: str = _opt("cnn", "Model: small BatchNorm CNN, MLP (--width/--depth) or resnet18.", MODELS)
     width: int = _opt(256, "Hidden width of the MLP model.")

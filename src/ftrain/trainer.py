@@ -16,12 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from . import exitcodes
 from .config import Config
 from .control import StopControl, hard_exit, ignore_stop_signals
-from .data import EvalShardSampler, ResumableDistributedSampler, SeededItems, mix_seed
+from .data import (
+    EvalShardSampler,
+    ResumableDistributedSampler,
+    SeededItems,
+    TensorItems,
+    mix_seed,
+)
 from .distributed import Collectives, DistInfo
 from .saving import SavePolicy
 from .tasks import Task
@@ -127,6 +133,28 @@ def split_batch(obj: Any, n: int) -> list[Any]:
     return [obj] * n
 
 
+def device_tensors(data: Dataset, device: torch.device, mode: str
+                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(inputs, targets) of an in-memory tensor dataset whose items are plain rows of them
+    (TensorItems, or a TensorDataset of two tensors), moved to ``device`` when they fit (on a
+    GPU: within a quarter of its free memory); None otherwise, or with --data-on-device off."""
+    if mode == "off":
+        return None
+    if isinstance(data, TensorItems):
+        x, y = data.x, data.y
+    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
+        x, y = data.tensors
+    else:
+        return None
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        if (x.nbytes + y.nbytes) > free // 4:
+            log.info("the training set (%.0f MiB) does not fit on %s: using a DataLoader",
+                     (x.nbytes + y.nbytes) / 2**20, device)
+            return None
+    return x.to(device), y.to(device)
+
+
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
                  state: TrainState, saver: SavePolicy, control: StopControl) -> None:
@@ -140,6 +168,7 @@ class Trainer:
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.per_rank_batch = cfg.batch_size // info.world_size
         self.metric_names: list[str] = list(state.sums)
+        self.on_device = device_tensors(parts.train_set, info.device, cfg.data_on_device)
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self._local: list[torch.Tensor] = []
         self._trace = None
@@ -172,6 +201,25 @@ class Trainer:
         return exitcodes.OK
 
     # ------------------------------------------------------------------ epoch
+    def _batches(self):
+        """This rank's batches of the rest of the epoch: ``((inputs, targets), indices)``."""
+        if self.on_device is None:
+            return iter(self._loader())
+        return self._gathered()
+
+    def _gathered(self):
+        """Batches gathered from tensors already on the device, by the sampler's indices: no
+        DataLoader, no per-item Python, no host-to-device copy per step."""
+        st = self.state
+        self.sampler.set_epoch(st.epoch)
+        self.sampler.set_start(st.batch_in_epoch)
+        order = torch.tensor(list(self.sampler), dtype=torch.int64)
+        x, y = self.on_device
+        on_dev = order.to(self.info.device)
+        for b in range(len(order) // self.per_rank_batch):
+            cut = slice(b * self.per_rank_batch, (b + 1) * self.per_rank_batch)
+            yield (x[on_dev[cut]], y[on_dev[cut]]), order[cut]
+
     def _loader(self) -> DataLoader:
         st = self.state
         self.sampler.set_epoch(st.epoch)
@@ -196,7 +244,7 @@ class Trainer:
         t_log, n_log = t_start, 0
         self._local = []
         self.control.start_epoch()
-        for (inputs, targets), idx in self._loader():
+        for (inputs, targets), idx in self._batches():
             torch.manual_seed(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank))
             self._step(inputs, targets)
             if self._trace:
