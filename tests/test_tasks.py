@@ -156,3 +156,30 @@ def test_torchrun_world_size_one_equals_a_single_process(tmp_path):
     a, b, c = (latest(tmp_path / name).state["model"] for name in runs)
     assert_bitwise_equal(a, b)
     assert_bitwise_equal(b, c)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_every_precision_resumes_bitwise(tmp_path, precision):
+    """Autocast in bf16 or fp16 (with its gradient scaler checkpointed) on CPU, 2 workers: cut
+    at step 11 and resumed, the weights equal an uninterrupted run's bit for bit."""
+    args = [*SMALL, "--precision", precision, "--max-steps", "20"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = run_train([*args, "--checkpoint-dir", str(ref)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args[:-1], "11", "--checkpoint-dir", str(cut)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
+    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
+    a, b = latest(ref), latest(cut)
+    assert a.train_state["step"] == b.train_state["step"] == 20
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    if precision == "fp16":
+        assert a.state["scaler"] == b.state["scaler"] and a.state["scaler"]["scale"] > 0
+    else:
+        assert "scaler" not in a.state
+    # The fp32 run differs: the precision is really applied.
+    r = run_train([*SMALL, "--max-steps", "20", "--checkpoint-dir", str(tmp_path / "fp32")])
+    assert r.returncode == 0
+    assert not all(a.state["model"][k].equal(v)
+                   for k, v in latest(tmp_path / "fp32").state["model"].items())

@@ -73,6 +73,8 @@ class Config:
     grad_accum: int = _opt(1, "Split each rank's share of the global batch into N micro-batches "
                            "(gradient accumulation); the global batch stays the unit of work.")
     clip_grad_norm: float = _opt(0.0, "Clip the gradients' global norm to this value (0: off).")
+    precision: str = _opt("fp32", "Autocast precision of forward and loss: fp32 (off), bf16, or "
+                          "fp16 (with a gradient scaler, checkpointed).", ("fp32", "bf16", "fp16"))
     seed: int = _opt(0, "Seed of all randomness (data, init, order, augmentation).")
     deterministic: bool = _opt(False, "Use deterministic algorithms (exact GPU resume; slower).")
     # --- system ---

@@ -66,15 +66,17 @@ RULES: tuple[Rule, ...] = (
     Rule("grad_accum", "--grad-accum", "apply", "same samples per step, split into another "
          "number of micro-batches"),
     Rule("clip_grad_norm", "--clip-grad-norm", "apply", "clipping from the resumed step on"),
+    Rule("precision", "--precision", "apply", "autocast from the resumed step on (fp16: a "
+         "fresh gradient scaler when the checkpoint has none)"),
     Rule("epochs", "--epochs", "apply", "the LR schedule stretches to the new end"),
 )
 _BY_FACT = {r.fact: r for r in RULES}
 # Applied changes that alter the arithmetic of the steps to come.
-NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm")
+NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision")
 # Config fields the table covers (compared as facts), or that never count as changes.
 _NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler",
              "lr_step_epochs", "lr_gamma", "lr", "momentum", "weight_decay", "grad_accum",
-             "clip_grad_norm", "epochs", "config", "resume", "storage_options",
+             "clip_grad_norm", "precision", "epochs", "config", "resume", "storage_options",
              *BUILTIN_TASK_FIELDS}
 LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
 
@@ -89,7 +91,8 @@ def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
             "lr_step_epochs": cfg.lr_step_epochs, "lr_gamma": cfg.lr_gamma,
             "world_size": world_size, "lr": cfg.lr, "momentum": cfg.momentum,
             "weight_decay": cfg.weight_decay, "grad_accum": cfg.grad_accum,
-            "clip_grad_norm": cfg.clip_grad_norm, "epochs": cfg.epochs}
+            "clip_grad_norm": cfg.clip_grad_norm, "precision": cfg.precision,
+            "epochs": cfg.epochs}
 
 
 def checkpoint_task(train_state: dict[str, Any], manifest: dict[str, Any]) -> TaskRef:
@@ -122,6 +125,7 @@ def checkpoint_facts(loaded: Loaded) -> dict[str, Any]:
     facts = {"task": ref.target, "task_args": ref.args, "seed": ts.get("seed", old.get("seed")),
              "global_batch_size": ts.get("global_batch_size"),
              "world_size": ts.get("world_size"), "grad_accum": 1, "clip_grad_norm": 0.0,
+             "precision": "fp32",
              "augmentation": LEGACY_CIFAR_AUGMENTATION if ref.args.get("dataset") == "cifar10"
              else "none"}
     for key in ("optimizer", "scheduler", "lr_step_epochs", "lr_gamma", "lr", "momentum",
@@ -312,8 +316,10 @@ def _scaled(value: Any, before: float, after: float) -> Any:
 
 
 def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, sched, task: Task,
-               applied: dict[str, tuple], custom_scheduler: bool) -> None:
-    """Load model, optimizer, schedule and task state; InputError when they do not fit."""
+               applied: dict[str, tuple], custom_scheduler: bool,
+               scaler: torch.amp.GradScaler | None = None) -> None:
+    """Load model, optimizer, schedule, gradient scaler and task state; InputError when they
+    do not fit. (A scaler without saved state, after a precision change, starts afresh.)"""
     st = loaded.state
     try:
         model.load_state_dict(st["model"])
@@ -322,6 +328,8 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
         load_scheduler_state(cfg, sched, st["scheduler"], custom_scheduler)
         if st.get("task"):
             task.load_state_dict(st["task"])
+        if scaler is not None and st.get("scaler"):
+            scaler.load_state_dict(st["scaler"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise InputError(f"checkpoint {loaded.uri} does not fit this model/optimizer: "
                          f"{str(e)[:600]}") from None

@@ -31,10 +31,11 @@ class SavePolicy:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives,
                  checkpointer: Checkpointer | None, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
-                 meta: dict[str, Any]) -> None:
+                 meta: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
         self.cfg, self.info, self.coll = cfg, info, coll
         self.ckpt = checkpointer  # rank 0 only
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
+        self.scaler = scaler
         self.meta = meta  # fixed facts of the run, recorded in every checkpoint
         self.last_save_time = time.monotonic()
         self.abandoned = False  # a save that missed its deadline is still being written
@@ -77,6 +78,8 @@ class SavePolicy:
             tensors = {"model": self.model.state_dict(),
                        "optimizer": self.optimizer.state_dict(),
                        "scheduler": self.scheduler.state_dict()}
+            if self.scaler is not None:
+                tensors["scaler"] = self.scaler.state_dict()
             extra = self.task.state_dict()
             if extra:
                 tensors["task"] = extra

@@ -163,6 +163,7 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
                          f"{cfg.batch_size // info.world_size} (--batch-size {cfg.batch_size} / "
                          f"{info.world_size} ranks); pick a divisor of it")
     scheduler = task.configure_scheduler(optimizer, cfg, steps_per_epoch)
+    scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
     custom_scheduler = type(task).configure_scheduler is not Task.configure_scheduler
 
     # ---- resume: rank 0 picks and checks; every rank loads the same checkpoint
@@ -171,7 +172,7 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     state = TrainState()
     if loaded is not None:
         resume.load_state(cfg, loaded, model, optimizer, scheduler, task, choice["applied"],
-                          custom_scheduler)
+                          custom_scheduler, scaler)
         state = TrainState.from_dict(loaded.train_state)
         if info.is_main:
             log.info("resumed from %s: %d epochs done, step %d, batch %d of epoch %d",
@@ -205,14 +206,15 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds) \
         if info.is_main else None
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
-    saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta)
+    saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
+                       scaler)
     control = StopControl(coll, signals, saver.timed_due, saver.saves_failing)
     if info.is_main:
         log.info("training %s on %d x %s (%s), global batch %d, %d steps/epoch, checkpoints "
                  "in %s", _describe(ref), info.world_size, info.device.type,
                  info.backend or "single process", cfg.batch_size, steps_per_epoch,
                  cfg.checkpoint_dir)
-    parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set)
+    parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
     trainer = Trainer(cfg, info, coll, task, parts, state, saver, control)
     try:
         return trainer.fit()  # a peer failure propagates to main(): exit PEER_FAILED

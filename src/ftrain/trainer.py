@@ -105,6 +105,18 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     train_set: Dataset  # the task's datasets
     test_set: Dataset
+    scaler: torch.amp.GradScaler | None = None  # --precision fp16 only
+
+
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(precision: str, device: torch.device) -> Any:
+    """The autocast context of ``--precision`` (a no-op for fp32)."""
+    dtype = AUTOCAST[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -306,14 +318,22 @@ class Trainer:
             # Gradients are all-reduced once per step, with the last micro-batch.
             sync = k == accum - 1 or not hasattr(p.ddp, "no_sync")
             with contextlib.nullcontext() if sync else p.ddp.no_sync():
-                out = task.forward(p.ddp, x)
-                loss_sum, sums = task.loss(out, y)
-                (loss_sum / self.per_rank_batch).backward()
+                with autocast(cfg.precision, dev):
+                    out = task.forward(p.ddp, x)
+                    loss_sum, sums = task.loss(out, y)
+                loss = loss_sum / self.per_rank_batch
+                (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
             row = self._sum_row(sums)
             step_sums = row if step_sums is None else step_sums + row
+        if p.scaler is not None:
+            p.scaler.unscale_(p.optimizer)  # clip the true gradients
         if cfg.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.clip_grad_norm)
-        p.optimizer.step()
+        if p.scaler is not None:
+            p.scaler.step(p.optimizer)  # skipped when the gradients overflowed
+            p.scaler.update()
+        else:
+            p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
         p.scheduler.step()
         task.after_step(p.model)
@@ -402,8 +422,9 @@ class Trainer:
         names: list[str] = []
         totals: torch.Tensor | None = None
         for (inputs, targets), idx in loader:
-            out = self.task.forward(model, to_device(inputs, info.device))
-            _, sums = self.task.loss(out, to_device(targets, info.device))
+            with autocast(self.cfg.precision, info.device):
+                out = self.task.forward(model, to_device(inputs, info.device))
+                _, sums = self.task.loss(out, to_device(targets, info.device))
             if totals is None:
                 names = list(sums)
                 totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=info.device)
