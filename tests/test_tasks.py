@@ -10,6 +10,7 @@ import subprocess
 import zipfile
 
 import pytest
+import torch
 
 from ftrain.tasks import TaskError, TaskRef, load_task
 from tests.helpers import (
@@ -22,6 +23,7 @@ from tests.helpers import (
     committed_steps,
     export_weights,
     run_train,
+    strip_timing,
 )
 from tests.tracing import latest
 
@@ -183,3 +185,23 @@ def test_every_precision_resumes_bitwise(tmp_path, precision):
     assert r.returncode == 0
     assert not all(a.state["model"][k].equal(v)
                    for k, v in latest(tmp_path / "fp32").state["model"].items())
+
+
+@pytest.mark.slow
+def test_dropout_resumes_bitwise_from_each_ranks_saved_rng_states(tmp_path):
+    """The RNGs are seeded once per epoch, not per step: a mid-epoch resume restores every
+    rank's python/numpy/torch RNG states from the checkpoint. With dropout in the model, a run
+    cut at step 5 of 8 (epoch 1) and resumed, with other loader workers, ends bitwise equal."""
+    args = ["--task", "tests.toytask:DropoutTask", "--batch-size", "8", "--epochs", "2",
+            "--log-every-steps", "0", "--save-every-seconds", "0"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    assert run_train([*args, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
+    r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "5"], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rng = latest(cut).state["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+    r = run_train([*args, "--checkpoint-dir", str(cut), "--num-workers", "1"], nproc=2)
+    assert r.returncode == 0 and "step 5, batch 5 of epoch 1" in r.stderr, r.stderr[-3000:]
+    a, b = latest(ref), latest(cut)
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])

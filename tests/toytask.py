@@ -42,3 +42,10 @@ def write_data(folder, seed: int) -> None:
     os.makedirs(folder, exist_ok=True)
     torch.save((torch.randn(64, 16, generator=g), torch.randint(0, 4, (64,), generator=g)),
                os.path.join(folder, "data.pt"))
+
+
+class DropoutTask(ToyTask):
+    """Randomness in the forward pass: exact resume needs each rank's RNG states."""
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))

@@ -62,9 +62,10 @@ class SavePolicy:
         return self.ckpt.last_committed_step if self.ckpt is not None else None
 
     # ------------------------------------------------------------------ what and how
-    def save(self, progress: dict[str, Any], step: int, blocking: bool, reason: str,
-             timeout: float | None = None) -> bool:
-        """Collective. ``progress``: the trainer's state (epoch, step, sums, history).
+    def save(self, progress: dict[str, Any], rng: list[dict[str, Any]] | None, step: int,
+             blocking: bool, reason: str, timeout: float | None = None) -> bool:
+        """Collective. ``progress``: the trainer's state (epoch, step, sums, history);
+        ``rng``: every rank's RNG states (mid-epoch), restored on a resume at this step.
         ``timeout``: a blocking save not done by then counts as failed (and is left running).
         Returns whether it committed (always True for a background save)."""
         self.last_save_time = time.monotonic()
@@ -80,6 +81,8 @@ class SavePolicy:
                        "scheduler": self.scheduler.state_dict()}
             if self.scaler is not None:
                 tensors["scaler"] = self.scaler.state_dict()
+            if rng is not None:
+                tensors["rng"] = rng
             extra = self.task.state_dict()
             if extra:
                 tensors["task"] = extra
@@ -95,10 +98,11 @@ class SavePolicy:
             ok = self.coll.agree_flags([0 if ok else 1])[0] == 0
         return ok
 
-    def save_blocking(self, progress: dict[str, Any], step: int, reason: str) -> bool:
+    def save_blocking(self, progress: dict[str, Any], rng: list[dict[str, Any]] | None,
+                      step: int, reason: str) -> bool:
         """A save that must commit (final, --max-steps, epoch end before a stop): retried with
         backoff up to --max-failed-saves attempts."""
-        if self.save(progress, step, blocking=True, reason=reason):
+        if self.save(progress, rng, step, blocking=True, reason=reason):
             return True
         for attempt in range(1, self.cfg.max_failed_saves):
             delay = min(30.0, 2.0 * 2 ** (attempt - 1))
@@ -106,7 +110,7 @@ class SavePolicy:
                 log.warning("retrying the checkpoint in %.0fs (attempt %d/%d)", delay,
                             attempt + 1, self.cfg.max_failed_saves)
             time.sleep(delay)
-            if self.save(progress, step, blocking=True, reason="retry"):
+            if self.save(progress, rng, step, blocking=True, reason="retry"):
                 return True
         return False
 

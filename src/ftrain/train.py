@@ -170,10 +170,14 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     store = CheckpointStore(Storage(cfg.checkpoint_dir, options))
     choice, loaded = _resume(cfg, info, coll, store, options, facts)
     state = TrainState()
+    resume_rng = None
     if loaded is not None:
         resume.load_state(cfg, loaded, model, optimizer, scheduler, task, choice["applied"],
                           custom_scheduler, scaler)
         state = TrainState.from_dict(loaded.train_state)
+        saved_rng = loaded.state.get("rng")
+        if saved_rng and len(saved_rng) == info.world_size:
+            resume_rng = saved_rng[info.rank]
         if info.is_main:
             log.info("resumed from %s: %d epochs done, step %d, batch %d of epoch %d",
                      choice["uri"], state.epoch, state.step, state.batch_in_epoch,
@@ -215,7 +219,7 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
                  info.backend or "single process", cfg.batch_size, steps_per_epoch,
                  cfg.checkpoint_dir)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
-    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control)
+    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control, resume_rng)
     try:
         return trainer.fit()  # a peer failure propagates to main(): exit PEER_FAILED
     finally:

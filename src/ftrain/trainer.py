@@ -52,14 +52,43 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return mix_seed(seed, epoch, rank)
 
 
-def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+def resume_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
+    """Seed of a mid-epoch resume that has no saved RNG states for this rank (another world
+    size, or a checkpoint without them)."""
     return mix_seed(seed, epoch, batch, rank, 0x57E9)
 
 
-SEEDS_DOC = {"epoch": "mix_seed(seed, epoch, rank)",
-             "step": "mix_seed(seed, epoch, batch, rank, 0x57E9)",
+SEEDS_DOC = {"epoch": "mix_seed(seed, epoch, rank), once per epoch; a mid-epoch resume "
+                      "restores each rank's saved RNG states",
+             "resume_other_world": "mix_seed(seed, epoch, batch, rank, 0x57E9)",
              "data_order": "mix_seed(seed, epoch)",
              "item": "mix_seed(seed, epoch, sample_index)"}
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    """This process's python, numpy, torch (and this GPU's) RNG states, as checkpointable
+    values (tensors, ints, lists)."""
+    version, internal, gauss = random.getstate()
+    _name, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # ---------------------------------------------------------------------------- state
@@ -169,9 +198,11 @@ def device_tensors(data: Dataset, device: torch.device, mode: str
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
-                 state: TrainState, saver: SavePolicy, control: StopControl) -> None:
+                 state: TrainState, saver: SavePolicy, control: StopControl,
+                 resume_rng: dict[str, Any] | None = None) -> None:
         self.cfg, self.info, self.coll, self.task, self.p = cfg, info, coll, task, parts
         self.state = state
+        self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
         self.control = control
         self.train_items = SeededItems(parts.train_set, cfg.seed)
@@ -214,7 +245,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ epoch
     def _batches(self):
-        """This rank's batches of the rest of the epoch: ``((inputs, targets), indices)``."""
+        """This rank's batches of the rest of the epoch: ``((inputs, targets), indices)``.
+        (Creating a DataLoader's iterator draws its base seed from the torch RNG.)"""
         if self.on_device is None:
             return iter(self._loader())
         return self._gathered()
@@ -247,17 +279,26 @@ class Trainer:
         """Train the rest of the current epoch. Returns an exit code to stop mid-epoch, or, at
         the epoch's end, the stop agreed during it ("preempt", "max" or None)."""
         cfg, st, info = self.cfg, self.state, self.info
-        # Reseed at every epoch start and on a mid-epoch resume alike.
-        seed_all(epoch_seed(cfg.seed, st.epoch, info.rank))
+        # Seeded once per epoch: a reseed per step touches every CUDA device (30% of a small
+        # model's step on an H100). A mid-epoch resume restores the RNG states this rank had
+        # at that step instead (after the loader below has drawn its own seed, as at the start
+        # of the uninterrupted epoch).
         if st.batch_in_epoch == 0:
+            seed_all(epoch_seed(cfg.seed, st.epoch, info.rank))
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
+        elif self.resume_rng is None:
+            seed_all(resume_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank))
         self.p.model.train()
         t_start = time.perf_counter()
         t_log, n_log = t_start, 0
         self._local = []
         self.control.start_epoch()
-        for (inputs, targets), idx in self._batches():
-            torch.manual_seed(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank))
+        batches = self._batches()
+        if self.resume_rng is not None:
+            if st.batch_in_epoch:
+                restore_rng(self.resume_rng, info.device)
+            self.resume_rng = None
+        for (inputs, targets), idx in batches:
             self._step(inputs, targets)
             if self._trace:
                 self._trace.write(json.dumps({"epoch": st.epoch, "step": st.step + 1,
@@ -297,7 +338,7 @@ class Trainer:
             if decision.timed_save or self.saver.step_due(st.step):
                 elapsed = st.elapsed
                 st.elapsed += time.perf_counter() - t_start
-                self.saver.save(self._progress(), st.step, blocking=False,
+                self.saver.save(*self._progress(), st.step, blocking=False,
                                 reason="timed" if decision.timed_save else "step")
                 st.elapsed = elapsed
         # Only reached when the loader had nothing left (a resume at the epoch's last batch).
@@ -373,15 +414,16 @@ class Trainer:
         st.seen += batches * self.cfg.batch_size
         self._local = []
 
-    def _progress(self) -> dict[str, Any]:
-        """The state with the unfinished epoch's sums folded in, without consuming them
-        (collective)."""
+    def _progress(self) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+        """The state with the unfinished epoch's sums folded in, without consuming them, and
+        mid-epoch every rank's RNG states in rank order (collective)."""
         st = self.state
         if not st.batch_in_epoch:
-            return st.to_dict()
+            return st.to_dict(), None
         sums, batches = self._global_sums()
+        rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
-                          st.seen + batches * self.cfg.batch_size, st.elapsed).to_dict()
+                          st.seen + batches * self.cfg.batch_size, st.elapsed).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -454,10 +496,10 @@ class Trainer:
         if stop == "preempt":
             return self._preempt_exit(self._emergency_save("epoch"))
         if final or stop is not None or hit_max:
-            if not self.saver.save_blocking(self._progress(), st.step, reason="epoch"):
+            if not self.saver.save_blocking(*self._progress(), st.step, reason="epoch"):
                 return self._storage_failed_exit()
         else:
-            self.saver.save(self._progress(), st.step, blocking=False, reason="epoch")
+            self.saver.save(*self._progress(), st.step, blocking=False, reason="epoch")
         if hit_max and not final:
             if self.info.is_main:
                 log.info("reached --max-steps %d at step %d; stopping", cfg.max_steps, st.step)
@@ -469,14 +511,14 @@ class Trainer:
         """No retries when preempted: the grace period is short, and a failed emergency
         checkpoint costs only the steps since the last committed one."""
         timeout = self.control.emergency_timeout(self.cfg.preemption_deadline)
-        return self.saver.save(self._progress(), self.state.step, blocking=True, reason=reason,
+        return self.saver.save(*self._progress(), self.state.step, blocking=True, reason=reason,
                                timeout=timeout)
 
     def _stop_mid_epoch(self, why: str) -> int:
         st = self.state
         if why == "preempt":
             return self._preempt_exit(self._emergency_save("preempt"))
-        if not self.saver.save_blocking(self._progress(), st.step, reason="max_steps"):
+        if not self.saver.save_blocking(*self._progress(), st.step, reason="max_steps"):
             return self._storage_failed_exit()
         if self.info.is_main:
             log.info("reached --max-steps %d at step %d; stopping", self.cfg.max_steps, st.step)
