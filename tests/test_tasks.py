@@ -129,7 +129,8 @@ def test_grad_accum_and_clipping_resume_bitwise(tmp_path):
     uninterrupted run's bit for bit (2 workers)."""
     args = [*SMALL, "--grad-accum", "4", "--clip-grad-norm", "0.5"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert run_train([*args, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
+    loader = ["--data-on-device", "off", "--num-workers", "1"]
+    assert run_train([*args, *loader, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
     r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "11"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
@@ -195,12 +196,13 @@ def test_dropout_resumes_bitwise_from_each_ranks_saved_rng_states(tmp_path):
     args = ["--task", "tests.toytask:DropoutTask", "--batch-size", "8", "--epochs", "2",
             "--log-every-steps", "0", "--save-every-seconds", "0"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
-    assert run_train([*args, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
+    loader = ["--data-on-device", "off", "--num-workers", "1"]
+    assert run_train([*args, *loader, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
     r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "5"], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     rng = latest(cut).state["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    r = run_train([*args, "--checkpoint-dir", str(cut), "--num-workers", "1"], nproc=2)
+    r = run_train([*args, *loader, "--checkpoint-dir", str(cut)], nproc=2)
     assert r.returncode == 0 and "step 5, batch 5 of epoch 1" in r.stderr, r.stderr[-3000:]
     a, b = latest(ref), latest(cut)
     assert_bitwise_equal(a.state["model"], b.state["model"])

@@ -246,7 +246,8 @@ class Trainer:
     # ------------------------------------------------------------------ epoch
     def _batches(self):
         """This rank's batches of the rest of the epoch: ``((inputs, targets), indices)``.
-        (Creating a DataLoader's iterator draws its base seed from the torch RNG.)"""
+        Neither way draws from the global RNGs: a model's randomness does not depend on
+        --data-on-device or --num-workers."""
         if self.on_device is None:
             return iter(self._loader())
         return self._gathered()
@@ -273,7 +274,11 @@ class Trainer:
                           num_workers=self.cfg.num_workers, drop_last=True,
                           worker_init_fn=ignore_stop_signals,
                           pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=False)
+                          persistent_workers=False,
+                          # The loader's base seed (for its workers, whose items SeededItems
+                          # seeds anyway) comes from here, not from the global torch RNG.
+                          generator=torch.Generator().manual_seed(
+                              mix_seed(self.cfg.seed, st.epoch, self.info.rank, 0x10AD)))
 
     def _run_epoch(self) -> int | str | None:
         """Train the rest of the current epoch. Returns an exit code to stop mid-epoch, or, at
@@ -281,8 +286,7 @@ class Trainer:
         cfg, st, info = self.cfg, self.state, self.info
         # Seeded once per epoch: a reseed per step touches every CUDA device (30% of a small
         # model's step on an H100). A mid-epoch resume restores the RNG states this rank had
-        # at that step instead (after the loader below has drawn its own seed, as at the start
-        # of the uninterrupted epoch).
+        # at that step instead.
         if st.batch_in_epoch == 0:
             seed_all(epoch_seed(cfg.seed, st.epoch, info.rank))
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
