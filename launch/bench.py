@@ -3,7 +3,7 @@
     python -m launch.bench [--quick] [--out docs/benchmarks.md]
 
 P1  default job throughput (one process, epoch 2)      vs a plain loop, same model/data/batch
-P2  throughput with saves every 4 steps                 vs the same run without saves
+P2  throughput with saves every 50 / every 4 steps      vs the same run without saves
     ... and with storage slower than the cadence        (FTT_TEST_PAUSE_IN_SAVE=1: 1 s a save)
 P3  stall per save                                      vs the snapshot floor
 P4  stall per save                                      vs a synchronous torch.save + fsync
@@ -13,7 +13,8 @@ P6  SIGKILL of a 2-worker job -> first step after the restart, minus the launche
 P7  verified load                                       vs raw read of the same bytes
 P8  steps lost per SIGTERM / per SIGKILL in a short chaos run vs 0 / max(save interval, persist)
 
-It prints a table (measure, ours, reference, ratio, target, pass) and writes it as Markdown,
+P1 and P2 are medians of 3 interleaved runs (--quick: 1). It prints a table (measure, ours,
+reference, ratio, target, pass) and writes it as Markdown,
 with the machine it ran on, into --out. Not part of the test run: a benchmark measures, a test
 asserts; nothing here is timed against a fixed number.
 """
@@ -27,6 +28,7 @@ import platform
 import re
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -94,24 +96,36 @@ def p1(work: Path, quick: bool) -> list[tuple]:
     n = 4096 if quick else 12288
     common = ["--epochs", "2", "--synthetic-train-size", str(n), "--log-every-steps", "0",
               "--save-every-seconds", "0"]
-    ours = _epoch_rate(_train([*common, "--checkpoint-dir", str(work / "p1")]), 2)
-    ref = plain_loop_rate(n, 256)
+    ours_runs, ref_runs = [], []
+    for rep in range(1 if quick else 3):  # interleaved: the machine's noise hits both alike
+        ours_runs.append(_epoch_rate(_train([*common, "--checkpoint-dir",
+                                             str(work / f"p1-{rep}")]), 2))
+        ref_runs.append(plain_loop_rate(n, 256))
+    ours, ref = statistics.median(ours_runs), statistics.median(ref_runs)
     return [("P1", "default job samples/s / plain loop (1 process, epoch 2)", ours, ref,
              ours / ref, ">= 0.97", ours / ref >= 0.97)]
 
 
 def p2(work: Path, quick: bool) -> list[tuple]:
-    n = 2048 if quick else 4096
-    common = ["--model", "mlp", "--width", "1024", "--depth", "4", "--epochs", "1",
+    n = 4096 if quick else 16384
+    # Epoch 2 is measured: the host buffers of the snapshots exist by then (steady state).
+    common = ["--model", "mlp", "--width", "1024", "--depth", "4", "--epochs", "2",
               "--synthetic-train-size", str(n), "--synthetic-test-size", "256",
               "--batch-size", "32", "--log-every-steps", "0", "--save-every-seconds", "0",
               "--keep-last", "2"]
-    none = _epoch_rate(_train([*common, "--checkpoint-dir", str(work / "p2a")]), 1)
-    saves = _epoch_rate(_train([*common, "--save-every-steps", "4",
-                                "--checkpoint-dir", str(work / "p2b")]), 1)
-    slow = _epoch_rate(_train([*common, "--save-every-steps", "4", "--checkpoint-dir",
-                               str(work / "p2c")], env={"FTT_TEST_PAUSE_IN_SAVE": "1"}), 1)
-    return [("P2", "samples/s with saves every 4 steps / without (MLP 1024x4)", saves, none,
+    runs = {"none": ([], {}), "4": (["--save-every-steps", "4"], {}),
+            "50": (["--save-every-steps", "50"], {}),
+            "slow": (["--save-every-steps", "4"], {"FTT_TEST_PAUSE_IN_SAVE": "1"})}
+    rates: dict[str, list[float]] = {k: [] for k in runs}
+    for rep in range(1 if quick else 3):  # interleaved: the machine's noise hits all alike
+        for key, (extra, env) in runs.items():
+            folder = work / f"p2-{key}-{rep}"
+            rates[key].append(_epoch_rate(_train([*common, *extra, "--checkpoint-dir",
+                                                  str(folder)], env=env), 2))
+    none, saves, some, slow = (statistics.median(rates[k]) for k in ("none", "4", "50", "slow"))
+    return [("P2", "samples/s with saves every 50 steps / without (MLP 1024x4, 26 MiB)", some,
+             none, some / none, ">= 0.97", some / none >= 0.97),
+            ("P2", "same, saves every 4 steps (about 30 saves a second here)", saves, none,
              saves / none, ">= 0.97", saves / none >= 0.97),
             ("P2", "same, storage taking 1 s per save (slower than the cadence)", slow, none,
              slow / none, ">= 0.97", slow / none >= 0.97)]

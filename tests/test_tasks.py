@@ -192,7 +192,8 @@ def test_every_precision_resumes_bitwise(tmp_path, precision):
 def test_dropout_resumes_bitwise_from_each_ranks_saved_rng_states(tmp_path):
     """The RNGs are seeded once per epoch, not per step: a mid-epoch resume restores every
     rank's python/numpy/torch RNG states from the checkpoint. With dropout in the model, a run
-    cut at step 5 of 8 (epoch 1) and resumed, with other loader workers, ends bitwise equal."""
+    cut at step 5 of 8 (epoch 1) and resumed ends bitwise equal; the loader path (batches
+    gathered from tensors, or a DataLoader with a worker) does not touch the model's RNG."""
     args = ["--task", "tests.toytask:DropoutTask", "--batch-size", "8", "--epochs", "2",
             "--log-every-steps", "0", "--save-every-seconds", "0"]
     ref, cut = tmp_path / "ref", tmp_path / "cut"
