@@ -130,3 +130,22 @@ def wait_gone(text: str, timeout: float = 90) -> bool:
     """Wait until no process mentions ``text``: torchrun workers live in sessions of their own
     and outlive a kill of torchrun by the time their emergency checkpoint takes."""
     return wait_for(lambda: not processes_matching(text), timeout, interval=0.2)
+
+
+def cut_and_resume(args: list[str], tmp_path: Path, cut_at: int, nproc: int = 2,
+                   ref_args: tuple[str, ...] = (), resume_args: tuple[str, ...] = ()):
+    """Train ``args`` uninterrupted into ``tmp_path/ref``; train them again into
+    ``tmp_path/cut`` stopped at step ``cut_at``, then rerun the same command. Asserts that every
+    run succeeded, that the rerun resumed, and that both end with bitwise-equal weights.
+    Returns (the reference's newest checkpoint, the resumed run's, the rerun's stderr)."""
+    from ftrain.checkpoint import load_uri
+
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for folder, extra in ((ref, [*ref_args]), (cut, ["--max-steps", str(cut_at)]),
+                          (cut, [*resume_args])):
+        r = run_train([*args, *extra, "--checkpoint-dir", str(folder)], nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stderr, r.stderr[-3000:]
+    a, b = load_uri(str(ref)), load_uri(str(cut))
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    return a, b, r.stderr

@@ -12,6 +12,7 @@ import zipfile
 import pytest
 import torch
 
+from ftrain.checkpoint import load_uri
 from ftrain.tasks import TaskError, TaskRef, load_task
 from tests.helpers import (
     PY,
@@ -21,6 +22,7 @@ from tests.helpers import (
     base_env,
     ckpt,
     committed_steps,
+    cut_and_resume,
     export_weights,
     run_train,
     strip_timing,
@@ -128,15 +130,9 @@ def test_grad_accum_and_clipping_resume_bitwise(tmp_path):
     """--grad-accum 4 --clip-grad-norm 0.5: cut at step 11 and resumed, the weights equal an
     uninterrupted run's bit for bit (2 workers)."""
     args = [*SMALL, "--grad-accum", "4", "--clip-grad-norm", "0.5"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    loader = ["--data-on-device", "off", "--num-workers", "1"]
-    assert run_train([*args, *loader, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
-    r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "11"], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
-    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
-    a, b = latest(ref), latest(cut)
-    assert_bitwise_equal(a.state["model"], b.state["model"])
+    loader = ("--data-on-device", "off", "--num-workers", "1")
+    a, _b, _ = cut_and_resume(args, tmp_path, 11, ref_args=loader)
+    cut = tmp_path / "cut"
     assert a.train_state["run"]["grad_accum"] == 4
     # Changing them on resume is applied, and the log says the run is no longer bitwise-equal.
     r = run_train([*args[:-4], "--grad-accum", "2", "--clip-grad-norm", "0.5", "--epochs", "3",
@@ -167,16 +163,8 @@ def test_every_precision_resumes_bitwise(tmp_path, precision):
     """Autocast in bf16 or fp16 (with its gradient scaler checkpointed) on CPU, 2 workers: cut
     at step 11 and resumed, the weights equal an uninterrupted run's bit for bit."""
     args = [*SMALL, "--precision", precision, "--max-steps", "20"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    r = run_train([*args, "--checkpoint-dir", str(ref)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_train([*args[:-1], "11", "--checkpoint-dir", str(cut)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
-    assert r.returncode == 0 and "resumed from" in r.stderr, r.stderr[-3000:]
-    a, b = latest(ref), latest(cut)
+    a, b, _ = cut_and_resume(args, tmp_path, 11)  # the later --max-steps wins for the cut
     assert a.train_state["step"] == b.train_state["step"] == 20
-    assert_bitwise_equal(a.state["model"], b.state["model"])
     if precision == "fp16":
         assert a.state["scaler"] == b.state["scaler"] and a.state["scaler"]["scale"] > 0
     else:
@@ -196,15 +184,9 @@ def test_dropout_resumes_bitwise_from_each_ranks_saved_rng_states(tmp_path):
     gathered from tensors, or a DataLoader with a worker) does not touch the model's RNG."""
     args = ["--task", "tests.toytask:DropoutTask", "--batch-size", "8", "--epochs", "2",
             "--log-every-steps", "0", "--save-every-seconds", "0"]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    loader = ["--data-on-device", "off", "--num-workers", "1"]
-    assert run_train([*args, *loader, "--checkpoint-dir", str(ref)], nproc=2).returncode == 0
-    r = run_train([*args, "--checkpoint-dir", str(cut), "--max-steps", "5"], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    rng = latest(cut).state["rng"]
+    loader = ("--data-on-device", "off", "--num-workers", "1")
+    a, b, resumed = cut_and_resume(args, tmp_path, 5, ref_args=loader, resume_args=loader)
+    assert "step 5, batch 5 of epoch 1" in resumed, resumed[-3000:]
+    rng = load_uri(str(tmp_path / "cut" / "step_0000000005")).state["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
-    r = run_train([*args, *loader, "--checkpoint-dir", str(cut)], nproc=2)
-    assert r.returncode == 0 and "step 5, batch 5 of epoch 1" in r.stderr, r.stderr[-3000:]
-    a, b = latest(ref), latest(cut)
-    assert_bitwise_equal(a.state["model"], b.state["model"])
     assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
