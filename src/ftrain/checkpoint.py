@@ -471,6 +471,9 @@ class Checkpointer:
         self.last_stall_s = 0.0
         self.last_persist_s = 0.0  # duration of the newest finished persist
         self.dropped = 0  # snapshots superseded before their persist started
+        self.committed = 0  # saves committed by this process
+        self.failed = 0  # saves that failed (after the storage retries)
+        self.last_commit_time: float | None = None  # wall clock of the newest commit
         self._drop_logged = False
         self._last_request: float | None = None  # monotonic time of the previous save request
         self.request_interval_s = 0.0  # time between the two newest save requests
@@ -583,6 +586,8 @@ class Checkpointer:
                          self.store.last_commit_bytes / 2**20, secs)
             self.consecutive_failures = 0
             self.last_committed_step = req.step
+            self.committed += 1
+            self.last_commit_time = time.time()
             try:
                 self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step)
             except (StorageError, OSError) as e:
@@ -590,6 +595,7 @@ class Checkpointer:
             return True
         except Exception as e:  # noqa: BLE001 - a failed save must not kill training
             self.consecutive_failures += 1
+            self.failed += 1
             log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
                       self.consecutive_failures, type(e).__name__, redact(str(e)))
             return False

@@ -93,6 +93,17 @@ class Config:
     orphan_grace_seconds: float = _opt(3600.0, "Delete leftovers of crashed writers older than this.")
     # --- reporting ---
     log_every_steps: int = _opt(20, "Print progress on rank 0 every N steps (0: off).")
+    log_format: str = _opt("text", "'text': readable lines on stderr, with a progress bar on rank 0 "
+                           "when stderr is a terminal; 'json': one JSON object per line, the "
+                           "rank in each, for log collectors.", ("text", "json"))
+    heartbeat_file: str = _opt("", "File created at start-up and touched every training step "
+                               "(by each node's local rank 0), for a liveness probe that checks "
+                               "its age (empty: off).")
+    metrics_port: int = _opt(0, "Serve Prometheus metrics from rank 0 on this port at /metrics "
+                             "(0: off).")
+    tensorboard: str = _opt("", "Local folder for TensorBoard event files from rank 0: scalars per "
+                            "logged step and per epoch; a resumed run continues the same curves "
+                            "(empty: off).")
     trace_samples: str = _opt("", "Debug: folder to write the sample indices each rank trains on.")
     config: str = _opt("", "YAML file with any of these options (flags override it).")
 
@@ -125,6 +136,12 @@ class Config:
                      "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds",
                      "clip_grad_norm"):
             positive(name, allow_zero=True)
+        if not 0 <= self.metrics_port <= 65535:
+            p.append(f"{flag('metrics_port')}: {self.metrics_port} is not a TCP port; use 1-65535, "
+                     "or 0 for off")
+        if "://" in self.tensorboard and not self.tensorboard.startswith("file://"):
+            p.append(f"{flag('tensorboard')}: {self.tensorboard!r} is not a local folder; event "
+                     "files are written locally (sync the folder to remote storage yourself)")
         if self.lr == 0:
             p.append(f"{flag('lr')}: must be > 0")
         if self.lr_gamma <= 0 or self.lr_gamma > 1:

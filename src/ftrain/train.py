@@ -27,6 +27,7 @@ from .control import StopControl, StopSignals
 from .data import DataError, fetch_remote_data_dir, fingerprint
 from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
 from .exitcodes import InputError
+from .monitor import Monitor, say_error, setup_logging, wants_json
 from .saving import SavePolicy
 from .storage import Storage, StorageError, redact
 from .tasks import (
@@ -42,13 +43,6 @@ from .tasks import (
 from .trainer import SEEDS_DOC, Parts, Trainer, TrainState, init_seed, seed_all
 
 log = logging.getLogger("ftrain.train")
-
-
-def setup_logging(rank: int) -> None:
-    level = os.environ.get("FTT_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(level=level if rank == 0 else max(logging.WARNING, logging.getLevelName(level)),
-                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
 
 
 def _datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
@@ -134,6 +128,15 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     """Train ``cfg`` on an initialised process group (or a single process). ``task``: an
     already built task (``ftrain.fit``); otherwise it is imported from ``cfg.task``."""
     coll = Collectives(info)
+    monitor = Monitor(cfg, info)  # the heartbeat file exists from here on
+    try:
+        return _run(cfg, info, coll, signals, task, monitor)
+    finally:
+        monitor.close()
+
+
+def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
+         task: Task | None, monitor: Monitor) -> int:
     options = cfg.storage_options_dict()
     ref = task_ref(cfg)
     if task is None:
@@ -171,10 +174,12 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     choice, loaded = _resume(cfg, info, coll, store, options, facts)
     state = TrainState()
     resume_rng = None
+    resumed = loaded is not None
     if loaded is not None:
         resume.load_state(cfg, loaded, model, optimizer, scheduler, task, choice["applied"],
                           custom_scheduler, scaler)
         state = TrainState.from_dict(loaded.train_state)
+        state.resumes += 1
         saved_rng = loaded.state.get("rng")
         if saved_rng and len(saved_rng) == info.world_size:
             resume_rng = saved_rng[info.rank]
@@ -218,8 +223,9 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
                  "in %s", _describe(ref), info.world_size, info.device.type,
                  info.backend or "single process", cfg.batch_size, steps_per_epoch,
                  cfg.checkpoint_dir)
+    monitor.attach(saver, state.resumes, state.step if resumed else None)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
-    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control, resume_rng)
+    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control, monitor, resume_rng)
     try:
         return trainer.fit()  # a peer failure propagates to main(): exit PEER_FAILED
     finally:
@@ -275,7 +281,7 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
                   values.get("task_args", ""))
     cfg = Config(**values)
     rank = env_rank()
-    setup_logging(rank)
+    setup_logging(rank, cfg.log_format)
     if target.startswith("__main__:") and rank == 0:
         log.warning("the task %s is defined in __main__: checkpoints record it, but ckpt "
                     "export and predict cannot import it; define it in a module", target)
@@ -288,13 +294,16 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
 @record
 def main(argv: list[str] | None = None) -> int:
     rank = env_rank()
-    setup_logging(rank)
+    fmt = "json" if wants_json(argv) else "text"
+    setup_logging(rank, fmt)
     try:
         cfg = load_config(argv)
     except ConfigError as e:
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(str(e), fmt)
         return exitcodes.INVALID
+    if cfg.log_format != fmt:  # set in the --config file or the environment
+        setup_logging(rank, cfg.log_format)
     signals = StopSignals()
     # Past the deadline for the emergency checkpoint, plus room for the evaluation that may
     # precede an epoch-end one.
@@ -312,7 +321,7 @@ def _main_with(cfg: Config, signals: StopSignals, task: Task | None) -> int:
         info = setup(cfg.device, cfg.dist_timeout)
     except ValueError as e:
         if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(str(e), cfg.log_format)
         return exitcodes.INVALID
     except RuntimeError as e:  # rendezvous/store failures: a peer or the launcher is gone
         log.error("cannot start the process group: %s; exiting %d (retryable)", str(e)[:300],
@@ -322,12 +331,12 @@ def _main_with(cfg: Config, signals: StopSignals, task: Task | None) -> int:
         return run(cfg, info, signals, task)
     except InputError as e:
         if info.is_main:
-            print(f"error: {e}", file=sys.stderr)
+            say_error(str(e), cfg.log_format)
         return exitcodes.INVALID
     except StorageError as e:
         if info.is_main:
-            print(f"error: {e}; exiting {exitcodes.STORAGE_FAILED} (retryable): rerun once "
-                  "storage is reachable", file=sys.stderr)
+            say_error(f"{e}; exiting {exitcodes.STORAGE_FAILED} (retryable): rerun once "
+                      "storage is reachable", cfg.log_format)
         return exitcodes.STORAGE_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted twice: exiting without a checkpoint")

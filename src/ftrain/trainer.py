@@ -29,6 +29,7 @@ from .data import (
     mix_seed,
 )
 from .distributed import Collectives, DistInfo
+from .monitor import Monitor
 from .saving import SavePolicy
 from .tasks import Task
 
@@ -106,10 +107,11 @@ class TrainState:
     sums: dict[str, float] = field(default_factory=dict)
     seen: int = 0
     elapsed: float = 0.0
+    resumes: int = 0  # times the run was resumed from a checkpoint (a fact, not progress)
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "history": self.history,
+                "history": self.history, "resumes": self.resumes,
                 "epoch_progress": {"sums": self.sums, "seen": self.seen,
                                    "elapsed": self.elapsed}}
 
@@ -123,7 +125,7 @@ class TrainState:
                     "acc": float(p.get("correct", 0))} if p.get("seen") else {}
         return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
                    list(d.get("history", [])), sums, int(p.get("seen", 0)),
-                   float(p.get("elapsed", 0.0)))
+                   float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)))
 
 
 @dataclass
@@ -199,8 +201,9 @@ def device_tensors(data: Dataset, device: torch.device, mode: str
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
                  state: TrainState, saver: SavePolicy, control: StopControl,
-                 resume_rng: dict[str, Any] | None = None) -> None:
+                 monitor: Monitor, resume_rng: dict[str, Any] | None = None) -> None:
         self.cfg, self.info, self.coll, self.task, self.p = cfg, info, coll, task, parts
+        self.monitor = monitor
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
@@ -226,6 +229,7 @@ class Trainer:
         try:
             return self._fit()
         finally:
+            self.monitor.end_epoch()
             if self._trace:
                 self._trace.close()
 
@@ -297,6 +301,7 @@ class Trainer:
         t_log, n_log = t_start, 0
         self._local = []
         self.control.start_epoch()
+        self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self._batches()
         if self.resume_rng is not None:
             if st.batch_in_epoch:
@@ -311,17 +316,10 @@ class Trainer:
             st.step += 1
             st.batch_in_epoch += 1
             n_log += 1
+            self.monitor.step(st.step)
             if info.is_main and cfg.log_every_steps and st.step % cfg.log_every_steps == 0:
-                now = time.perf_counter()
-                # This rank's share of the step, through the task's metrics (a host sync,
-                # only on logging steps).
-                sums = dict(zip(self.metric_names, self._local[-1].tolist(), strict=True))
-                log.info("epoch %d/%d  batch %d/%d  step %d  %s  lr %.4g  %.0f samples/s",
-                         st.epoch + 1, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch,
-                         st.step, _fmt(self.task.metrics(sums, self.per_rank_batch)),
-                         self.p.scheduler.get_last_lr()[0],
-                         n_log * cfg.batch_size / max(now - t_log, 1e-9))
-                t_log, n_log = now, 0
+                self._log_step(n_log * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9))
+                t_log, n_log = time.perf_counter(), 0
 
             last_batch = st.batch_in_epoch == self.steps_per_epoch
             decision = self.control.after_step()
@@ -350,6 +348,24 @@ class Trainer:
         self._fold_sums()
         st.elapsed += time.perf_counter() - t_start
         return None
+
+    def _log_step(self, samples_per_s: float) -> None:
+        """Rank 0's periodic figures: this rank's share of the newest step, through the task's
+        metrics (a host sync, only on logging steps), to the log (or the progress bar) and
+        the monitor's outlets."""
+        st, cfg = self.state, self.cfg
+        sums = dict(zip(self.metric_names, self._local[-1].tolist(), strict=True))
+        metrics = self.task.metrics(sums, self.per_rank_batch)
+        lr = self.p.scheduler.get_last_lr()[0]
+        self.monitor.logged(st.step, metrics, lr, samples_per_s)
+        if not self.monitor.bar_active:
+            log.info("epoch %d/%d  batch %d/%d  step %d  %s  lr %.4g  %.0f samples/s",
+                     st.epoch + 1, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch, st.step,
+                     _fmt(metrics), lr, samples_per_s,
+                     extra={"fields": {"event": "step", "epoch": st.epoch + 1,
+                                       "batch": st.batch_in_epoch, "step": st.step,
+                                       "metrics": metrics, "lr": lr,
+                                       "samples_per_s": samples_per_s}})
 
     def _step(self, inputs: Any, targets: Any) -> None:
         """One optimizer step over this rank's share of a global batch, in --grad-accum
@@ -432,6 +448,7 @@ class Trainer:
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
         st, cfg = self.state, self.cfg
+        self.monitor.end_epoch()
         train = self.task.metrics(st.sums, st.seen)
         evaluated = self.evaluate()
         entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step}
@@ -447,7 +464,9 @@ class Trainer:
         if self.info.is_main:
             log.info("epoch %d/%d done: train %s | eval %s | lr %.4g | %.0f samples/s | %.1fs",
                      entry["epoch"], cfg.epochs, _fmt(train), _fmt(evaluated), entry["lr"],
-                     entry["samples_per_s"], entry["seconds"])
+                     entry["samples_per_s"], entry["seconds"],
+                     extra={"fields": {"event": "epoch", **entry}})
+            self.monitor.epoch_done(entry)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
@@ -468,6 +487,7 @@ class Trainer:
         names: list[str] = []
         totals: torch.Tensor | None = None
         for (inputs, targets), idx in loader:
+            self.monitor.beat()  # an evaluation may take longer than a liveness probe waits
             with autocast(self.cfg.precision, info.device):
                 out = self.task.forward(model, to_device(inputs, info.device))
                 _, sums = self.task.loss(out, to_device(targets, info.device))
