@@ -198,6 +198,22 @@ class Seen:
     target: str
     action: str
     body: bytes = b""
+    range: str = ""  # the Range header of a ranged GET
+    started: float = 0.0  # monotonic: the request's head arrived
+    ended: float = 0.0  # monotonic: the answer was sent (0: never)
+
+
+def most_in_flight(requests: list[Seen]) -> int:
+    """The largest number of these requests that the proxy held at the same moment (answered
+    ones only)."""
+    requests = [r for r in requests if r.ended]
+    events = sorted([(r.started, 1) for r in requests] + [(r.ended, -1) for r in requests],
+                    key=lambda e: (e[0], e[1]))
+    most = now = 0
+    for _, d in events:
+        now += d
+        most = max(most, now)
+    return most
 
 
 class FaultProxy:
@@ -271,6 +287,7 @@ class FaultProxy:
             if request is None:
                 return
             method, target, head, headers = request
+            started = time.monotonic()
             fault = self._decide(method, target)
             action = fault.action if fault else "ok"
             expect = b"100-continue" in headers.get(b"expect", b"").lower()
@@ -280,8 +297,10 @@ class FaultProxy:
                 if expect:
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _read_body(reader, headers)
+            seen = Seen(method, target, action, body[:65536],
+                        headers.get(b"range", b"").decode(), started)
             with self._lock:
-                self.requests.append(Seen(method, target, action, body[:65536]))
+                self.requests.append(seen)
             if action == "reset":
                 _reset(conn)
                 return
@@ -298,6 +317,7 @@ class FaultProxy:
             if action == "slow":
                 time.sleep(fault.delay)
             conn.sendall(response)
+            seen.ended = time.monotonic()
         except OSError:
             pass
         finally:

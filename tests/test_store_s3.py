@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 
@@ -21,7 +22,7 @@ from ftrain.checkpoint import (
     load_uri,
     step_dirname,
 )
-from ftrain.storage import Storage, StorageError
+from ftrain.storage import Storage, StorageError, checksum
 from tests.helpers import assert_bitwise_equal
 from tests.s3server import CORRUPTIONS, Fault, S3Bucket, save_checkpoint
 
@@ -247,3 +248,36 @@ def test_a_failed_save_is_retried_at_the_same_step(s3, fault_proxy, monkeypatch,
     saver.close()
     assert saver.consecutive_failures == 0
     assert store.latest().name == D10
+
+
+def test_large_files_move_in_parallel_parts(s3, fault_proxy, monkeypatch):
+    """A file of several parts is a multipart upload whose parts are in flight together, and a
+    read of it is parallel ranged GETs; create-only holds for the multipart commit too."""
+    from tests.s3server import most_in_flight
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    part = 5 * 2**20  # S3's smallest part
+    storage = Storage(s3.uri("big"), {"default_block_size": part, "max_concurrency": 4})
+    data = os.urandom(4 * part + 12345)  # 5 parts
+    # Each part's answer held back 0.3 s: in series they would never overlap.
+    fault_proxy.set_faults(Fault("slow", method="PUT", path=r"partNumber=", delay=0.3),
+                           Fault("slow", method="GET", path=r"/big/state\.pt", delay=0.3))
+    size, digest = storage.write("state.pt", data, create_only=True)
+    assert (size, digest) == (len(data), checksum(data))
+    parts = [r for r in fault_proxy.requests if r.method == "PUT" and "partNumber=" in r.target]
+    assert len(parts) == 5
+    assert most_in_flight(parts) >= 2, [(r.started, r.ended) for r in parts]
+    assert s3.read("big/state.pt") == data and s3.multipart_uploads() == []
+
+    fault_proxy.requests.clear()
+    assert storage.read("state.pt") == data
+    gets = [r for r in fault_proxy.requests if r.method == "GET" and "state.pt" in r.target]
+    assert len(gets) == 5 and all(r.range.startswith("bytes=") for r in gets)
+    assert most_in_flight(gets) >= 2
+
+    # A second writer of the same name, also multipart, is refused: the commit stays the
+    # first writer's and no upload is left behind.
+    fault_proxy.set_faults()
+    with pytest.raises(FileExistsError):
+        storage.write("state.pt", os.urandom(len(data)), create_only=True)
+    assert s3.read("big/state.pt") == data and s3.multipart_uploads() == []
