@@ -25,7 +25,9 @@ In each attempt it picks a signal (--signals), a target (--targets) and a moment
 It restarts the job after every kill until it exits 0, then checks, against the reference:
 final weights bit for bit, the metric history (wall-clock fields ignored), that every step saw
 the reference's samples (--trace-samples), that no SIGTERM lost a completed step, that no
-SIGKILL lost more than two save intervals, that no worker exited with a permanent code
+SIGKILL lost more than the lost-work bound (the save interval plus two of the slowest saves,
+snapshot to commit, as logged, in steps of the reference's step time: see the Checkpointer),
+that no worker exited with a permanent code
 (1-127), and that nothing hung or outlived its launcher. It prints a summary, writes it to
 WORKDIR/summary.json and exits 0 on PASS, 1 on FAIL. Linux only (it reads /proc).
 """
@@ -335,6 +337,7 @@ class Reference:
     startup_s: float = 0.0
     step_s: float = 0.0
     wall_s: float = 0.0
+    train_step_s: float = 0.0  # per step of the fastest epoch's training (no evaluation)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -371,6 +374,9 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
     want.wall_s = job.elapsed
     want.startup_s = job.startup_s
     want.step_s = max(want.wall_s - job.startup_s, 0.1) / max(want.total_steps, 1)
+    want.train_step_s = min((float(h["seconds"]) / want.steps_per_epoch
+                             for h in loaded.train_state["history"] if h.get("seconds")),
+                            default=want.step_s)
     meta_path.write_text(json.dumps(asdict(want), indent=1))
     return want
 
@@ -466,6 +472,8 @@ class Attempt:
     committed_before: int = 0
     committed_after: int = 0
     lost: int = 0  # steps of this attempt past the checkpoint the next one resumes from
+    slowest_save_s: float = 0.0  # the slowest commit logged, snapshot to commit
+    paused_saves: bool = False  # every save of this attempt was held by PAUSE_ENV
     worker_exits: list[int] = field(default_factory=list)
     hung: bool = False
     strays: int = 0
@@ -561,6 +569,10 @@ class Chaos:
         attempt.trained = len(trained)
         attempt.committed_after = latest_committed(self.ckpt_dir)
         attempt.lost = sum(s > attempt.committed_after for s in trained)
+        attempt.paused_saves = bool(env)
+        attempt.slowest_save_s = max(
+            (float(x) for x in re.findall(r"checkpoint \S+ committed \([\d.]+ MiB, ([\d.]+)s\)",
+                                          job.log_text())), default=0.0)
         # torchrun's failure report: "exitcode  : 143 (pid: 1234)", once per failed worker.
         exits = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", job.log_text())
         attempt.worker_exits = list({pid: int(code) for code, pid in exits}.values())
@@ -618,6 +630,21 @@ class Chaos:
 
 
 # ---------------------------------------------------------------------------- summary
+def lost_work_bound(chaos: Chaos, a: Attempt, slowest_s: float) -> tuple[int, float]:
+    """The most steps a SIGKILL may cost in attempt ``a``, and the save time it assumes.
+
+    The checkpoint a restart resumes from is the newest committed one. Its snapshot was taken
+    at most one save interval before the persister took it (the persister always takes the
+    newest waiting snapshot), which waited at most one persist; the kill lands before the next
+    one commits, at most one persist later. So a SIGKILL loses at most the interval plus two
+    saves (snapshot to commit: the slowest this attempt logged; ``slowest_s``, that of the
+    attempts without the pause, when it logged none), plus the step in progress. A save held by
+    the test's pause lasts at least the pause."""
+    save_s = max(a.slowest_save_s or slowest_s, chaos.pause_in_save if a.paused_saves else 0.0)
+    step_s = max(chaos.ref.train_step_s or chaos.ref.step_s, 1e-3)
+    return chaos.save_every + 2 * math.ceil(save_s / step_s) + 1, save_s
+
+
 def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str, Any]:
     attempts, ref = chaos.attempts, chaos.ref
     kills = [a for a in attempts if a.kill is not None]
@@ -629,14 +656,20 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
     term_lost = [a for a in term if a.lost]
     clean = [a for a in term if a.trained and not a.lost]
     sigkill_lost = [a.lost for a in kills if a.kill.signal == "SIGKILL"]
-    bound = 2 * chaos.save_every
     for a in term_lost:
         problems.append(f"attempt {a.index}: SIGTERM lost {a.lost} completed steps")
+    bounds = {}
     if chaos.save_every:
+        slowest = max((a.slowest_save_s for a in attempts if not a.paused_saves), default=0.0)
         for a in kills:
+            bound, save_s = lost_work_bound(chaos, a, slowest)
+            bounds[a.index] = bound
             if a.kill.signal == "SIGKILL" and a.lost > bound:
-                problems.append(f"attempt {a.index}: SIGKILL lost {a.lost} steps, more than two "
-                                f"save intervals ({bound})")
+                problems.append(f"attempt {a.index}: SIGKILL lost {a.lost} steps, more than "
+                                f"the bound {bound} (--save-every-steps {chaos.save_every} plus "
+                                f"two saves of {save_s:.2f}s at "
+                                f"{(ref.train_step_s or ref.step_s) * 1e3:.0f} ms a "
+                                "step, plus the step in progress)")
     permanent = sorted({c for a in attempts for c in a.worker_exits if 0 < c < 128})
     if permanent:
         problems.append(f"workers exited with permanent codes {permanent} (expected 0 or "
@@ -666,6 +699,8 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
         - len(term_lost), "steps_lost": lost, "steps_trained": sum(a.trained for a in attempts),
         "total_steps": ref.total_steps, "sigkill_max_lost": max(sigkill_lost, default=0),
         "sigkill_mean_lost": (sum(sigkill_lost) / len(sigkill_lost)) if sigkill_lost else 0.0,
+        "sigkill_max_bound": max((bounds[a.index] for a in kills if a.kill.signal == "SIGKILL"),
+                                 default=0),
         "weights": verdict.get("weights", "-"), "history": verdict.get("history", "-"),
         "samples": verdict.get("samples", "-"), "problems": problems,
         "result": "FAIL" if problems else "PASS", "wall_s": round(wall_s, 1),
@@ -688,7 +723,8 @@ def format_summary(s: dict[str, Any], seed: int) -> str:
         f"no step lost), {s['sigterm_before_training']} before training began",
         f"  steps lost   {s['steps_lost']} trained twice ({s['steps_trained']} trained for "
         f"{s['total_steps']}); per SIGKILL max {s['sigkill_max_lost']}, mean "
-        f"{s['sigkill_mean_lost']:.1f}; per SIGTERM 0 required",
+        f"{s['sigkill_mean_lost']:.1f} (bound up to {s.get('sigkill_max_bound', '-')}); "
+        "per SIGTERM 0 required",
         f"  weights      {s['weights']}",
         f"  history      {s['history']}",
         f"  samples      {s['samples']}",

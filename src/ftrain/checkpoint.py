@@ -448,8 +448,11 @@ class Checkpointer:
     persists never makes the loop wait: its snapshot waits its turn, and a still newer save
     replaces it (the superseded snapshot is dropped and counted; the persister always takes the
     newest state). Only blocking saves (final, preemption, exit) wait for their own commit.
-    So the work a SIGKILL can lose is bounded by the larger of the save interval and one
-    persist. Consecutive failures are counted for the caller.
+    So the work a SIGKILL can lose is bounded: the newest committed snapshot was at most one
+    save interval old when its persist started, it waited at most one persist, and the next
+    commit comes at most one persist later; below one interval plus two saves (snapshot to
+    commit), one interval plus one save when storage keeps up. Consecutive failures are counted
+    for the caller.
     """
 
     def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float) -> None:
@@ -521,7 +524,7 @@ class Checkpointer:
             log.warning("checkpoint saves come due faster than storage takes them: the last "
                         "persist took %.2fs, saves come every %.2fs; the snapshot of step %d is "
                         "dropped for a newer one (the newest always waits its turn, so a crash "
-                        "loses up to one persist of work). Raise --save-every-steps or "
+                        "loses at most one save interval plus two persists). Raise --save-every-steps or "
                         "--save-every-seconds; dropped saves are counted in the history "
                         "(saves_dropped)", self.last_persist_s, self.request_interval_s,
                         old.step)
