@@ -12,7 +12,11 @@ preemption (retryable, 143) from bad input (2). Each worker leaves its exit code
   (1-127) if there is one, else the lowest rank's retryable code (128-255), else 0 (every local
   worker finished).
 - No record (workers killed before they could write one): 128 + the signal this wrapper
-  forwarded (SIGTERM: 143), or 128 + the signal that killed torchrun, else torchrun's own code.
+  forwarded (SIGTERM: 143), or 128 + the signal that killed torchrun; else, when torchrun
+  failed (1) before any worker recorded a code, 141 (retryable): its rendezvous timed out or
+  could not reach the endpoint (another node not up yet, node 0 gone), or a worker was killed
+  without a record (the OOM killer's SIGKILL). A restart is what helps there; the Job's
+  backoffLimit bounds the retries. torchrun's usage error (2) stays 2.
 
 The first SIGTERM, SIGINT and SIGHUP are forwarded to torchrun, which forwards them to the
 workers and SIGKILLs them after ``--shutdown-timeout`` seconds (default 30). Repeats are not
@@ -34,6 +38,7 @@ import tempfile
 
 EXIT_CODE_DIR_ENV = "FTT_EXIT_CODE_DIR"  # the same name as src.exitcodes.EXIT_CODE_DIR_ENV
 RETRYABLE_FLOOR = 128
+PEER_FAILED = 141  # the same as src.exitcodes.PEER_FAILED
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _RECORD = re.compile(r"^restart(\d+)-rank(\d+)\.code$")
 
@@ -78,6 +83,8 @@ def choose_exit(torchrun_code: int, records: dict[int, int], forwarded: int | No
         return RETRYABLE_FLOOR + forwarded
     if torchrun_code < 0:
         return RETRYABLE_FLOOR - torchrun_code
+    if torchrun_code == 1:
+        return PEER_FAILED
     return torchrun_code
 
 

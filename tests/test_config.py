@@ -96,3 +96,12 @@ def test_yaml_task_section_names_the_task_and_its_arguments(tmp_path):
     assert any(p.startswith("--task-args: must be a JSON object") for p in e.value.problems)
     with pytest.raises(ConfigError, match="--grad-accum: 3 does not divide --batch-size 256"):
         load_config(["--grad-accum", "3"], environ={})
+
+
+def test_a_prefix_of_a_flag_is_not_taken_for_it(capsys):
+    """'--epoch 3' used to be read as --epochs 3: argparse's abbreviations would also turn a
+    script's prefix into an error the day a new option shares it."""
+    with pytest.raises(SystemExit) as e:
+        load_config(["--epoch", "3"], environ={})
+    assert e.value.code == 2
+    assert "unrecognized arguments: --epoch 3" in capsys.readouterr().err

@@ -133,7 +133,10 @@ def test_emergency_checkpoint_respects_the_deadline(tmp_path, s3, fault_proxy):
     (1, {0: 141, 1: 2}, None, 2),  # a permanent code wins over a retryable one
     (1, {0: 141, 1: 140}, None, 141),  # else the lowest rank's retryable code
     (1, {}, signal.SIGTERM, 143),  # workers gone without a record, after our SIGTERM
-    (1, {}, None, 1),  # no record and no signal: torchrun's own failure
+    # No record and no signal: torchrun failed before any worker recorded (rendezvous timed
+    # out or unreachable, a worker OOM-killed): retryable, unlike a worker's own exit 1.
+    (1, {}, None, 141),
+    (2, {}, None, 2),  # torchrun's usage error
     (-9, {}, None, 137),  # torchrun itself SIGKILLed
     (1, {0: 0, 1: 0}, None, 0),  # every local worker finished
 ])

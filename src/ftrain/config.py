@@ -288,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
         f"{ENV_PREFIX}EPOCHS=5); flags win over the file, the file over the environment.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        # No prefixes: "--epoch 3" would silently mean --epochs, and a prefix that a new
+        # option makes ambiguous would break a user's script.
+        allow_abbrev=False,
     )
     defaults = Config.__dataclass_fields__
     for f in fields(Config):
