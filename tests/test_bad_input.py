@@ -21,15 +21,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from ftrain import ckpt as ckpt_tool
-from ftrain.checkpoint import step_dirname
-from ftrain.storage import StorageError
-from tests.helpers import assert_secret_absent
+from ftrain import exitcodes
+from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
+from ftrain.storage import Storage, StorageError, checksum
+from tests.helpers import assert_secret_absent, ckpt, committed_steps, run_train
+from tests.s3server import save_checkpoint
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
 TINY = ["--synthetic-train-size", "64", "--synthetic-test-size", "32", "--batch-size", "16",
@@ -51,7 +55,113 @@ def fingerprint(folder: Path) -> dict[str, str]:
 
 
 def state_file(folder: Path) -> Path:
-    return next(folder.glob("state-*.pt"))
+    """The model file of a checkpoint written once (a rewritten one holds strays as well)."""
+    (path,) = folder.glob("state-*.pt")
+    return path
+
+
+# ---------------------------------------------------------------------------- 1. paths
+@pytest.mark.parametrize("bad", ["../stolen.pt", "a/../../stolen.pt", "../../stolen.pt",
+                                 "{tmp}/stolen.pt", "/etc/passwd"])
+def test_manifest_naming_a_path_outside_its_folder_is_invalid(tmp_path, bad, caplog, capsys):
+    """A manifest whose file table points outside its folder (so that a valid-looking
+    checkpoint would be read from elsewhere) makes the checkpoint invalid: skipped with a
+    warning naming the entry, reported by `ckpt verify`, and nothing outside is read or
+    deleted. The file it names really is there, with the size and checksum the manifest
+    records, so only the path check can refuse it."""
+    root = tmp_path / "a" / "run"
+    save_checkpoint(str(root), 10)
+    save_checkpoint(str(root), 20)
+    folder = root / D20
+    bad = bad.format(tmp=tmp_path)
+    target = Path(os.path.normpath(folder / bad))
+    (folder / "a").mkdir()  # so that the kernel resolves a/../.. as well
+    if bad != "/etc/passwd":
+        shutil.move(state_file(folder), target)
+    data = target.read_bytes()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    train_file = manifest["train_state_file"]
+    manifest["files"] = {bad: {"size": len(data), "algorithm": "xxh3-128",
+                               "digest": checksum(data)},
+                         train_file: manifest["files"][train_file]}
+    manifest["state_file"] = bad
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    uri = str(root)
+
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
+        got = CheckpointStore(Storage(uri)).latest()
+    assert got is not None and got.name == D10  # the one before
+    warning = next(r.getMessage() for r in caplog.records if "SKIPPING" in r.getMessage())
+    assert f"{uri}/{D20}" in warning and f"{MANIFEST} names {bad!r}" in warning, warning
+    assert "outside its checkpoint folder" in warning, warning
+
+    code, out = tool(capsys, "verify", uri)
+    assert code == 1 and f"INVALID {uri}/{D20}: {MANIFEST} names {bad!r}" in out, out
+    assert "1 valid, 1 invalid" in out
+    code, out = tool(capsys, "verify", f"{uri}/{D20}")
+    assert code == 1 and "outside its checkpoint folder" in out, out
+
+    # Retention deletes the bad checkpoint's folder once newer ones exist, and nothing else.
+    save_checkpoint(uri, 30)
+    save_checkpoint(uri, 40)
+    CheckpointStore(Storage(uri)).retain(2, grace_s=0)
+    assert committed_steps(root) == [30, 40]
+    assert target.read_bytes() == data  # never deleted, never changed
+
+
+def test_manifest_entry_without_a_size_is_invalid_not_a_crash(tmp_path, caplog):
+    """Valid JSON, but a file's entry is not a table: skipped like any damage (it crashed the
+    loader with AttributeError before)."""
+    uri = str(tmp_path / "run")
+    save_checkpoint(uri, 10)
+    save_checkpoint(uri, 20)
+    path = tmp_path / "run" / D20 / MANIFEST
+    manifest = json.loads(path.read_text())
+    manifest["files"][manifest["state_file"]] = 54477
+    path.write_text(json.dumps(manifest))
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
+        assert CheckpointStore(Storage(uri)).latest().name == D10
+    assert (f"SKIPPING checkpoint {uri}/{D20}: {MANIFEST}: the entry of "
+            f"{manifest['state_file']!r} has no size") in caplog.text
+
+
+# ---------------------------------------------------------------------------- 2. short files
+def test_zero_length_and_truncated_files_are_skipped_until_none_is_valid(tmp_path):
+    """A zero-length manifest and a truncated model file: each skipped with a warning naming
+    the file, the run resumes from the checkpoint before them. When none is valid the job
+    exits 2 and says how to start over; it never silently starts from step 0."""
+    d = tmp_path / "ckpt"
+    for step in (2, 4, 6):  # one run each: a blocking save commits every one of them
+        r = run_train([*TINY, "--checkpoint-dir", str(d), "--max-steps", str(step)])
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert committed_steps(d) == [2, 4, 6]
+    (d / D6 / MANIFEST).write_bytes(b"")  # zero-length manifest
+    shard = state_file(d / D4)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as fh:
+        fh.truncate(size // 3)  # a truncated model file
+
+    code = ckpt("verify", str(d))
+    assert code.returncode == 1, code.stdout + code.stderr
+    assert f"INVALID {d}/{D6}: {MANIFEST} is empty (0 bytes" in code.stdout, code.stdout
+
+    r = run_train([*TINY, "--checkpoint-dir", str(d)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"SKIPPING checkpoint {d}/{D6}: {MANIFEST} is empty (0 bytes" in r.stderr, r.stderr
+    assert (f"SKIPPING checkpoint {d}/{D4}: {shard.name} has {size // 3} bytes, manifest says "
+            f"{size} (truncated?)") in r.stderr, r.stderr
+    assert f"resumed from {d}/{D2}: 0 epochs done, step 2" in r.stderr
+    assert committed_steps(d)[-1] == 8
+
+    for manifest in d.glob(f"step_*/{MANIFEST}"):  # zero-length model files everywhere
+        if manifest.stat().st_size:  # (an empty one is invalid already)
+            (manifest.parent / json.loads(manifest.read_text())["state_file"]).write_bytes(b"")
+    before = fingerprint(d)
+    r = run_train([*TINY, "--checkpoint-dir", str(d), "--epochs", "3"])
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert "has 0 bytes" in r.stderr and "holds checkpoints but none is valid" in r.stderr
+    assert "--resume never" in r.stderr and "Traceback" not in r.stderr
+    assert fingerprint(d) == before  # nothing started over them
 
 
 # ---------------------------------------------------------------------------- 8. secrets
