@@ -32,6 +32,7 @@ from ftrain import ckpt as ckpt_tool
 from ftrain import exitcodes
 from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.storage import Storage, StorageError, checksum
+from ftrain.train import main as train_main
 from tests.helpers import assert_secret_absent, ckpt, committed_steps, run_train
 from tests.s3server import save_checkpoint
 
@@ -162,6 +163,66 @@ def test_zero_length_and_truncated_files_are_skipped_until_none_is_valid(tmp_pat
     assert "has 0 bytes" in r.stderr and "holds checkpoints but none is valid" in r.stderr
     assert "--resume never" in r.stderr and "Traceback" not in r.stderr
     assert fingerprint(d) == before  # nothing started over them
+
+
+# ---------------------------------------------------------------------------- 4. config
+@pytest.fixture
+def in_process(monkeypatch):
+    """For calling the training entry point in this process: no FTT_* variables, and the root
+    logger (which ``main`` configures for its process) restored afterwards."""
+    for key in [k for k in os.environ if k.startswith("FTT_")]:
+        monkeypatch.delenv(key)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(("yaml_text", "argv", "want"), [
+    ("batchsize: 16\n", [], ["--config: '{yaml}' has unknown option 'batchsize' (did you mean "
+                             "'batch_size'?)"]),
+    ("batch_size: abc\n", [], ["--batch-size (from {yaml}:batch_size): 'abc' is invalid: "
+                               "expected an integer"]),
+    ('batch_size: "abc"\n', [], ["--batch-size (from {yaml}:batch_size): 'abc' is invalid"]),
+    ("batch_size: 0\n", [], ["--batch-size (from {yaml}:batch_size): must be > 0, got 0"]),
+    ("epochs: -1\nlr: 0\n", [], ["--epochs (from {yaml}:epochs): must be > 0, got -1",
+                                 "--lr (from {yaml}:lr): must be > 0"]),
+    ("", ["--epochs", "x"], ["--epochs: 'x' is invalid: expected an integer"]),
+    ("", ["--batch-size", "0"], ["--batch-size: must be > 0, got 0"]),
+    ("", ["--batch-size", "-4"], ["--batch-size: must be > 0, got -4"]),
+    ("", ["--batch-size", "2.5"], ["--batch-size: '2.5' is invalid: expected an integer"]),
+], ids=["yaml-unknown", "yaml-type", "yaml-quoted-type", "yaml-zero", "yaml-negative",
+        "cli-type", "cli-zero", "cli-negative", "cli-fraction"])
+def test_bad_config_exits_2_naming_the_key_and_the_file(tmp_path, in_process, capfd,
+                                                        yaml_text, argv, want):
+    if yaml_text:
+        yaml = tmp_path / "job.yaml"
+        yaml.write_text(yaml_text)
+        argv = ["--config", str(yaml), *argv]
+    # A small job: were a check missing, this would train it here (and fail below).
+    quick = ["--model", "mlp", "--width", "8", "--depth", "1", "--max-steps", "1"]
+    assert train_main([*argv, *quick, "--checkpoint-dir", str(tmp_path / "ckpt")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("error: invalid configuration:"), err
+    for text in want:
+        assert text.format(yaml=tmp_path / "job.yaml") in err, err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_env_values_name_their_variable():
+    from ftrain.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config([], environ={"FTT_BATCH_SIZE": "0"})
+    assert "--batch-size (from $FTT_BATCH_SIZE): must be > 0, got 0" in e.value.problems
+
+
+def test_unknown_flag_exits_2_naming_it(in_process, capfd):
+    with pytest.raises(SystemExit) as e:
+        train_main(["--batchsize", "16"])
+    assert e.value.code == exitcodes.INVALID
+    assert "unrecognized arguments: --batchsize 16" in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------------------- 8. secrets
