@@ -27,6 +27,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftrain import ckpt as ckpt_tool
 from ftrain import exitcodes
@@ -163,6 +164,53 @@ def test_zero_length_and_truncated_files_are_skipped_until_none_is_valid(tmp_pat
     assert "has 0 bytes" in r.stderr and "holds checkpoints but none is valid" in r.stderr
     assert "--resume never" in r.stderr and "Traceback" not in r.stderr
     assert fingerprint(d) == before  # nothing started over them
+
+
+# ---------------------------------------------------------------------------- 3. architecture
+@pytest.fixture(scope="module")
+def mlp8(tmp_path_factory) -> Path:
+    """A checkpoint of the tiny MLP (width 8) at step 4."""
+    d = tmp_path_factory.mktemp("arch") / "ckpt"
+    r = run_train([*TINY, "--checkpoint-dir", str(d), "--max-steps", "4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+def test_resume_with_another_width_exits_2_and_leaves_the_checkpoint(mlp8):
+    before = fingerprint(mlp8)
+    r = run_train([*TINY, "--checkpoint-dir", str(mlp8), "--width", "16"])
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert "--width: checkpoint 8, now 16" in r.stderr, r.stderr
+    assert "Use the original settings, or --resume never with a new --checkpoint-dir" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert fingerprint(mlp8) == before
+
+
+def test_weights_that_do_not_fit_the_model_exit_2_and_leave_the_checkpoint(tmp_path, mlp8):
+    """Same flags, but the checkpoint's weights have another shape (the task's code changed
+    under the same name): refused with the parameter and both shapes named."""
+    d = tmp_path / "ckpt"
+    shutil.copytree(mlp8, d)
+    folder = d / D4
+    shard = state_file(folder)
+    state = torch.load(shard, weights_only=True)
+    name = next(k for k in state["model"] if k.endswith("weight"))
+    state["model"][name] = torch.zeros(state["model"][name].shape[0] * 2,
+                                       state["model"][name].shape[1])
+    torch.save(state, shard)
+    data = shard.read_bytes()
+    manifest = json.loads((folder / MANIFEST).read_text())
+    manifest["files"][shard.name].update(size=len(data), digest=checksum(data))
+    (folder / MANIFEST).write_text(json.dumps(manifest))
+    before = fingerprint(d)
+
+    r = run_train([*TINY, "--checkpoint-dir", str(d)])
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert f"checkpoint {d}/{D4} does not fit this model/optimizer" in r.stderr, r.stderr
+    assert f"size mismatch for {name}" in r.stderr and "torch.Size([16, " in r.stderr
+    assert "--task" in r.stderr and "new --checkpoint-dir" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert fingerprint(d) == before
 
 
 # ---------------------------------------------------------------------------- 4. config
