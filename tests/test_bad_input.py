@@ -32,10 +32,11 @@ import torch
 from ftrain import ckpt as ckpt_tool
 from ftrain import exitcodes
 from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
-from ftrain.storage import Storage, StorageError, checksum
+from ftrain.data import fetch_remote_data_dir
+from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main
 from tests.helpers import assert_secret_absent, ckpt, committed_steps, run_train
-from tests.s3server import save_checkpoint
+from tests.s3server import Fault, save_checkpoint
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
 TINY = ["--synthetic-train-size", "64", "--synthetic-test-size", "32", "--batch-size", "16",
@@ -271,6 +272,52 @@ def test_unknown_flag_exits_2_naming_it(in_process, capfd):
         train_main(["--batchsize", "16"])
     assert e.value.code == exitcodes.INVALID
     assert "unrecognized arguments: --batchsize 16" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------- 5. missing bucket
+def test_missing_bucket_exits_2_naming_the_bucket(s3, tmp_path, capsys):
+    r = run_train([*TINY, "--checkpoint-dir", "s3://no-such-bucket/run"], env=s3.env)
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert ("error: --checkpoint-dir s3://no-such-bucket/run: the bucket 'no-such-bucket' does "
+            "not exist (S3 NoSuchBucket): create it, or fix the bucket name") in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and "training" not in r.stderr
+    # The tools say so too, instead of "no checkpoints under".
+    code, out = tool(capsys, "ls", "s3://no-such-bucket/run")
+    assert code == 1 and "the bucket 'no-such-bucket' does not exist" in out, out
+    with pytest.raises(StorageAccessError, match="no-such-bucket"):
+        Storage("s3://no-such-bucket/run").listdir()
+    # A --data-dir in a missing bucket is bad input as well (exit 2), not an outage (140).
+    with pytest.raises(StorageAccessError, match="the bucket 'no-such-bucket' does not exist"):
+        fetch_remote_data_dir("s3://no-such-bucket/data", str(tmp_path / "cache"), {})
+
+
+# ---------------------------------------------------------------------------- 6. 403
+SECRET_403 = "sEcReT403-" + os.urandom(12).hex()
+
+
+def test_wrong_credentials_exit_2_at_once_without_the_secret(s3, fault_proxy):
+    fault_proxy.set_faults(Fault("403"))  # S3 refuses these credentials, whatever the request
+    env = {**s3.env, "AWS_ENDPOINT_URL": fault_proxy.url, "AWS_SECRET_ACCESS_KEY": SECRET_403}
+    r = run_train([*TINY, "--checkpoint-dir", s3.uri("run")], env=env)
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert not exitcodes.is_retryable(r.returncode)
+    assert (f"error: --checkpoint-dir {s3.uri('run')}: access to the bucket 'ftt-test' was "
+            "denied (S3 AccessDenied, HTTP 403) for upload ") in r.stderr, r.stderr
+    assert ": check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE" \
+        in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len(fault_proxy.requests) <= 2, fault_proxy.requests  # no retry storm
+    assert_secret_absent(SECRET_403, texts=[r.stdout, r.stderr])
+
+    # The storage layer alone: a 403 is never retried, and its error carries no secret.
+    fault_proxy.requests.clear()
+    st = Storage(s3.uri("run"), {"endpoint_url": fault_proxy.url, "key": "AKIDBADINPUT",
+                                 "secret": SECRET_403})
+    for call in (lambda: st.read("x"), lambda: st.write("x", b"1"), st.listdir):
+        with pytest.raises(StorageAccessError, match="'ftt-test' was denied") as err:
+            call()
+        assert_secret_absent(SECRET_403, exceptions=[err.value])
+    assert len(fault_proxy.requests) == 3, [(r.method, r.target) for r in fault_proxy.requests]
 
 
 # ---------------------------------------------------------------------------- 8. secrets
