@@ -23,7 +23,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -35,7 +37,7 @@ from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.data import fetch_remote_data_dir
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main
-from tests.helpers import assert_secret_absent, ckpt, committed_steps, run_train
+from tests.helpers import ROOT, assert_secret_absent, ckpt, committed_steps, run_train
 from tests.s3server import Fault, save_checkpoint
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
@@ -318,6 +320,75 @@ def test_wrong_credentials_exit_2_at_once_without_the_secret(s3, fault_proxy):
             call()
         assert_secret_absent(SECRET_403, exceptions=[err.value])
     assert len(fault_proxy.requests) == 3, [(r.method, r.target) for r in fault_proxy.requests]
+
+
+# ---------------------------------------------------------------------------- 7. disk full
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (a real ENOSPC) where mounting is permitted (root with CAP_SYS_ADMIN);
+    elsewhere, or with FTT_TEST_DISKFULL=hook, a folder whose writes a sitecustomize hook
+    (tests/diskfull/) turns into ENOSPC past a byte budget. Yields (folder, fill, env):
+    fill(free_bytes) leaves that much space for a run given ``env``."""
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    env: dict[str, str] = {}
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0 \
+        if os.environ.get("FTT_TEST_DISKFULL") != "hook" else False
+
+    def fill(free_bytes: int) -> None:
+        if mounted:
+            st = os.statvfs(folder)
+            with open(folder / "filler", "wb") as fh:
+                fh.write(b"\0" * (st.f_bavail * st.f_frsize - free_bytes))
+        else:
+            env.update(FTT_TEST_DISK=str(folder), FTT_TEST_DISK_FREE_BYTES=str(free_bytes),
+                       PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "diskfull"),
+                                                   str(ROOT), str(ROOT / "src")]))
+
+    try:
+        yield folder, fill, env
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_disk):
+    folder, fill, env = small_disk
+    d = folder / "ckpt"
+    r = run_train([*TINY, "--checkpoint-dir", str(d), "--max-steps", "4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    before = fingerprint(d / D4)
+    fill(16 * 1024)  # room for the write probe, not for a 54 KiB checkpoint
+
+    r = run_train([*TINY, "--checkpoint-dir", str(d), "--save-every-steps", "1",
+                   "--max-failed-saves", "2"], env=env)
+    assert r.returncode == exitcodes.STORAGE_FAILED, r.stderr[-3000:]
+    assert exitcodes.is_retryable(r.returncode)
+    assert f"resumed from {d}/{D4}" in r.stderr
+    # Reported, naming the folder and what to do; a periodic save's failure does not stop the
+    # run, the max-failed-saves-th in a row does (README: exit 140, retryable). (Which steps
+    # fail depends on timing: a save due while one persists may be superseded.)
+    full = (rf"StorageError: write {re.escape(str(d))}/step_\d{{10}}/state-\w+\.pt: the disk "
+            rf"holding {re.escape(str(d))} is full \(No space left on device\): free space "
+            r"there, or use another folder")
+    assert re.search(rf"SAVE FAILED for {re.escape(str(d))}/step_\d{{10}} \(1 in a row\): "
+                     + full, r.stderr), r.stderr
+    assert re.search(r"SAVE FAILED for .* \(2 in a row\): " + full, r.stderr), r.stderr
+    assert "exiting with 140 (retryable)" in r.stderr
+    assert "Traceback" not in r.stderr
+    # The previous checkpoint is intact, nothing partial looks committed, no temp file is left.
+    assert committed_steps(d) == [4]
+    assert fingerprint(d / D4) == before
+    v = ckpt("verify", str(d / D4))
+    assert v.returncode == 0 and v.stdout.startswith("valid"), v.stdout + v.stderr
+    assert not [p for p in d.rglob("*") if ".tmp-" in p.name]
+
+    # With room again, the same command resumes from it and finishes.
+    (folder / "filler").unlink(missing_ok=True)
+    r = run_train([*TINY, "--checkpoint-dir", str(d), "--save-every-steps", "4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {d}/{D4}" in r.stderr and committed_steps(d) == [4, 8]
 
 
 # ---------------------------------------------------------------------------- 8. secrets

@@ -163,6 +163,11 @@ def _refusal_answer(e: BaseException) -> tuple[int | None, str] | None:
     return None
 
 
+def _errno_in_chain(e: BaseException) -> int | None:
+    """The errno of the first OSError in ``e``'s cause chain that has one."""
+    return next((cur.errno for cur in _chain(e) if isinstance(cur, OSError) and cur.errno), None)
+
+
 def _s3_answer(e: BaseException) -> tuple[int | None, str] | None:
     """(HTTP status, error code) of a botocore ClientError; None for other errors."""
     response = getattr(e, "response", None)
@@ -244,6 +249,11 @@ class Storage:
                 if isinstance(e, _PERMANENT):
                     raise
                 elapsed = time.monotonic() - start
+                code = _errno_in_chain(e) if self.is_local else None
+                if code in (errno.ENOSPC, errno.EDQUOT):  # not transient; say what it means
+                    raise StorageError(f"{what}: the disk holding {self.root_uri} is full "
+                                       f"({os.strerror(code)}): free space there, or use "
+                                       "another folder") from e
                 if not is_transient(e):
                     raise StorageError(f"{what}: {redact(str(e)) or type(e).__name__}") from e
                 if attempt == policy.attempts or elapsed >= policy.deadline:
