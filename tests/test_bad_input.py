@@ -392,6 +392,42 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_disk):
 
 
 # ---------------------------------------------------------------------------- 8. secrets
+def test_a_known_secret_appears_nowhere(s3, fault_proxy, tmp_path, monkeypatch, caplog):
+    """A run with a known secret against S3 that fails now and then (so that errors are
+    logged and retried): the secret is in no log line, in no checkpoint object, in no local
+    file the run wrote and in no exception storage raises. The run has it in
+    AWS_SECRET_ACCESS_KEY and in --storage-options (which win, and which the run records in
+    every checkpoint's configuration: redacted); this process has it in the variable alone."""
+    secret = "sEcReT8-" + os.urandom(16).hex()
+    fault_proxy.set_faults(Fault("503", method="PUT", every=3), Fault("500", method="GET",
+                                                                      every=4))
+    local = tmp_path / "local"
+    options = {"key": "AKIDSECRETTEST", "secret": secret, "endpoint_url": fault_proxy.url}
+    env = {**s3.env, "AWS_ENDPOINT_URL": fault_proxy.url, "AWS_SECRET_ACCESS_KEY": secret,
+           "FTT_EXIT_CODE_DIR": str(local / "codes"), "FTT_LOG_LEVEL": "DEBUG"}
+    r = run_train([*TINY, "--checkpoint-dir", s3.uri("run"), "--save-every-steps", "2",
+                   "--storage-options", json.dumps(options),
+                   "--trace-samples", str(local / "trace")], env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "retry 1/" in r.stderr  # errors were logged
+    assert s3.committed("run")
+    objects = {key: s3.read(key) for key in s3.keys("run/")}
+
+    # The secret in this process's environment: the exceptions storage raises, and the log.
+    monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+    errors: list[BaseException] = []
+    with caplog.at_level(logging.DEBUG):
+        for action in ("503", "500", "403"):
+            fault_proxy.set_faults(Fault(action))
+            with pytest.raises(StorageError) as err:
+                Storage(s3.uri("run")).read(next(iter(objects)).split("/", 1)[1])
+            errors.append(err.value)
+    searched = assert_secret_absent(secret, texts=[r.stdout, r.stderr, caplog.text],
+                                    paths=[local], blobs=objects, exceptions=errors)
+    assert searched >= len(objects) + 3
+
+
 def test_assert_secret_absent_finds_it(tmp_path):
     """The search itself: in text, in a nested file (as bytes), in a blob, in an exception's
     cause, JSON-escaped."""
