@@ -153,15 +153,20 @@ ERROR_BODIES = {
             b"rate.</Message></Error>"),
     "500": (b"500 Internal Server Error", b"<Error><Code>InternalError</Code><Message>We "
             b"encountered an internal error. Please try again.</Message></Error>"),
+    # What S3 answers for wrong or insufficient credentials (a HEAD gets the status alone).
+    "403": (b"403 Forbidden", b'<?xml version="1.0" encoding="UTF-8"?>\n<Error><Code>AccessDenied'
+            b"</Code><Message>Access Denied</Message><RequestId>4442587FB7D0A2F9</RequestId>"
+            b"<HostId>nHN4fJZ3vXzWqGm1sL0pQd8yT2aBcEe5rKoUiY7wVjA=</HostId></Error>"),
 }
-ACTIONS = ("503", "500", "reset", "reset_after", "slow")
+ACTIONS = ("503", "500", "403", "reset", "reset_after", "slow")
 
 
 @dataclass
 class Fault:
     """Inject ``action`` into matching requests.
 
-    action: "503" (SlowDown) or "500" (InternalError) answered by the proxy itself; "reset": the
+    action: "503" (SlowDown), "500" (InternalError) or "403" (AccessDenied: wrong credentials)
+    answered by the proxy itself; "reset": the
     connection is reset before the request reaches S3; "reset_after": S3 handles the request and
     the answer is lost (connection reset); "slow": the answer is held back ``delay`` seconds.
     Matching: ``method`` (exact) and ``path`` (a regex searched in the request target, query
@@ -306,6 +311,8 @@ class FaultProxy:
                 return
             if action in ERROR_BODIES:
                 status, payload = ERROR_BODIES[action]
+                if method == "HEAD":  # S3 answers a HEAD with the status alone
+                    payload = b""
                 conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\n"
                              b"Content-Length: " + str(len(payload)).encode() +
                              b"\r\nConnection: close\r\n\r\n" + payload)

@@ -16,7 +16,7 @@ import torch
 import xxhash
 
 from ftrain.data import DataError, fetch_remote_data_dir
-from ftrain.storage import Storage, StorageError, is_transient, redact
+from ftrain.storage import Storage, StorageAccessError, StorageError, is_transient, redact
 from tests.s3server import Fault
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
@@ -56,9 +56,11 @@ def test_retries_are_bounded_and_the_error_names_the_file(s3, fault_proxy, via_p
 
 
 def test_permanent_errors_are_not_retried(s3, fault_proxy, via_proxy):
-    for st, rel in ((via_proxy, "missing"), (Storage("s3://no-such-bucket/x"), "f")):
+    # A missing bucket is bad input, not a missing file (tests/test_bad_input.py).
+    for st, rel, error in ((via_proxy, "missing", FileNotFoundError),
+                           (Storage("s3://no-such-bucket/x"), "f", StorageAccessError)):
         fault_proxy.requests.clear()
-        with pytest.raises(FileNotFoundError):
+        with pytest.raises(error):
             st.read(rel)
         asked = [(r.method, r.target) for r in fault_proxy.requests]
         assert asked and len(set(asked)) == len(asked), asked  # nothing asked twice

@@ -62,6 +62,15 @@ def library_versions() -> dict[str, str]:
     return v
 
 
+def _inside_folder(fname: object) -> bool:
+    """Whether a manifest's file name stays inside its checkpoint folder: a relative path of
+    plain parts ("state-ab.pt", "shards/rank1.pt"), without "..", ".", empty parts, backslashes
+    or a leading "/"."""
+    if not isinstance(fname, str) or not fname or "\\" in fname or "\0" in fname:
+        return False
+    return all(part not in ("", ".", "..") for part in fname.split("/"))
+
+
 class CorruptCheckpoint(Exception):
     """A checkpoint that is not committed, or whose files do not match its manifest."""
 
@@ -134,12 +143,23 @@ class CheckpointStore:
             raw = self.storage.read(f"{name}/{MANIFEST}")
         except FileNotFoundError:
             raise CorruptCheckpoint("no manifest (never committed, or a crashed writer)") from None
+        if not raw:
+            raise CorruptCheckpoint(f"{MANIFEST} is empty (0 bytes: damaged after its commit, "
+                                    "or lost in a crash of an unsynced filesystem)")
         try:
             manifest = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpoint(f"manifest is not valid JSON ({e})") from None
+            raise CorruptCheckpoint(f"{MANIFEST} is not valid JSON ({e})") from None
         if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
             raise CorruptCheckpoint("manifest has no 'files' table")
+        for fname, meta in manifest["files"].items():
+            # Every file lives inside the checkpoint's own folder: a name that climbs out of it
+            # would read (and trust) another checkpoint's or any other file.
+            if not _inside_folder(fname):
+                raise CorruptCheckpoint(f"{MANIFEST} names {fname!r}, a path outside its "
+                                        "checkpoint folder; nothing of this checkpoint is read")
+            if not isinstance(meta, dict) or not isinstance(meta.get("size"), int):
+                raise CorruptCheckpoint(f"{MANIFEST}: the entry of {fname!r} has no size")
         if manifest.get("format_version") not in READABLE_FORMATS:
             raise CorruptCheckpoint(f"format version {manifest.get('format_version')!r}, this "
                                     f"build reads {', '.join(map(str, READABLE_FORMATS))}")

@@ -262,11 +262,17 @@ def _coerce(name: str, value: Any, source: str, problems: list[str]) -> Any:
         if kind is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError("expected an integer")
-            return int(value)
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ValueError("expected an integer") from None
         if kind is float:
             if isinstance(value, bool):
                 raise ValueError("expected a number")
-            number = float(value)
+            try:
+                number = float(value)
+            except (TypeError, ValueError):
+                raise ValueError("expected a number") from None
             if not math.isfinite(number):
                 raise ValueError("expected a finite number")
             return number
@@ -274,7 +280,8 @@ def _coerce(name: str, value: Any, source: str, problems: list[str]) -> Any:
             return json.dumps(value)
         return str(value)
     except (TypeError, ValueError) as e:
-        problems.append(f"{flag(name)} (from {source}): {value!r} is invalid: {e}")
+        where = "" if source == flag(name) else f" (from {source})"
+        problems.append(f"{flag(name)}{where}: {value!r} is invalid: {e}")
         return None
 
 
@@ -315,34 +322,54 @@ def load_config(argv: list[str] | None = None, environ: dict[str, str] | None = 
     args = vars(build_parser().parse_args(argv))
     problems: list[str] = []
     values: dict[str, Any] = {}
+    # Where each value not given as a flag came from, so that a problem names the file or the
+    # variable to fix: "$FTT_EPOCHS", "job.yaml:batch_size".
+    sources: dict[str, str] = {}
     names = {f.name for f in fields(Config)}
 
     for name in names:
         key = ENV_PREFIX + name.upper()
         if key in environ:
             values[name] = _coerce(name, environ[key], f"${key}", problems)
+            sources[name] = f"${key}"
 
     config_path = args.get("config", values.get("config") or "")
     if config_path:
         values["config"] = config_path
-        values.update(_read_yaml(config_path, names, problems))
+        values.update(_read_yaml(config_path, names, problems, sources))
 
     for name, raw in args.items():
         values[name] = _coerce(name, raw, flag(name), problems)
+        sources.pop(name, None)
 
     values = {k: v for k, v in values.items() if v is not None}
     try:
         cfg = Config(**values)
     except ConfigError as e:
-        problems.extend(e.problems)
+        problems.extend(_with_source(p, sources) for p in e.problems)
         raise ConfigError(problems) from None
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def _read_yaml(path: str, names: set[str], problems: list[str]) -> dict[str, Any]:
+def _with_source(problem: str, sources: dict[str, str]) -> str:
+    """``--flag: ...`` -> ``--flag (from SOURCE): ...`` for a value that was not a flag."""
+    head, sep, rest = problem.partition(": ")
+    name = head[2:].replace("-", "_")
+    if not sep or not head.startswith("--") or name not in sources:
+        return problem
+    return f"{head} (from {sources[name]}): {rest}"
+
+
+def _read_yaml(path: str, names: set[str], problems: list[str],
+               sources: dict[str, str] | None = None) -> dict[str, Any]:
+    """The options in a YAML --config file; ``sources`` learns "path:key" of each."""
+    import difflib
+
     import yaml
+
+    sources = {} if sources is None else sources
 
     try:
         with open(path, encoding="utf-8") as fh:
@@ -363,13 +390,20 @@ def _read_yaml(path: str, names: set[str], problems: list[str]) -> dict[str, Any
         task = dict(task)
         if "import" in task:
             out["task"] = _coerce("task", task.pop("import"), f"{path}:task.import", problems)
+            sources["task"] = f"{path}:task.import"
         out["task_args"] = json.dumps(task)
+        sources["task_args"] = f"{path}:task"
     elif task is not None:
         out["task"] = _coerce("task", task, f"{path}:task", problems)
+        sources["task"] = f"{path}:task"
     for key, value in data.items():
         name = str(key).replace("-", "_")
         if name not in names or name == "config":
-            problems.append(f"--config: {path!r} has unknown option {key!r}")
+            close = difflib.get_close_matches(name, sorted(names - {"config"}), n=1)
+            hint = (f" (did you mean {close[0]!r}?)" if close else
+                    "; `python -m ftrain.train --help` lists the options")
+            problems.append(f"--config: {path!r} has unknown option {key!r}{hint}")
             continue
         out[name] = _coerce(name, value, f"{path}:{key}", problems)
+        sources[name] = f"{path}:{key}"
     return out

@@ -332,7 +332,9 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
             scaler.load_state_dict(st["scaler"])
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
         raise InputError(f"checkpoint {loaded.uri} does not fit this model/optimizer: "
-                         f"{str(e)[:600]}") from None
+                         f"{str(e)[:600]}\nResume with the --task, its arguments and the task "
+                         "code this checkpoint was written with, or start afresh with "
+                         "--resume never and a new --checkpoint-dir") from None
     apply_hyperparameters(optimizer, sched, applied)
 
 

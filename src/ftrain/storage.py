@@ -24,7 +24,7 @@ import random
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
@@ -82,6 +82,15 @@ class StorageError(Exception):
     """A storage call failed for good (permanent error, or retries exhausted)."""
 
 
+class StorageAccessError(StorageError):
+    """Storage refuses this configuration: the bucket does not exist, or the credentials may
+    not use it. Bad input (fix the URL or the credentials), not an outage; never retried."""
+
+    def __init__(self, message: str, root: str = "") -> None:
+        super().__init__(message)
+        self.root = root  # the root URI of the Storage that was refused
+
+
 @dataclass
 class RetryPolicy:
     attempts: int = 6
@@ -107,10 +116,7 @@ def is_transient(exc: BaseException) -> bool:
     refused connections) by their type, errno or message. The cause chain is followed, since
     s3fs wraps botocore's ClientError into an OSError.
     """
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
+    for e in _chain(exc):
         if isinstance(e, _PERMANENT):
             return False
         answer = _s3_answer(e)
@@ -126,8 +132,40 @@ def is_transient(exc: BaseException) -> bool:
             return True
         if _TRANSIENT_TEXT.search(str(e)):
             return True
-        e = e.__cause__ or e.__context__
     return False
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and its causes (s3fs wraps botocore's ClientError into an OSError)."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+# S3 answers that mean "this bucket or these credentials will never work": bad input.
+_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
+                 "InvalidToken", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
+
+
+def _refusal_answer(e: BaseException) -> tuple[int | None, str] | None:
+    """(HTTP status, code) of an S3 answer in ``e``'s cause chain that refuses the bucket
+    (NoSuchBucket) or the credentials (403, the denial codes); None otherwise."""
+    for cur in _chain(e):
+        answer = _s3_answer(cur)
+        if answer is not None:
+            status, code = answer
+            if code == "NoSuchBucket" or status == 403 or code in _DENIED_CODES:
+                return answer
+            return None
+    return None
+
+
+def _errno_in_chain(e: BaseException) -> int | None:
+    """The errno of the first OSError in ``e``'s cause chain that has one."""
+    return next((cur.errno for cur in _chain(e) if isinstance(cur, OSError) and cur.errno), None)
 
 
 def _s3_answer(e: BaseException) -> tuple[int | None, str] | None:
@@ -150,7 +188,8 @@ class Storage:
     """Byte-level access below one root URI (a local folder, ``s3://bucket/prefix``, ...).
 
     Relative paths use "/" on every backend. Methods raise FileNotFoundError / FileExistsError
-    as such, and StorageError for failures that survived the retries.
+    as such, StorageAccessError (at once, never retried) when S3 refuses the bucket or the
+    credentials, and StorageError for failures that survived the retries.
     """
 
     def __init__(self, root: str, options: dict[str, Any] | None = None,
@@ -203,10 +242,18 @@ class Storage:
         for attempt in range(1, policy.attempts + 1):
             try:
                 return fn()
-            except _PERMANENT:
-                raise
             except Exception as e:  # noqa: BLE001 - classified below
+                refused = self._refusal(what, e)
+                if refused is not None:
+                    raise refused from e
+                if isinstance(e, _PERMANENT):
+                    raise
                 elapsed = time.monotonic() - start
+                code = _errno_in_chain(e) if self.is_local else None
+                if code in (errno.ENOSPC, errno.EDQUOT):  # not transient; say what it means
+                    raise StorageError(f"{what}: the disk holding {self.root_uri} is full "
+                                       f"({os.strerror(code)}): free space there, or use "
+                                       "another folder") from e
                 if not is_transient(e):
                     raise StorageError(f"{what}: {redact(str(e)) or type(e).__name__}") from e
                 if attempt == policy.attempts or elapsed >= policy.deadline:
@@ -222,6 +269,26 @@ class Storage:
                 time.sleep(delay)
         raise AssertionError("unreachable")
 
+    def _refusal(self, what: str, e: BaseException) -> StorageAccessError | None:
+        """A StorageAccessError when S3 refuses this configuration for good: the bucket does
+        not exist, or the credentials may not use it (403). None for any other error."""
+        if self.protocol != "s3":
+            return None
+        answer = _refusal_answer(e)
+        if answer is None:
+            return None
+        status, code = answer
+        bucket = self.full().split("/", 1)[0]
+        if code == "NoSuchBucket":
+            return StorageAccessError(f"the bucket {bucket!r} does not exist (S3 NoSuchBucket): "
+                                      "create it, or fix the bucket name", self.root_uri)
+        shown = f"S3 {code}, HTTP {status}" if code and not code.isdigit() else f"HTTP {status}"
+        return StorageAccessError(
+            f"access to the bucket {bucket!r} was denied ({shown}) for {what}: check the "
+            "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key and "
+            f"secret in the storage options) and that they may read and write {self.root_uri}",
+            self.root_uri)
+
     def _fresh(self) -> None:
         if hasattr(self.fs, "invalidate_cache"):
             self.fs.invalidate_cache()
@@ -236,7 +303,9 @@ class Storage:
             try:
                 entries = self.fs.ls(path, detail=False, **({"refresh": True}
                                                           if self.protocol == "s3" else {}))
-            except FileNotFoundError:
+            except FileNotFoundError as e:
+                if _refusal_answer(e) is not None:
+                    raise  # no bucket at all, not an empty folder
                 return []
             names = []
             for e in entries:

@@ -29,7 +29,7 @@ from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, set
 from .exitcodes import InputError
 from .monitor import Monitor, say_error, setup_logging, wants_json
 from .saving import SavePolicy
-from .storage import Storage, StorageError, redact
+from .storage import Storage, StorageAccessError, StorageError, redact
 from .tasks import (
     BUILTIN,
     ImageClassification,
@@ -70,6 +70,8 @@ def _datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
         else:
             task.prepare_data(ctx)
         train_set, test_set = task.datasets(ctx)
+    except StorageAccessError as e:  # no such bucket, access denied: fix the input
+        error = ("input", f"--data-dir {cfg.data_dir}: {e}")
     except StorageError as e:
         error = ("storage", f"--data-dir {cfg.data_dir}: {e}")
     except (DataError, OSError, TaskError) as e:
@@ -93,6 +95,8 @@ def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
         try:
             try:
                 store.probe_writable()
+            except StorageAccessError:
+                raise
             except StorageError as e:
                 # Transient trouble is the saves' business (retried, counted, exit 140); only
                 # a folder we may never write to is bad input.
@@ -109,6 +113,10 @@ def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
             choice["error"] = (f"--checkpoint-dir {cfg.checkpoint_dir}: cannot write there "
                                f"({type(e).__name__}: {redact(str(e))[:200]}); fix the "
                                "permissions or pick another folder")
+        except StorageAccessError as e:  # no such bucket, access denied: bad input
+            where = (f"--checkpoint-dir {cfg.checkpoint_dir}" if e.root == store.uri
+                     else f"--resume {cfg.resume}")
+            choice["error"] = f"{where}: {e}"
         except StorageError as e:  # unreachable is not invalid: retryable, not exit 2
             choice["error"], choice["storage"] = f"checkpoint storage failed: {e}", True
     choice = coll.broadcast_object(choice)
@@ -119,6 +127,8 @@ def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
             loaded = open_uri(choice["uri"], options)[0].load(choice["name"])
         except CorruptCheckpoint as e:
             raise InputError(f"rank {info.rank} cannot load {choice['uri']}: {e}") from None
+        except StorageAccessError as e:
+            raise InputError(f"rank {info.rank} cannot read {choice['uri']}: {e}") from None
         except StorageError as e:  # unreachable is not invalid: retryable
             raise StorageError(f"rank {info.rank} cannot read {choice['uri']}: {e}") from None
     return choice, loaded
@@ -329,7 +339,7 @@ def _main_with(cfg: Config, signals: StopSignals, task: Task | None) -> int:
         return exitcodes.PEER_FAILED
     try:
         return run(cfg, info, signals, task)
-    except InputError as e:
+    except (InputError, StorageAccessError) as e:
         if info.is_main:
             say_error(str(e), cfg.log_format)
         return exitcodes.INVALID
