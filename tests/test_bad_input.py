@@ -26,6 +26,8 @@ import os
 import re
 import shutil
 import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,7 +39,15 @@ from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.data import fetch_remote_data_dir
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main
-from tests.helpers import ROOT, assert_secret_absent, ckpt, committed_steps, run_train
+from tests.helpers import (
+    ROOT,
+    assert_secret_absent,
+    ckpt,
+    committed_steps,
+    free_port,
+    run_train,
+    start_train,
+)
 from tests.s3server import Fault, save_checkpoint
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
@@ -405,11 +415,33 @@ def test_a_known_secret_appears_nowhere(s3, fault_proxy, tmp_path, monkeypatch, 
     options = {"key": "AKIDSECRETTEST", "secret": secret, "endpoint_url": fault_proxy.url}
     env = {**s3.env, "AWS_ENDPOINT_URL": fault_proxy.url, "AWS_SECRET_ACCESS_KEY": secret,
            "FTT_EXIT_CODE_DIR": str(local / "codes"), "FTT_LOG_LEVEL": "DEBUG"}
-    r = run_train([*TINY, "--checkpoint-dir", s3.uri("run"), "--save-every-steps", "2",
-                   "--storage-options", json.dumps(options),
-                   "--trace-samples", str(local / "trace")], env=env)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert "retry 1/" in r.stderr  # errors were logged
+    # Every outlet of a running job is searched too: JSON log lines, the metrics endpoint (
+    # scraped while it trains), TensorBoard event files and the heartbeat file.
+    port = free_port()
+    log_path = local / "run.log"
+    local.mkdir(parents=True)
+    proc = start_train([*TINY, "--epochs", "6", "--log-every-steps", "1",
+                        "--checkpoint-dir", s3.uri("run"), "--save-every-steps", "2",
+                        "--storage-options", json.dumps(options),
+                        "--trace-samples", str(local / "trace"), "--log-format", "json",
+                        "--metrics-port", str(port), "--tensorboard", str(local / "tb"),
+                        "--heartbeat-file", str(local / "heartbeat")], env=env,
+                       log_path=log_path)
+    scrapes = []
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    while proc.poll() is None:
+        try:
+            with direct.open(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                scrapes.append(resp.read().decode())
+        except OSError:
+            pass
+        time.sleep(0.02)
+    output = log_path.read_text()
+    assert proc.wait() == 0, output[-3000:]
+    r = subprocess.CompletedProcess(proc.args, 0, output, "")
+    assert scrapes and "ftrain_step" in scrapes[-1], output[-2000:]
+    assert list((local / "tb").glob("events.out.tfevents.*"))
+    assert "retry 1/" in output  # errors were logged
     assert s3.committed("run")
     objects = {key: s3.read(key) for key in s3.keys("run/")}
 
@@ -423,7 +455,7 @@ def test_a_known_secret_appears_nowhere(s3, fault_proxy, tmp_path, monkeypatch, 
             with pytest.raises(StorageError) as err:
                 Storage(s3.uri("run")).read(next(iter(objects)).split("/", 1)[1])
             errors.append(err.value)
-    searched = assert_secret_absent(secret, texts=[r.stdout, r.stderr, caplog.text],
+    searched = assert_secret_absent(secret, texts=[r.stdout, caplog.text, *scrapes],
                                     paths=[local], blobs=objects, exceptions=errors)
     assert searched >= len(objects) + 3
 
