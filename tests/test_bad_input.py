@@ -332,6 +332,21 @@ def test_wrong_credentials_exit_2_at_once_without_the_secret(s3, fault_proxy):
     assert len(fault_proxy.requests) == 3, [(r.method, r.target) for r in fault_proxy.requests]
 
 
+def test_no_credentials_at_all_exit_2_at_once(s3, tmp_path):
+    """No key anywhere: botocore cannot sign. That was retried for the whole deadline and then
+    exited 140, 'rerun once storage is reachable', which no rerun fixes."""
+    env = {k: v for k, v in s3.env.items() if k not in ("AWS_ACCESS_KEY_ID",
+                                                         "AWS_SECRET_ACCESS_KEY")}
+    env["AWS_EC2_METADATA_DISABLED"] = "true"  # no instance metadata to find credentials in
+    no_keys = {k: "" for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                               "AWS_SESSION_TOKEN")}
+    r = run_train([*TINY, "--checkpoint-dir", s3.uri("run")], env={**env, **no_keys})
+    assert r.returncode == exitcodes.INVALID, r.stderr[-3000:]
+    assert f"error: --checkpoint-dir {s3.uri('run')}: no S3 credentials found for " in r.stderr
+    assert "(NoCredentialsError): set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY" in r.stderr
+    assert "retry 1/" not in r.stderr and "Traceback" not in r.stderr
+
+
 # ---------------------------------------------------------------------------- 7. disk full
 @pytest.fixture
 def small_disk(tmp_path):

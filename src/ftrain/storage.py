@@ -145,6 +145,9 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         e = e.__cause__ or e.__context__
 
 
+# botocore's errors when it has no usable credentials to sign with: bad input, never retried.
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"}
+
 # S3 answers that mean "this bucket or these credentials will never work": bad input.
 _DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
                  "InvalidToken", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
@@ -274,11 +277,18 @@ class Storage:
         not exist, or the credentials may not use it (403). None for any other error."""
         if self.protocol != "s3":
             return None
+        bucket = self.full().split("/", 1)[0]
+        missing = next((type(c).__name__ for c in _chain(e)
+                        if type(c).__name__ in _NO_CREDENTIALS), None)
+        if missing is not None:  # botocore found none: no request was even sent
+            return StorageAccessError(
+                f"no S3 credentials found for {what} ({missing}): set AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or key and secret in the storage "
+                'options; {"anon": true} for a public bucket)', self.root_uri)
         answer = _refusal_answer(e)
         if answer is None:
             return None
         status, code = answer
-        bucket = self.full().split("/", 1)[0]
         if code == "NoSuchBucket":
             return StorageAccessError(f"the bucket {bucket!r} does not exist (S3 NoSuchBucket): "
                                       "create it, or fix the bucket name", self.root_uri)
