@@ -572,9 +572,11 @@ class Trainer:
 
     def _storage_failed_exit(self) -> int:
         if self.info.is_main:
-            log.error("checkpoints failed %d times in a row; exiting with %d (retryable) so the "
-                      "job restarts once storage is back", self.cfg.max_failed_saves,
-                      exitcodes.STORAGE_FAILED)
+            ckpt = self.saver.ckpt
+            failed = ckpt.consecutive_failures if ckpt is not None else self.cfg.max_failed_saves
+            log.error("checkpoints failed %d times in a row (--max-failed-saves %d); exiting "
+                      "with %d (retryable) so the job restarts once storage is back", failed,
+                      self.cfg.max_failed_saves, exitcodes.STORAGE_FAILED)
         return exitcodes.STORAGE_FAILED
 
 
