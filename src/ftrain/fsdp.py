@@ -164,8 +164,12 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
-                 planner=SafeLoadPlanner())
+        with warnings.catch_warnings():
+            # One process without a process group: "torch.distributed is disabled ...
+            # assuming ... a single process". It is.
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
+                     planner=SafeLoadPlanner())
     except CheckpointException as e:
         cause = first_failure(e)
         if isinstance(cause, StorageError):
@@ -173,6 +177,35 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
         raise ShardedCheckpointError(describe_failure(f"loading {loaded.uri}", e)) from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
+
+
+def load_whole(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a ddp checkpoint (one whole state file, the optimizer's state keyed by parameter
+    index) into the sharded ``model``: each rank keeps its slices of the whole tensors (every
+    rank has mapped the file already; nothing new is allocated at full size but transiently,
+    per tensor)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    optim = by_parameter_name(loaded.state["optimizer"], optimizer, model)
+    set_state_dict(model, optimizer, model_state_dict=loaded.state["model"],
+                   optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
+
+
+def by_parameter_name(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
+    """A ``torch.optim`` state dict keyed by parameter index, re-keyed by parameter name: the
+    i-th parameter of each saved group is the i-th of this optimizer's same group (the task
+    builds both optimizers the same way)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = saved["param_groups"]
+    if len(groups) != len(optimizer.param_groups) or any(
+            len(g["params"]) != len(h["params"]) for g, h in zip(groups, optimizer.param_groups,
+                                                                 strict=True)):
+        raise ValueError("the checkpoint's optimizer has other parameter groups than this "
+                         "run's")
+    index = {i: names[id(p)] for g, h in zip(groups, optimizer.param_groups, strict=True)
+             for i, p in zip(g["params"], h["params"], strict=True)}
+    return {"state": {index[i]: s for i, s in saved["state"].items()},
+            "param_groups": [dict(g, params=[index[i] for i in g["params"]]) for g in groups]}
 
 
 def load_full_model(loaded, model: nn.Module) -> None:

@@ -55,9 +55,9 @@ RULES: tuple[Rule, ...] = (
     Rule("scheduler", "--scheduler", "refuse", "the schedule state would not fit"),
     Rule("lr_step_epochs", "--lr-step-epochs", "refuse", "the step schedule keeps its state"),
     Rule("lr_gamma", "--lr-gamma", "refuse", "the step schedule keeps its state"),
-    Rule("parallel", "--parallel", "refuse", "a ddp checkpoint holds one whole state file, an "
-         "fsdp one a shard per rank with the optimizer state keyed by parameter name; loading "
-         "one as the other is not implemented yet (resume with the --parallel that wrote it)"),
+    Rule("parallel", "--parallel", "apply", "converted on load: a ddp checkpoint's whole "
+         "tensors are sliced into each rank's shards, an fsdp checkpoint's shards assembled "
+         "whole on every rank; the gradients are reduced in another order from then on"),
     Rule("world_size", "world size", "apply", "must divide --batch-size; the same sample "
          "sequence continues (gradients are summed in another order)"),
     Rule("lr", "--lr", "apply", "every param group's learning rate (and the schedule's base) is "
@@ -75,7 +75,8 @@ RULES: tuple[Rule, ...] = (
 )
 _BY_FACT = {r.fact: r for r in RULES}
 # Applied changes that alter the arithmetic of the steps to come.
-NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision")
+NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision",
+               "parallel")
 # Config fields the table covers (compared as facts), or that never count as changes.
 _NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler",
              "lr_step_epochs", "lr_gamma", "lr", "momentum", "weight_decay", "grad_accum",
@@ -332,10 +333,14 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
     do not fit. (A scaler without saved state, after a precision change, starts afresh.)"""
     st = loaded.state
     try:
-        if loaded.sharded:  # every rank reads its chunks (collective)
+        if loaded.sharded:  # every rank reads its chunks (collective), sharded model or not
             from .fsdp import load_sharded
 
             load_sharded(loaded, model, optimizer)
+        elif cfg.parallel == "fsdp":  # a ddp checkpoint: each rank keeps its slices
+            from .fsdp import load_whole
+
+            load_whole(loaded, model, optimizer)
         else:
             model.load_state_dict(st["model"])
             optimizer.load_state_dict(st["optimizer"])
