@@ -222,6 +222,74 @@ def test_initialisation_is_the_same_on_every_world_size(tmp_path):
     assert torch.equal(want["features.1.weight"], torch.ones(32))
 
 
+def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from ftrain.checkpoint import ShardedCheckpointer
+
+    os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    group = dist.new_group(backend="gloo")
+    saver = ShardedCheckpointer(CheckpointStore(Storage(folder)), keep_last=10,
+                                orphan_grace_s=3600, group=group, is_main=rank == 0,
+                                world_size=2)
+    weight = torch.zeros(1000)
+
+    def save(step: int, **kw):
+        weight.fill_(step * 10 + rank)  # each rank's own tensor, named by its rank
+        t0 = time.perf_counter()
+        result = saver.save(step, {"sharded": {"model": {f"w{rank}": weight}}, "small": {}},
+                            {"epoch": 0, "step": step}, {"epoch": 0}, **kw)
+        return result, time.perf_counter() - t0
+
+    stalls = [save(1)[1]]
+    time.sleep(0.2)  # its persist has started (and waits in rank 0's commit)
+    stalls += [save(step)[1] for step in (2, 3)]
+    if rank == 0:
+        # Rank 0's loop reaches save 4 only after save 1 committed: its persister takes 3
+        # while rank 1's takes 4; rank 0 must drop 3 and persist 4 with rank 1.
+        while not os.path.exists(os.path.join(folder, step_dirname(1), "manifest.json")):
+            time.sleep(0.02)
+        time.sleep(0.5)
+    stalls.append(save(4)[1])
+    ok = saver.wait()
+    save(5)
+    time.sleep(0.2)
+    result, waited = save(6, blocking=True)
+    saver.close()
+    torch.save({"stalls": stalls, "ok": ok, "dropped": saver.dropped, "blocking": result,
+                "waited": waited}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_persist_the_same_saves_and_never_wait(tmp_path):
+    """Saves due while one persists never make a rank's loop wait, and all ranks persist the
+    same snapshots, even when one rank's loop is behind the other's."""
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "result"
+    procs = [ctx.Process(target=_persist_on_ranks, args=(r, str(tmp_path / "ckpt"),
+                                                         str(tmp_path / "store"), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for r in results:
+        assert max(r["stalls"]) < 0.4, r["stalls"]  # none waited for the 0.8 s persist
+        assert r["ok"] is True and r["blocking"] is True and r["waited"] > 0.8
+        assert r["dropped"] == 2  # steps 2 and 3, on both ranks
+    assert committed_steps(tmp_path / "ckpt") == [1, 4, 5, 6]
+    for step in (1, 4, 5, 6):
+        state = load_uri(str(tmp_path / "ckpt" / step_dirname(step))).model_state()
+        assert set(state) == {"w0", "w1"}
+        assert torch.all(state["w0"] == step * 10) and torch.all(state["w1"] == step * 10 + 1)
+
+
 # ---------------------------------------------------------------------------- end to end
 def _check_same_run(ref: Path, got: Path | str) -> None:
     a, b = load_uri(str(ref)), load_uri(str(got))

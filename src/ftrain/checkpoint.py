@@ -569,9 +569,10 @@ class _Snapshot:
 
 
 def _is_dtensor(obj: Any) -> bool:
-    # Never imported here (0.6 s on the first save): a DTensor exists only once it is.
-    module = sys.modules.get("torch.distributed.tensor")
-    return module is not None and isinstance(obj, module.DTensor)
+    # Never imported here (0.6 s on the first save): a DTensor exists only once it is. (It may
+    # be half-imported by another thread, before DTensor is defined: then none exists yet.)
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(obj, cls)
 
 
 @dataclass
@@ -797,6 +798,11 @@ class ShardedCheckpointer(Checkpointer):
 
     def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float,
                  group: Any, is_main: bool, world_size: int) -> None:
+        # Imported here, not first in the persister thread while the loop snapshots.
+        import torch.distributed.checkpoint  # noqa: F401
+
+        from . import sharded  # noqa: F401
+
         self.group = group  # None: one process, nobody to agree with
         self.world_size = world_size
         super().__init__(store, keep_last, orphan_grace_s)

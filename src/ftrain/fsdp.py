@@ -22,7 +22,6 @@ world size.
 from __future__ import annotations
 
 import logging
-import warnings
 import zlib
 from collections.abc import Iterator
 
@@ -164,12 +163,8 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
-        with warnings.catch_warnings():
-            # One process without a process group: "torch.distributed is disabled ...
-            # assuming ... a single process". It is.
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
-                     planner=SafeLoadPlanner())
+        dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
+                 planner=SafeLoadPlanner())
     except CheckpointException as e:
         cause = first_failure(e)
         if isinstance(cause, StorageError):
@@ -219,11 +214,8 @@ def load_full_model(loaded, model: nn.Module) -> None:
 
     state = {"model": model.state_dict()}
     try:
-        with warnings.catch_warnings():
-            # "torch.distributed is disabled ... assuming ... a single process": it is.
-            warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
-                     planner=SafeLoadPlanner(), no_dist=True)
+        dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
+                 planner=SafeLoadPlanner(), no_dist=True)
     except (CheckpointException, RuntimeError, ValueError) as e:
         raise ShardedCheckpointError(describe_failure(f"loading {loaded.uri}", e)) from None
     model.load_state_dict(state["model"])

@@ -57,6 +57,11 @@ from .storage import CHECKSUM, Storage
 
 log = logging.getLogger(__name__)
 
+# One process without a process group (world size 1, the tools) is a case we mean: DCP's
+# warning about it on every save and load would only bury the log.
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or "
+                        r"uninitialized", category=UserWarning)
+
 METADATA_FORMAT = "ftrain-dcp-json/1"
 ALIGN = 64  # tensor chunks start at multiples of this in a shard file
 
@@ -318,7 +323,7 @@ def encode_metadata(md: Metadata) -> bytes:
                         "index": index.index, "file": loc.file, "at": loc.offset,
                         "length": loc.length, "shape": list(loc.shape)})
     planner = {k: list(v) for k, v in (md.planner_data or {}).items()}
-    return json.dumps({"format": METADATA_FORMAT, "version": md.version,
+    return json.dumps({"format": METADATA_FORMAT, "version": getattr(md, "version", None),
                        "state_dict_metadata": tensors, "storage_data": storage,
                        "planner_data": planner}, sort_keys=True).encode()
 
@@ -352,8 +357,10 @@ def decode_metadata(raw: bytes | memoryview) -> Metadata:
         planner = {k: tuple(v) for k, v in doc["planner_data"].items()}
     except (KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"malformed metadata ({type(e).__name__}: {e})") from None
-    return Metadata(state_dict_metadata=sd, planner_data=planner, storage_data=storage,
-                    version=doc.get("version"))
+    md = Metadata(state_dict_metadata=sd, planner_data=planner, storage_data=storage)
+    if doc.get("version") is not None:
+        md.version = doc["version"]  # not a field in every torch version; kept as written
+    return md
 
 
 def first_failure(e: BaseException) -> BaseException:
