@@ -405,7 +405,7 @@ def compare_runs(ref: Reference, ckpt_dir: Path, trace_dirs: list[Path]) -> dict
         return out
     if got.manifest["step"] != want.manifest["step"]:
         problems.append(f"final step {got.manifest['step']}, reference {want.manifest['step']}")
-    a, b = want.state["model"], got.state["model"]
+    a, b = want.model_state(), got.model_state()  # any layout
     differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or
                     a[k].dtype != b[k].dtype or a[k].shape != b[k].shape
                     or not torch.equal(a[k], b[k]))

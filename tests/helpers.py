@@ -147,7 +147,7 @@ def cut_and_resume(args: list[str], tmp_path: Path, cut_at: int, nproc: int = 2,
         assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stderr, r.stderr[-3000:]
     a, b = load_uri(str(ref)), load_uri(str(cut))
-    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert_bitwise_equal(a.model_state(), b.model_state())
     return a, b, r.stderr
 
 

@@ -12,6 +12,21 @@ each other's files and the create-only manifest decides which one committed. A c
 valid when its manifest parses and every file it lists has the recorded size and checksum
 (format 2: XXH3-128, the algorithm named per file; format 1 checkpoints carry SHA-256 and still
 verify and load).
+
+A sharded checkpoint (``--parallel fsdp``, format 3, ``layout: "sharded"``) holds the model and
+optimizer as DCP shard files, one per rank that wrote it (sharded.py), next to rank 0's files::
+
+    step_0000000480/
+        shard-<rank>-<writer>.distcp   this rank's chunks of the model and optimizer state
+        dcp-<writer>.json              DCP's metadata (global shapes, chunks, where they are)
+        state-<writer>.pt              schedule, gradient scaler, RNG states, the task's state
+        train_state-<writer>.json
+        manifest.json                  lists every file above, written last by rank 0
+
+Every rank writes its own shard; rank 0 receives every rank's file table (name, size,
+checksum), writes its own files and publishes the manifest create-only after all finished.
+A missing or corrupt shard makes the whole checkpoint invalid. Format 2 readers refuse
+format 3 ("format version 3") rather than misread it.
 """
 
 from __future__ import annotations
@@ -22,6 +37,7 @@ import logging
 import os
 import platform
 import re
+import sys
 import threading
 import time
 import uuid
@@ -39,7 +55,9 @@ log = logging.getLogger(__name__)
 Producer = Callable[[BinaryIO], object]
 
 FORMAT_VERSION = 2  # 2: per-file checksum algorithm (XXH3-128); 1: SHA-256
-READABLE_FORMATS = (1, 2)
+SHARDED_FORMAT = 3  # 3: layout "sharded" (DCP shard files, one per rank that wrote it)
+READABLE_FORMATS = (1, 2, 3)
+SHARDED = "sharded"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{10})$")
 
@@ -98,8 +116,25 @@ class Loaded:
     name: str
     uri: str
     manifest: dict[str, Any]
-    state: dict[str, Any]  # model / optimizer / scheduler state dicts (CPU tensors)
+    # model / optimizer / scheduler state dicts (CPU tensors); a sharded checkpoint's holds no
+    # model and optimizer: they are in its shards (``dcp``).
+    state: dict[str, Any]
     train_state: dict[str, Any]
+    dcp: Any = None  # sharded: DCP's Metadata (the shard files' index)
+    storage: Storage | None = None  # sharded: the storage its folder ``name`` is in
+
+    @property
+    def sharded(self) -> bool:
+        return self.manifest.get("layout") == SHARDED
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's whole state dict (CPU tensors), whatever the layout: a sharded
+        checkpoint's chunks are assembled in this process (no model, no process group)."""
+        if not self.sharded:
+            return self.state["model"]
+        from .sharded import read_full_tensors
+
+        return read_full_tensors(self.storage, self.name, self.dcp, "model.")
 
 
 @dataclass
@@ -163,31 +198,79 @@ class CheckpointStore:
         if manifest.get("format_version") not in READABLE_FORMATS:
             raise CorruptCheckpoint(f"format version {manifest.get('format_version')!r}, this "
                                     f"build reads {', '.join(map(str, READABLE_FORMATS))}")
-        for key in ("step", "epoch", "state_file", "train_state_file"):
+        keys = ["step", "epoch", "state_file", "train_state_file"]
+        if manifest.get("layout") == SHARDED:
+            keys += ["dcp_metadata_file", "shards"]
+        for key in keys:
             if key not in manifest:
                 raise CorruptCheckpoint(f"manifest lacks {key!r}")
+        if manifest.get("layout") == SHARDED and (
+                not isinstance(manifest["shards"], list)
+                or not set(manifest["shards"]) <= set(manifest["files"])):
+            raise CorruptCheckpoint("manifest's shards are not among its files")
         return manifest
 
-    def read_verified(self, name: str, manifest: dict[str, Any] | None = None
-                      ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Manifest and the bytes of every file it lists, each checked for size and checksum."""
+    def read_verified(self, name: str, manifest: dict[str, Any] | None = None,
+                      shards: str = "full") -> tuple[dict[str, Any], dict[str, Any]]:
+        """Manifest and the bytes of every file it lists, each checked for size and checksum.
+
+        A sharded checkpoint's shard files: with ``shards="full"`` checked like the others
+        (not returned); with ``"size"`` only their sizes are (the ranks share the checksums:
+        ``verify_files``)."""
         manifest = self.read_manifest(name) if manifest is None else manifest
+        shard_files = set(manifest.get("shards") or ()) if manifest.get("layout") == SHARDED \
+            else set()
         blobs: dict[str, bytes] = {}
         for fname, meta in manifest["files"].items():
-            try:
-                data = self.storage.read_mapped(f"{name}/{fname}")
-            except FileNotFoundError:
-                raise CorruptCheckpoint(f"{fname} is missing") from None
-            if len(data) != meta.get("size"):
-                raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
-                                        f"{meta.get('size')} (truncated?)")
-            verify_checksum(fname, meta, data)
-            blobs[fname] = data
+            if fname in shard_files:
+                if shards == "size":
+                    self._check_size(name, fname, meta)
+                else:
+                    self.verify_files(name, manifest, [fname], raise_=True)
+                continue
+            blobs[fname] = self._read_checked(name, fname, meta)
         return manifest, blobs
 
-    def load(self, name: str) -> Loaded:
-        """Verify and deserialize one checkpoint; raises CorruptCheckpoint with the reason."""
-        manifest, blobs = self.read_verified(name)
+    def _read_checked(self, name: str, fname: str, meta: dict[str, Any]) -> Any:
+        try:
+            data = self.storage.read_mapped(f"{name}/{fname}")
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{fname} is missing") from None
+        if len(data) != meta.get("size"):
+            raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
+                                    f"{meta.get('size')} (truncated?)")
+        verify_checksum(fname, meta, data)
+        return data
+
+    def _check_size(self, name: str, fname: str, meta: dict[str, Any]) -> None:
+        try:
+            size = int(self.storage.info(f"{name}/{fname}").get("size") or 0)
+        except FileNotFoundError:
+            raise CorruptCheckpoint(f"{fname} is missing") from None
+        if size != meta.get("size"):
+            raise CorruptCheckpoint(f"{fname} has {size} bytes, manifest says "
+                                    f"{meta.get('size')} (truncated?)")
+
+    def verify_files(self, name: str, manifest: dict[str, Any], files: list[str],
+                     raise_: bool = False) -> str | None:
+        """Check ``files`` of checkpoint ``name`` (one at a time) against the manifest. Returns
+        the first problem (naming the file), None when all match; with ``raise_`` raises it as
+        CorruptCheckpoint."""
+        for fname in files:
+            try:
+                data = self._read_checked(name, fname, manifest["files"][fname])
+                del data
+            except CorruptCheckpoint as e:
+                if raise_:
+                    raise
+                return str(e)
+        return None
+
+    def load(self, name: str, shards: str = "full") -> Loaded:
+        """Verify and deserialize one checkpoint; raises CorruptCheckpoint with the reason.
+        ``shards="size"``: a sharded checkpoint's shard files are only checked for size (the
+        caller verifies their checksums, e.g. shared between ranks)."""
+        manifest, blobs = self.read_verified(name, shards=shards)
         return self._deserialize(name, manifest, blobs)
 
     def _deserialize(self, name: str, manifest: dict[str, Any], blobs: dict[str, Any]) -> Loaded:
@@ -210,19 +293,38 @@ class CheckpointStore:
             train_state = json.loads(bytes(blobs[manifest["train_state_file"]]))
         except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"train state unreadable: {e}") from None
+        if manifest.get("layout") == SHARDED:
+            from .sharded import decode_metadata
+
+            if not isinstance(state, dict):
+                raise CorruptCheckpoint("state file holds no state")
+            try:
+                dcp = decode_metadata(blobs[manifest["dcp_metadata_file"]])
+            except (KeyError, ValueError) as e:
+                raise CorruptCheckpoint(f"DCP metadata unreadable: {e}") from None
+            missing = {loc.file for loc in dcp.storage_data.values()} - set(manifest["shards"])
+            if missing:
+                raise CorruptCheckpoint(f"DCP metadata names files the manifest does not list: "
+                                        f"{sorted(missing)}")
+            return Loaded(name, self.storage.uri(name), manifest, state, train_state, dcp,
+                          self.storage)
         if not isinstance(state, dict) or "model" not in state:
             raise CorruptCheckpoint("state file holds no model state")
         return Loaded(name, self.storage.uri(name), manifest, state, train_state)
 
-    def latest(self) -> Loaded | None:
-        """Newest valid checkpoint; corrupt or partial ones are logged loudly and skipped.
+    def latest(self, skip: frozenset[str] | set[str] = frozenset(), shards: str = "full"
+               ) -> Loaded | None:
+        """Newest valid checkpoint; corrupt or partial ones are logged loudly and skipped
+        (``skip``: URIs of checkpoints already found invalid). ``shards``: as for ``load``.
 
         Raises StorageError when storage fails (after retries): an unreachable checkpoint is
         not a corrupt one, and falling back past it would throw work away.
         """
         for _step, name in self.step_dirs():
+            if self.storage.uri(name) in skip:
+                continue
             try:
-                return self.load(name)
+                return self.load(name, shards=shards)
             except CorruptCheckpoint as e:
                 log.warning("SKIPPING checkpoint %s: %s", self.storage.uri(name), e)
         return None
@@ -255,7 +357,8 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ commit
     def commit(self, step: int, files: dict[str, bytes | memoryview | Producer],
-               manifest: dict[str, Any], writer: str) -> bool:
+               manifest: dict[str, Any], writer: str,
+               written: dict[str, dict[str, Any]] | None = None) -> bool:
         """Write ``files`` into the step's folder, then the manifest, create-only.
 
         A file is given as its bytes, or as a ``Producer``: a function that writes the file's
@@ -266,11 +369,15 @@ class CheckpointStore:
         second writer is logged and never overwrites the first. A committed but corrupt
         checkpoint at the step is moved out of the way (its manifest kept as
         ``manifest.json.corrupt-<time>``) and written anew. Raises StorageError on failure.
+        ``written``: files already in the folder (other ranks' shards), with their size and
+        checksum, listed in the manifest too (and removed if another writer wins).
         """
         name = step_dirname(step)
-        if self.storage.exists(f"{name}/{MANIFEST}") and not self._make_way(name, writer):
-            return self._is_ours(name, writer)
-        table = {}
+        if not self.may_write(name, writer):
+            if written and not self._is_ours(name, writer, quiet=True):
+                self._remove_files(name, written)
+            return self._is_ours(name, writer, quiet=True)
+        table = dict(written or {})
         for fname, data in files.items():
             put = self.storage.write_stream if callable(data) else self.storage.write
             try:
@@ -293,19 +400,31 @@ class CheckpointStore:
         except FileExistsError:
             if self._is_ours(name, writer):
                 return True
-            for fname in files:
-                self.storage.remove(f"{name}/{fname}")
+            self._remove_files(name, [*files, *(written or {})])
             return False
         return True
 
-    def _is_ours(self, name: str, writer: str) -> bool:
+    def may_write(self, name: str, writer: str) -> bool:
+        """Whether this writer may write step folder ``name``: nothing is committed there, or
+        what is committed is corrupt (then moved out of the way). A valid commit by another
+        writer is logged."""
+        if self.storage.exists(f"{name}/{MANIFEST}") and not self._make_way(name, writer):
+            self._is_ours(name, writer)
+            return False
+        return True
+
+    def _remove_files(self, name: str, files: Any) -> None:
+        for fname in files:
+            self.storage.remove(f"{name}/{fname}")
+
+    def _is_ours(self, name: str, writer: str, quiet: bool = False) -> bool:
         """Whether the step's committed manifest is this writer's; logs the loser otherwise."""
         try:
             other = self.read_manifest(name).get("writer")
         except CorruptCheckpoint:
             other = "?"
-        if other == writer:
-            return True
+        if other == writer or quiet:
+            return other == writer
         log.warning("checkpoint %s is already committed by writer %s; this writer (%s) does not "
                     "overwrite it and discards its own copy", self.storage.uri(name), other, writer)
         return False
@@ -433,6 +552,8 @@ class _Snapshot:
         self.buffers: dict[str, torch.Tensor] = {}
 
     def copy(self, obj: Any, key: str = "") -> Any:
+        if _is_dtensor(obj):
+            return self._copy_dtensor(obj, key)
         if isinstance(obj, torch.Tensor):
             buf = self.buffers.get(key)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
@@ -446,6 +567,32 @@ class _Snapshot:
         if isinstance(obj, (list, tuple)):
             return type(obj)(self.copy(v, f"{key}/{i}") for i, v in enumerate(obj))
         return obj
+
+    def _copy_dtensor(self, obj: Any, key: str) -> Any:
+        """This rank's shard of a DTensor into a host buffer, kept as a DTensor with the same
+        mesh and placements, so that DCP knows where the shard sits in the whole tensor."""
+        local = obj.to_local()
+        shell = self.buffers.get(key)
+        if shell is None or shell.shape != obj.shape or shell.dtype != obj.dtype or \
+                shell.placements != obj.placements or shell.to_local().shape != local.shape:
+            # The first snapshot allocates: a CPU copy of the DTensor (same mesh, placements,
+            # global shape), whose local tensor is the buffer from then on.
+            shell = obj.detach().to("cpu", copy=True)
+            if local.device.type == "cuda":
+                # Private: DTensor has no public way to swap its local tensor for a pinned one
+                # (from_local moves it back to the mesh's device); torch's own staging for
+                # async_save does the same (torch/distributed/_state_dict_utils.py).
+                shell._local_tensor = shell._local_tensor.pin_memory()
+            self.buffers[key] = shell
+        shell.to_local().copy_(local.detach(), non_blocking=True)
+        return shell
+
+
+def _is_dtensor(obj: Any) -> bool:
+    # Never imported here (0.6 s on the first save): a DTensor exists only once it is. (It may
+    # be half-imported by another thread, before DTensor is defined: then none exists yet.)
+    cls = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+    return cls is not None and isinstance(obj, cls)
 
 
 @dataclass
@@ -479,6 +626,7 @@ class Checkpointer:
         self.store = store
         self.keep_last = keep_last
         self.orphan_grace_s = orphan_grace_s
+        self.is_main = True  # logs commits and applies retention
         self.writer = uuid.uuid4().hex[:12]
         self._sets = (_Snapshot(), _Snapshot())
         self._cond = threading.Condition()
@@ -488,7 +636,6 @@ class Checkpointer:
         self._serial = 0
         self._closed = False
         self._thread = threading.Thread(target=self._work, name="ckpt-persist", daemon=True)
-        self._thread.start()
         self.consecutive_failures = 0
         self.last_committed_step: int | None = None
         self.last_stall_s = 0.0
@@ -500,6 +647,7 @@ class Checkpointer:
         self._drop_logged = False
         self._last_request: float | None = None  # monotonic time of the previous save request
         self.request_interval_s = 0.0  # time between the two newest save requests
+        self._thread.start()
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
              manifest: dict[str, Any], blocking: bool = False,
@@ -581,7 +729,18 @@ class Checkpointer:
                 req, self._pending = self._pending, None
                 self._running = req
             t0 = time.monotonic()
-            ok = self._persist(req)
+            try:
+                agreed = self._agree(req)
+            except Exception as e:  # noqa: BLE001 - a peer is gone: this save fails
+                req = self._running or req
+                self._failed(step_dirname(req.step), e)
+                ok = False
+            else:
+                if agreed is None:
+                    return
+                req = agreed
+                t0 = time.monotonic()
+                ok = self._persist(req)
             with self._cond:
                 self.last_persist_s = time.monotonic() - t0
                 self._results[req.serial] = ok
@@ -590,38 +749,51 @@ class Checkpointer:
                 self._running = None
                 self._cond.notify_all()
 
+    def _agree(self, req: SaveRequest) -> SaveRequest | None:
+        """The request to persist now (``req``: the one just taken; running). One writer has
+        nobody to agree with."""
+        return req
+
+    def _write(self, req: SaveRequest) -> bool:
+        """Write and commit one checkpoint; whether this writer committed it."""
+        state_file = f"state-{self.writer}.pt"
+        train_file = f"train_state-{self.writer}.json"
+        # torch.save writes straight into the storage's file, hashed as it goes: no copy of
+        # the whole state in memory and no second pass over it to hash it.
+        files = {state_file: lambda fh: torch.save(req.state, fh),
+                 train_file: json.dumps(req.train_state, sort_keys=True).encode()}
+        manifest = dict(req.manifest, format_version=FORMAT_VERSION, step=req.step,
+                        state_file=state_file, train_state_file=train_file,
+                        versions=library_versions())
+        return self.store.commit(req.step, files, manifest, self.writer)
+
     def _persist(self, req: SaveRequest) -> bool:
         name = step_dirname(req.step)
         try:
-            state_file = f"state-{self.writer}.pt"
-            train_file = f"train_state-{self.writer}.json"
-            # torch.save writes straight into the storage's file, hashed as it goes: no copy of
-            # the whole state in memory and no second pass over it to hash it.
-            files = {state_file: lambda fh: torch.save(req.state, fh),
-                     train_file: json.dumps(req.train_state, sort_keys=True).encode()}
-            manifest = dict(req.manifest, format_version=FORMAT_VERSION, step=req.step,
-                            state_file=state_file, train_state_file=train_file,
-                            versions=library_versions())
-            committed = self.store.commit(req.step, files, manifest, self.writer)
+            committed = self._write(req)
             secs = time.monotonic() - req.started
-            if committed:
+            if committed and self.is_main:
                 log.info("checkpoint %s committed (%.1f MiB, %.2fs)", self.store.storage.uri(name),
                          self.store.last_commit_bytes / 2**20, secs)
             self.consecutive_failures = 0
             self.last_committed_step = req.step
             self.committed += 1
             self.last_commit_time = time.time()
-            try:
-                self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step)
-            except (StorageError, OSError) as e:
-                log.warning("retention after %s failed (will retry next save): %s", name, e)
+            if self.is_main:
+                try:
+                    self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step)
+                except (StorageError, OSError) as e:
+                    log.warning("retention after %s failed (will retry next save): %s", name, e)
             return True
         except Exception as e:  # noqa: BLE001 - a failed save must not kill training
-            self.consecutive_failures += 1
-            self.failed += 1
-            log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
-                      self.consecutive_failures, type(e).__name__, redact(str(e)))
+            self._failed(name, e)
             return False
+
+    def _failed(self, name: str, e: BaseException) -> None:
+        self.consecutive_failures += 1
+        self.failed += 1
+        log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
+                  self.consecutive_failures, type(e).__name__, redact(str(e))[:2000])
 
     def close(self) -> None:
         """Persist what is waiting, then stop the persister thread."""
@@ -629,3 +801,96 @@ class Checkpointer:
             self._closed = True
             self._cond.notify_all()
         self._thread.join()
+
+
+class ShardedCheckpointer(Checkpointer):
+    """Every rank's saver under ``--parallel fsdp``: the same snapshot and background persist
+    as ``Checkpointer``, but each rank writes its own shard (DCP, through ``sharded.ShardWriter``)
+    and rank 0 commits the whole checkpoint once all shards are written.
+
+    The persisters of all ranks persist the same saves, agreed on over ``group`` (a gloo group
+    of their own, so that the background collectives never mix with training's): each takes
+    the newest snapshot it has, and they compare serials; a rank holding an older one than
+    another's drops it and waits for that newer one (its loop makes the same saves, so it
+    comes). The first rank to persist a serial therefore never waits for a rank that dropped
+    it, and a blocking save is persisted by all.
+    """
+
+    def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float,
+                 group: Any, is_main: bool, world_size: int) -> None:
+        # Imported here, not first in the persister thread while the loop snapshots.
+        import torch.distributed.checkpoint  # noqa: F401
+
+        from . import sharded  # noqa: F401
+
+        self.group = group  # None: one process, nobody to agree with
+        self.world_size = world_size
+        super().__init__(store, keep_last, orphan_grace_s)
+        self.is_main = is_main
+
+    def _agree(self, req: SaveRequest) -> SaveRequest | None:
+        if self.group is None:
+            return req
+        import torch.distributed as dist
+
+        while True:
+            bounds = torch.tensor([req.serial, -req.serial], dtype=torch.int64)
+            dist.all_reduce(bounds, op=dist.ReduceOp.MAX, group=self.group)
+            newest, oldest = int(bounds[0]), -int(bounds[1])
+            if newest == oldest:
+                return req
+            if req.serial == newest:
+                continue  # the others catch up with this one
+            with self._cond:
+                self._drop(req)
+                self._running = None
+                self._cond.notify_all()
+                while (self._pending is None or self._pending.serial < newest) and \
+                        not self._closed:
+                    self._cond.wait()
+                if self._pending is None:
+                    log.error("closed while the other ranks persist save %d; leaving", newest)
+                    return None
+                req, self._pending = self._pending, None
+                self._running = req
+
+    def _write(self, req: SaveRequest) -> bool:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner
+
+        from .sharded import ShardedCheckpointError, ShardWriter, describe_failure, first_failure
+
+        name = step_dirname(req.step)
+        committed = [False]
+
+        def commit(metadata: bytes, shards: dict[str, dict[str, Any]]) -> None:
+            state_file = f"state-{self.writer}.pt"
+            train_file = f"train_state-{self.writer}.json"
+            meta_file = f"dcp-{self.writer}.json"
+            small = req.state.get("small") or {}
+            files = {state_file: lambda fh: torch.save(small, fh),
+                     train_file: json.dumps(req.train_state, sort_keys=True).encode(),
+                     meta_file: metadata}
+            manifest = dict(req.manifest, format_version=SHARDED_FORMAT, layout=SHARDED,
+                            step=req.step, state_file=state_file, train_state_file=train_file,
+                            dcp_metadata_file=meta_file, shards=sorted(shards),
+                            shard_world_size=self.world_size, versions=library_versions())
+            committed[0] = self.store.commit(req.step, files, manifest, self.writer, shards)
+
+        def precheck() -> bool:
+            return self.store.may_write(name, self.writer)
+
+        writer = ShardWriter(self.store.storage, name, self.writer,
+                             precheck if self.is_main else None,
+                             commit if self.is_main else None)
+        try:
+            # Replicated values (BatchNorm buffers, the optimizer's step counts and
+            # hyperparameters) are written once, by the lowest rank that holds them: rank 0's,
+            # as under DDP.
+            dcp.save(req.state["sharded"], storage_writer=writer, process_group=self.group,
+                     planner=DefaultSavePlanner(dedup_save_to_lowest_rank=True))
+        except CheckpointException as e:  # a BaseException: would end the persister thread
+            cause = first_failure(e)
+            raise ShardedCheckpointError(describe_failure("the sharded save", e)) from (
+                cause if isinstance(cause, Exception) else None)
+        return committed[0] if self.is_main else True

@@ -100,6 +100,8 @@ def summary(loaded: Loaded) -> dict[str, Any]:
         "created_unix": m.get("created_unix"),
         "versions": m.get("versions"),
         "reason": m.get("reason"),
+        "layout": m.get("layout", "single"),
+        "shards": len(m.get("shards") or ()),
         "history": ts.get("history", []),
         "config": ts.get("config", {}),
     }
@@ -116,6 +118,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"{info['batch_in_epoch']} of the next)")
     print(f"world size   {info['world_size']}   global batch {info['global_batch_size']}   "
           f"seed {info['seed']}")
+    if info["layout"] == "sharded":
+        print(f"layout       sharded (--parallel fsdp): {info['shards']} shard files, "
+              "loadable on any world size")
     task = info["task"]
     print(f"task         {task['import']}  {json.dumps(task['args'], sort_keys=True)}")
     try:
@@ -149,11 +154,23 @@ def rebuild_model(loaded: Loaded):
         raise TaskError(f"--task {ref.target} {json.dumps(ref.args)}: building the model "
                         f"failed: {type(e).__name__}: {e}") from None
     try:
-        model.load_state_dict(loaded.state["model"])
+        load_weights(loaded, model)
     except RuntimeError as e:
         raise TaskError(f"the weights of {loaded.uri} do not fit the model of its task "
                         f"({str(e)[:300]}); is this the same version of the task's code?") from None
     return model
+
+
+def load_weights(loaded: Loaded, model) -> None:
+    """The checkpoint's model weights into the plain ``model`` (one process): a sharded
+    checkpoint's shards are assembled whole (its world size does not matter). Raises
+    RuntimeError when they do not fit."""
+    if loaded.sharded:
+        from .fsdp import load_full_model
+
+        load_full_model(loaded, model)
+    else:
+        model.load_state_dict(loaded.state["model"])
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ MODELS = ("cnn", "mlp", "resnet18")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("none", "step", "cosine", "onecycle")
 DEVICES = ("auto", "cpu", "cuda")
+PARALLEL = ("ddp", "fsdp")
 
 BUILTIN_TASK = "ftrain.tasks:ImageClassification"
 # Flags that configure the built-in task only (ftrain.tasks.ImageClassification's arguments).
@@ -80,6 +81,10 @@ class Config:
     # --- system ---
     device: str = _opt("auto", "Device: cuda when available (auto), else cpu.", DEVICES)
     dist_timeout: float = _opt(300.0, "Seconds a collective may wait for a peer before failing.")
+    parallel: str = _opt("ddp", "How the workers share the model: 'ddp' (every rank holds the "
+                         "whole model; rank 0 writes each checkpoint) or 'fsdp' (FSDP2: each "
+                         "rank holds a shard of the parameters, gradients and optimizer state, "
+                         "and writes its own shard of every checkpoint).", PARALLEL)
     # --- checkpoints ---
     checkpoint_dir: str = _opt("./checkpoints", "Folder or s3:// URL for checkpoints.")
     resume: str = _opt("auto", "'auto' (newest valid checkpoint, if any), 'never', or a URI.")
@@ -152,6 +157,9 @@ class Config:
         if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
             p.append(f"{flag('grad_accum')}: {self.grad_accum} does not divide --batch-size "
                      f"{self.batch_size}; pick a divisor of it")
+        if self.parallel == "fsdp" and self.precision == "fp16":
+            p.append(f"{flag('precision')}: fp16 is not supported with --parallel fsdp (its "
+                     "gradient scaler would judge each rank's shard alone); use bf16 or fp32")
         module, _, attr = self.task.partition(":")
         if not module.strip() or not attr.strip() or ":" in attr:
             p.append(f"{flag('task')}: {self.task!r} is not an import string "

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from . import exitcodes
 from .checkpoint import CorruptCheckpoint, load_uri
+from .ckpt import load_weights
 from .config import json_object
 from .data import DataError, SeededItems
 from .distributed import choose_device
@@ -65,7 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return exitcodes.INVALID
     model = task.build_model()
-    model.load_state_dict(loaded.state["model"])
+    try:
+        load_weights(loaded, model)
+    except RuntimeError as e:
+        print(f"error: --checkpoint {args.checkpoint}: the weights do not fit the task's model: "
+              f"{str(e)[:300]}", file=sys.stderr)
+        return exitcodes.INVALID
     if loaded.state.get("task"):
         task.load_state_dict(loaded.state["task"])
     model.to(device).eval()

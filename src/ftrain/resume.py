@@ -55,6 +55,9 @@ RULES: tuple[Rule, ...] = (
     Rule("scheduler", "--scheduler", "refuse", "the schedule state would not fit"),
     Rule("lr_step_epochs", "--lr-step-epochs", "refuse", "the step schedule keeps its state"),
     Rule("lr_gamma", "--lr-gamma", "refuse", "the step schedule keeps its state"),
+    Rule("parallel", "--parallel", "apply", "converted on load: a ddp checkpoint's whole "
+         "tensors are sliced into each rank's shards, an fsdp checkpoint's shards assembled "
+         "whole on every rank; the gradients are reduced in another order from then on"),
     Rule("world_size", "world size", "apply", "must divide --batch-size; the same sample "
          "sequence continues (gradients are summed in another order)"),
     Rule("lr", "--lr", "apply", "every param group's learning rate (and the schedule's base) is "
@@ -72,12 +75,13 @@ RULES: tuple[Rule, ...] = (
 )
 _BY_FACT = {r.fact: r for r in RULES}
 # Applied changes that alter the arithmetic of the steps to come.
-NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision")
+NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision",
+               "parallel")
 # Config fields the table covers (compared as facts), or that never count as changes.
 _NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler",
              "lr_step_epochs", "lr_gamma", "lr", "momentum", "weight_decay", "grad_accum",
              "clip_grad_norm", "precision", "epochs", "config", "resume", "storage_options",
-             *BUILTIN_TASK_FIELDS}
+             "parallel", *BUILTIN_TASK_FIELDS}
 LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
 
 
@@ -92,7 +96,7 @@ def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
             "world_size": world_size, "lr": cfg.lr, "momentum": cfg.momentum,
             "weight_decay": cfg.weight_decay, "grad_accum": cfg.grad_accum,
             "clip_grad_norm": cfg.clip_grad_norm, "precision": cfg.precision,
-            "epochs": cfg.epochs}
+            "epochs": cfg.epochs, "parallel": cfg.parallel}
 
 
 def checkpoint_task(train_state: dict[str, Any], manifest: dict[str, Any]) -> TaskRef:
@@ -119,13 +123,16 @@ def checkpoint_facts(loaded: Loaded) -> dict[str, Any]:
     written before the facts were recorded (facts that cannot be known are left out)."""
     ts = loaded.train_state
     if "run" in ts:
-        return dict(ts["run"])
+        facts = dict(ts["run"])
+        # Written before --parallel existed: a ddp checkpoint.
+        facts.setdefault("parallel", "fsdp" if loaded.sharded else "ddp")
+        return facts
     old = ts.get("config", {})
     ref = checkpoint_task(ts, loaded.manifest)
     facts = {"task": ref.target, "task_args": ref.args, "seed": ts.get("seed", old.get("seed")),
              "global_batch_size": ts.get("global_batch_size"),
              "world_size": ts.get("world_size"), "grad_accum": 1, "clip_grad_norm": 0.0,
-             "precision": "fp32",
+             "precision": "fp32", "parallel": "ddp",
              "augmentation": LEGACY_CIFAR_AUGMENTATION if ref.args.get("dataset") == "cifar10"
              else "none"}
     for key in ("optimizer", "scheduler", "lr_step_epochs", "lr_gamma", "lr", "momentum",
@@ -196,8 +203,12 @@ def markdown_table() -> str:
 
 
 # ---------------------------------------------------------------------------- which checkpoint
-def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, Any]) -> Loaded | None:
-    """Rank 0: the checkpoint to resume from, None to start fresh; InputError to refuse."""
+def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, Any],
+                      skip: frozenset[str] | set[str] = frozenset()) -> Loaded | None:
+    """Rank 0: the checkpoint to resume from, None to start fresh; InputError to refuse.
+
+    ``skip``: URIs of checkpoints found invalid since (a sharded checkpoint's shard checksums
+    are verified by all ranks together, after this choice: ``CheckpointStore.verify_files``)."""
     if cfg.resume == "never":
         if store.step_dirs():
             raise InputError(f"--resume never, but --checkpoint-dir {cfg.checkpoint_dir} already "
@@ -207,7 +218,7 @@ def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, An
     if cfg.resume == "auto":
         if not store.committed_names():
             return None  # nothing committed; a save killed half-way is invisible by design
-        loaded = store.latest()
+        loaded = store.latest(skip, shards="size")
         if loaded is None:
             raise InputError(f"--checkpoint-dir {cfg.checkpoint_dir} holds checkpoints but none "
                              "is valid (see the warnings above). Inspect them with "
@@ -219,12 +230,12 @@ def choose_checkpoint(cfg: Config, store: CheckpointStore, options: dict[str, An
         # go back to the URI it started from.
         log.info("--resume %s: --checkpoint-dir %s already holds this run's checkpoints; "
                  "resuming from the newest of them instead", cfg.resume, cfg.checkpoint_dir)
-        loaded = store.latest()
+        loaded = store.latest(skip, shards="size")
         if loaded is not None:
             return loaded
     other, name = open_uri(cfg.resume, options)
     try:
-        loaded = other.load(name) if name else other.latest()
+        loaded = other.load(name, shards="size") if name else other.latest(skip, shards="size")
     except CorruptCheckpoint as e:
         raise InputError(f"--resume {cfg.resume}: invalid checkpoint: {e}") from None
     if loaded is None:
@@ -322,9 +333,18 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
     do not fit. (A scaler without saved state, after a precision change, starts afresh.)"""
     st = loaded.state
     try:
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        _own_memory(optimizer)
+        if loaded.sharded:  # every rank reads its chunks (collective), sharded model or not
+            from .fsdp import load_sharded
+
+            load_sharded(loaded, model, optimizer)
+        elif cfg.parallel == "fsdp":  # a ddp checkpoint: each rank keeps its slices
+            from .fsdp import load_whole
+
+            load_whole(loaded, model, optimizer)
+        else:
+            model.load_state_dict(st["model"])
+            optimizer.load_state_dict(st["optimizer"])
+            _own_memory(optimizer)
         load_scheduler_state(cfg, sched, st["scheduler"], custom_scheduler)
         if st.get("task"):
             task.load_state_dict(st["task"])

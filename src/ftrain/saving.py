@@ -3,7 +3,9 @@
 It is handed the objects to save (model, optimizer, schedule, task) and the run's fixed facts;
 the trainer hands it the progress to record. ``save`` is collective: every rank calls it, rank
 0's Checkpointer snapshots and persists in the background, and for a blocking save every rank
-learns whether it committed.
+learns whether it committed. Under ``--parallel fsdp`` every rank has a ShardedCheckpointer and
+snapshots its own shards of the model and optimizer (``get_state_dict``: DTensors, no
+communication); the rest (schedule, scaler, RNG states, the task's state) is rank 0's.
 """
 
 from __future__ import annotations
@@ -33,10 +35,11 @@ class SavePolicy:
                  optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
                  meta: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
         self.cfg, self.info, self.coll = cfg, info, coll
-        self.ckpt = checkpointer  # rank 0 only
+        self.ckpt = checkpointer  # rank 0's (ddp), every rank's (fsdp)
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
         self.scaler = scaler
         self.meta = meta  # fixed facts of the run, recorded in every checkpoint
+        self.sharded = cfg.parallel == "fsdp"
         self.last_save_time = time.monotonic()
         self.abandoned = False  # a save that missed its deadline is still being written
 
@@ -76,16 +79,7 @@ class SavePolicy:
             if "model_args" in self.meta:
                 manifest["model_args"] = self.meta["model_args"]
             manifest["reason"] = reason
-            tensors = {"model": self.model.state_dict(),
-                       "optimizer": self.optimizer.state_dict(),
-                       "scheduler": self.scheduler.state_dict()}
-            if self.scaler is not None:
-                tensors["scaler"] = self.scaler.state_dict()
-            if rng is not None:
-                tensors["rng"] = rng
-            extra = self.task.state_dict()
-            if extra:
-                tensors["task"] = extra
+            tensors = self._sharded(rng) if self.sharded else self._tensors(rng)
             try:
                 result = self.ckpt.save(step, tensors, train_state, manifest, blocking=blocking,
                                         timeout=timeout)
@@ -97,6 +91,31 @@ class SavePolicy:
         if blocking and self.info.is_distributed:
             ok = self.coll.agree_flags([0 if ok else 1])[0] == 0
         return ok
+
+    def _tensors(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                **self._small(rng)}
+
+    def _small(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """Schedule, gradient scaler, every rank's RNG states, the task's own state."""
+        small: dict[str, Any] = {"scheduler": self.scheduler.state_dict()}
+        if self.scaler is not None:
+            small["scaler"] = self.scaler.state_dict()
+        if rng is not None:
+            small["rng"] = rng
+        extra = self.task.state_dict()
+        if extra:
+            small["task"] = extra
+        return small
+
+    def _sharded(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+        """This rank's shards of model and optimizer (keyed by parameter names, so that they
+        load on any world size) and, on rank 0, the small replicated state."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        return {"sharded": {"model": model, "optimizer": optimizer},
+                "small": self._small(rng) if self.info.is_main else None}
 
     def save_blocking(self, progress: dict[str, Any], rng: list[dict[str, Any]] | None,
                       step: int, reason: str) -> bool:

@@ -103,6 +103,14 @@ class Task:
     def after_step(self, model: nn.Module) -> None:
         """Called after every optimizer step (update an EMA here)."""
 
+    def shard_units(self, model: nn.Module) -> list[nn.Module]:
+        """``--parallel fsdp``: the submodules to shard as one unit each (``fully_shard``;
+        each unit's parameters are gathered together for its forward and backward). The root
+        is always a unit of its own, after these. Default: each top-level child that owns
+        parameters, a container (Sequential, ModuleList, ModuleDict) replaced by its
+        children, recursively."""
+        return default_shard_units(model)
+
     def state_dict(self) -> dict[str, Any]:
         """Extra state of the task to checkpoint (tensors and plain values)."""
         return {}
@@ -198,6 +206,25 @@ def default_scheduler(opt: torch.optim.Optimizer, cfg: Config, steps_per_epoch: 
 
 def _constant(_step: int) -> float:
     return 1.0
+
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+
+
+def default_shard_units(model: nn.Module) -> list[nn.Module]:
+    """Each top-level child of ``model`` that owns parameters; a container (Sequential,
+    ModuleList, ModuleDict) is replaced by its children, recursively."""
+    units: list[nn.Module] = []
+
+    def visit(module: nn.Module) -> None:
+        for child in module.children():
+            if isinstance(child, _CONTAINERS):
+                visit(child)
+            elif any(True for _ in child.parameters()):
+                units.append(child)
+
+    visit(model)
+    return units
 
 
 # ---------------------------------------------------------------------------- built-in task

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
 
 from . import exitcodes
 from .config import Config
@@ -486,6 +486,12 @@ class Trainer:
                             pin_memory=info.device.type == "cuda")
         names: list[str] = []
         totals: torch.Tensor | None = None
+        # Under fsdp every forward is collective (each unit gathers its parameters): a rank
+        # with fewer eval batches than rank 0 runs its last batch again, discarded.
+        batch = loader.batch_size or 1
+        padding = -(-len(range(0, len(items), info.world_size)) // batch) - len(loader) \
+            if self.cfg.parallel == "fsdp" and info.world_size > 1 else 0
+        inputs = None
         for (inputs, targets), idx in loader:
             self.monitor.beat()  # an evaluation may take longer than a liveness probe waits
             with autocast(self.cfg.precision, info.device):
@@ -497,6 +503,11 @@ class Trainer:
             for i, name in enumerate(names):
                 totals[i] += torch.as_tensor(sums[name]).to(torch.float64)
             totals[-1] += len(idx)
+        if padding and inputs is None:  # no eval item of its own: rank 0's first one
+            (inputs, _targets), _ = default_collate([items[0]])
+        for _ in range(padding):
+            with autocast(self.cfg.precision, info.device):
+                self.task.forward(model, to_device(inputs, info.device))
         # Every rank takes part in the reduction, even one with no eval item (names from the
         # training sums then, which are the same names).
         if totals is None:

@@ -1,0 +1,531 @@
+"""``--parallel fsdp``: FSDP2 training with sharded checkpoints that keep every promise.
+
+Unit tests: the sharded storage layer (DCP over our Storage) round-trips a state without
+pickle, refuses a hostile pickle, and its metadata survives JSON; the meta-device
+initialisation is the same on every world size. End to end (torchrun, 2 CPU workers, gloo):
+a run cut at a step, or SIGKILLed mid-epoch, or SIGTERMed (emergency sharded checkpoint,
+exit 143) resumes bitwise equal to an uninterrupted one, for the default CNN (BatchNorm), the
+MLP and a user's task; a checkpoint written by 4 ranks resumes on 2 and on 1 with every sample
+seen once; a corrupt or missing shard invalidates its checkpoint as a whole; a ddp checkpoint
+resumes under fsdp and the other way round; the tools read sharded checkpoints; S3 takes the
+same code path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import multiprocessing
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
+from ftrain.storage import Storage
+from tests.helpers import (
+    PY,
+    ROOT,
+    SMALL,
+    assert_bitwise_equal,
+    base_env,
+    ckpt,
+    committed_steps,
+    run_train,
+    strip_timing,
+    wait_for,
+)
+
+FSDP = ["--parallel", "fsdp"]
+# 2 epochs of 32 steps, a step checkpoint every 5 steps.
+CNN = [*SMALL, *FSDP, "--save-every-steps", "5"]
+MLP = [*CNN, "--model", "mlp"]
+
+
+# ---------------------------------------------------------------------------- unit
+def _roundtrip(tmp_path: Path, state: dict, template: dict) -> dict:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import DefaultSavePlanner
+
+    from ftrain.sharded import SafeLoadPlanner, ShardReader, ShardWriter, decode_metadata
+
+    storage = Storage(str(tmp_path))
+    got: dict = {}
+
+    def commit(metadata: bytes, table: dict) -> None:
+        got.update(metadata=metadata, table=table)
+
+    dcp.save(state, storage_writer=ShardWriter(storage, "step", "w1", commit=commit),
+             planner=DefaultSavePlanner(), no_dist=True)
+    assert list(got["table"]) == ["shard-00000-w1.distcp"]
+    meta = decode_metadata(got["metadata"])
+    dcp.load(template, storage_reader=ShardReader(storage, "step", meta),
+             planner=SafeLoadPlanner(), no_dist=True)
+    return got
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_shards_roundtrip_without_pickle(tmp_path):
+    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.9))
+    model(torch.randn(4, 5)).sum().backward()
+    opt.step()
+    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+             "bf16": torch.arange(7, dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
+    template = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
+                "optimizer": {"state": {i: {k: torch.zeros_like(v) for k, v in s.items()}
+                                        for i, s in opt.state_dict()["state"].items()},
+                              "param_groups": [dict(g, lr=0.0, betas=(0.0, 0.0)) for g in
+                                               opt.state_dict()["param_groups"]]},
+                "bf16": torch.zeros(7, dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
+    got = _roundtrip(tmp_path, state, template)
+    for key in ("model", "bf16", "empty"):
+        a, b = state[key], template[key]
+        assert_bitwise_equal(a if isinstance(a, dict) else {key: a},
+                             b if isinstance(b, dict) else {key: b})
+    for i, s in state["optimizer"]["state"].items():
+        assert_bitwise_equal(s, template["optimizer"]["state"][i])
+    # Non-tensor values come back (through weights_only unpickling).
+    assert template["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    # The metadata is JSON, the shard file holds raw tensor bytes.
+    doc = json.loads(got["metadata"])
+    assert doc["state_dict_metadata"]["model.0.weight"]["size"] == [3, 5]
+    raw = (tmp_path / "step" / "shard-00000-w1.distcp").read_bytes()
+    weight = model.state_dict()["0.weight"].numpy().tobytes()
+    assert weight in raw
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_hostile_pickle_in_a_shard_is_refused():
+    from ftrain.sharded import SafeLoadPlanner
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    planner = SafeLoadPlanner()
+    with pytest.raises(pickle.UnpicklingError):
+        planner.load_bytes(None, io.BytesIO(pickle.dumps(Evil())))
+
+
+def test_metadata_survives_json():
+    from torch.distributed.checkpoint.metadata import (
+        BytesStorageMetadata,
+        ChunkStorageMetadata,
+        Metadata,
+        MetadataIndex,
+        TensorProperties,
+        TensorStorageMetadata,
+    )
+
+    from ftrain.sharded import Location, decode_metadata, encode_metadata
+
+    md = Metadata(
+        state_dict_metadata={
+            "model.w": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16),
+                                             torch.Size([4, 2]),
+                                             [ChunkStorageMetadata(torch.Size([0, 0]),
+                                                                   torch.Size([2, 2])),
+                                              ChunkStorageMetadata(torch.Size([2, 0]),
+                                                                   torch.Size([2, 2]))]),
+            "optimizer.param_groups.0.lr": BytesStorageMetadata()},
+        planner_data={"model.w": ("model", "w"),
+                      "optimizer.param_groups.0.lr": ("optimizer", "param_groups", 0, "lr")},
+        storage_data={MetadataIndex("model.w", [2, 0]): Location("shard-1.distcp", 64, 8, (2, 2)),
+                      MetadataIndex("optimizer.param_groups.0.lr"): Location("s0", 0, 9)})
+    back = decode_metadata(encode_metadata(md))
+    assert back.state_dict_metadata == md.state_dict_metadata
+    assert back.planner_data == md.planner_data
+    assert back.storage_data == md.storage_data
+    with pytest.raises(ValueError):
+        decode_metadata(b'{"format": "pickle"}')
+
+
+class _NoReset(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.inner = nn.Linear(3, 3)
+
+
+def test_a_module_that_cannot_initialise_itself_is_named():
+    from ftrain.exitcodes import InputError
+    from ftrain.fsdp import check_initialisable
+
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(2, 3), _NoReset())
+    with pytest.raises(InputError, match=r"1 \(_NoReset\)"):
+        check_initialisable(model)
+    check_initialisable(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+
+
+def test_default_shard_units_expand_containers():
+    from ftrain.models import SmallCNN
+    from ftrain.tasks import default_shard_units
+
+    model = SmallCNN()
+    units = default_shard_units(model)
+    assert [type(u).__name__ for u in units] == ["Conv2d", "BatchNorm2d", "Conv2d",
+                                                 "BatchNorm2d", "Linear", "Linear"]
+
+
+def _init_on_ranks(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ftrain.distributed import DistInfo
+    from ftrain.fsdp import build_model
+    from ftrain.tasks import ImageClassification
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank,
+                            world_size=world)
+    model = build_model(ImageClassification(), 7, DistInfo(rank, world, rank,
+                                                           torch.device("cpu"), "gloo"))
+    full = {k: v.full_tensor() for k, v in model.state_dict().items()
+            if hasattr(v, "full_tensor")}
+    shapes = {k: tuple(v.to_local().shape) for k, v in model.state_dict().items()
+              if hasattr(v, "to_local")}
+    if rank == 0:
+        torch.save((full, shapes), out)
+    dist.destroy_process_group()
+
+
+def test_initialisation_is_the_same_on_every_world_size(tmp_path):
+    from ftrain.distributed import DistInfo
+    from ftrain.fsdp import build_model
+    from ftrain.tasks import ImageClassification
+
+    plain = build_model(ImageClassification(), 7, DistInfo(0, 1, 0, torch.device("cpu"), None))
+    assert not any(hasattr(v, "full_tensor") for v in plain.state_dict().values())
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_init_on_ranks, args=(r, 3, str(tmp_path / "store"), str(out)))
+             for r in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    full, shapes = torch.load(out, weights_only=True)
+    want = plain.state_dict()
+    assert_bitwise_equal({k: want[k] for k in full}, full)
+    # Sharded for real: rank 0 holds a third of the first conv's 32 output channels (11).
+    assert shapes["features.0.weight"] == (11, 1, 3, 3)
+    # Not the ddp init (one seed for the whole model), but a real one.
+    assert 0.05 < float(want["features.0.weight"].std()) < 0.5
+    assert torch.equal(want["features.1.weight"], torch.ones(32))
+
+
+def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
+    import os
+    import time
+
+    import torch.distributed as dist
+
+    from ftrain.checkpoint import ShardedCheckpointer
+
+    os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    group = dist.new_group(backend="gloo")
+    saver = ShardedCheckpointer(CheckpointStore(Storage(folder)), keep_last=10,
+                                orphan_grace_s=3600, group=group, is_main=rank == 0,
+                                world_size=2)
+    weight = torch.zeros(1000)
+
+    def save(step: int, **kw):
+        weight.fill_(step * 10 + rank)  # each rank's own tensor, named by its rank
+        t0 = time.perf_counter()
+        result = saver.save(step, {"sharded": {"model": {f"w{rank}": weight}}, "small": {}},
+                            {"epoch": 0, "step": step}, {"epoch": 0}, **kw)
+        return result, time.perf_counter() - t0
+
+    stalls = [save(1)[1]]
+    time.sleep(0.2)  # its persist has started (and waits in rank 0's commit)
+    stalls += [save(step)[1] for step in (2, 3)]
+    if rank == 0:
+        # Rank 0's loop reaches save 4 only after save 1 committed: its persister takes 3
+        # while rank 1's takes 4; rank 0 must drop 3 and persist 4 with rank 1.
+        while not os.path.exists(os.path.join(folder, step_dirname(1), "manifest.json")):
+            time.sleep(0.02)
+        time.sleep(0.5)
+    stalls.append(save(4)[1])
+    ok = saver.wait()
+    save(5)
+    time.sleep(0.2)
+    result, waited = save(6, blocking=True)
+    saver.close()
+    torch.save({"stalls": stalls, "ok": ok, "dropped": saver.dropped, "blocking": result,
+                "waited": waited}, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_ranks_persist_the_same_saves_and_never_wait(tmp_path):
+    """Saves due while one persists never make a rank's loop wait, and all ranks persist the
+    same snapshots, even when one rank's loop is behind the other's."""
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "result"
+    procs = [ctx.Process(target=_persist_on_ranks, args=(r, str(tmp_path / "ckpt"),
+                                                         str(tmp_path / "store"), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0, 0]
+    results = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+    for r in results:
+        assert max(r["stalls"]) < 0.4, r["stalls"]  # none waited for the 0.8 s persist
+        assert r["ok"] is True and r["blocking"] is True and r["waited"] > 0.8
+        assert r["dropped"] == 2  # steps 2 and 3, on both ranks
+    assert committed_steps(tmp_path / "ckpt") == [1, 4, 5, 6]
+    for step in (1, 4, 5, 6):
+        state = load_uri(str(tmp_path / "ckpt" / step_dirname(step))).model_state()
+        assert set(state) == {"w0", "w1"}
+        assert torch.all(state["w0"] == step * 10) and torch.all(state["w1"] == step * 10 + 1)
+
+
+# ---------------------------------------------------------------------------- end to end
+def _check_same_run(ref: Path, got: Path | str) -> None:
+    a, b = load_uri(str(ref)), load_uri(str(got))
+    assert a.sharded and b.sharded
+    assert a.manifest["step"] == b.manifest["step"]
+    assert_bitwise_equal(a.model_state(), b.model_state())
+    assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
+
+
+@pytest.fixture(scope="module")
+def cnn_ref(tmp_path_factory) -> Path:
+    """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers."""
+    d = tmp_path_factory.mktemp("fsdp_ref") / "ckpt"
+    r = run_train([*CNN, "--checkpoint-dir", str(d)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return d
+
+
+@pytest.mark.slow
+def test_cut_and_resume_is_bitwise_exact(cnn_ref, tmp_path):
+    d = tmp_path / "ckpt"
+    for extra in (["--max-steps", "21"], []):  # mid-epoch, between two step checkpoints
+        r = run_train([*CNN, *extra, "--checkpoint-dir", str(d)], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {d}/{step_dirname(21)}" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
+    _check_same_run(cnn_ref, d)
+    manifest = load_uri(str(d)).manifest
+    assert (manifest["format_version"], manifest["layout"]) == (3, "sharded")
+    assert manifest["shard_world_size"] == 2 and len(manifest["shards"]) == 2
+
+
+@pytest.mark.slow
+def test_user_task_cut_and_resume_is_bitwise_exact(tmp_path):
+    """tests/toytask.py: a user's task (Linear, BatchNorm1d, Linear), 4 steps per epoch."""
+    args = ["--task", "tests.toytask:ToyTask", "--batch-size", "16", "--epochs", "3",
+            "--log-every-steps", "0", "--save-every-seconds", "0", *FSDP]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for folder, extra in ((ref, []), (cut, ["--max-steps", "6"]), (cut, [])):
+        r = run_train([*args, *extra, "--checkpoint-dir", str(folder)], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {cut}/{step_dirname(6)}" in r.stderr, r.stderr[-3000:]
+    _check_same_run(ref, cut)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_resumes_exactly(cnn_ref, tmp_path):
+    from launch import chaos
+
+    d = tmp_path / "ckpt"
+    job = chaos.Job(2, CNN, d, tmp_path / "trace1", tmp_path / "log1.txt").start()
+    assert job.wait_until(lambda: chaos.latest_committed(d) >= 5, 120), job.log_text()[-3000:]
+    job.kill(signal.SIGKILL, "launcher", random.Random(0))  # torchrun and every worker
+    assert job.wait(60) is not None and job.reap(30) == 0
+    resume_at = chaos.latest_committed(d)
+    assert resume_at % 32, "the kill should land mid-epoch"
+    assert "emergency" not in job.log_text().lower()
+    r = run_train([*CNN, "--checkpoint-dir", str(d)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {d}/{step_dirname(resume_at)}" in r.stderr
+    _check_same_run(cnn_ref, d)
+
+
+@pytest.mark.slow
+def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
+    from tests.tracing import kill_leftovers, last_step, launch_run_cmd, read_trace, start_logged
+
+    d, trace = tmp_path / "ckpt", tmp_path / "trace1"
+    args = [*CNN, "--checkpoint-dir", str(d)]
+    log = tmp_path / "run1.log"
+    proc = start_logged(launch_run_cmd([*args, "--trace-samples", str(trace)], nproc=2), log)
+    try:
+        assert wait_for(lambda: len(read_trace(trace)) >= 2 * 8, timeout=180), log.read_text()
+        proc.send_signal(signal.SIGTERM)  # to the container entrypoint, as Kubernetes does
+        code = proc.wait(timeout=180)
+    finally:
+        kill_leftovers(str(tmp_path))
+    text = log.read_text()
+    assert code == 143 and "rank 0: 143, rank 1: 143" in text, text[-3000:]
+    stopped_at = last_step(read_trace(trace))
+    assert stopped_at < 64
+    assert committed_steps(d)[-1] == stopped_at, text[-3000:]
+    assert load_uri(str(d)).manifest["reason"] == "preempt"
+    r = run_train(args, nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {d}/{step_dirname(stopped_at)}" in r.stderr
+    _check_same_run(cnn_ref, d)
+
+
+@pytest.mark.slow
+def test_4_ranks_resume_on_2_then_on_1_every_sample_once(tmp_path):
+    from tests.tracing import assert_epoch_exactly_once, read_trace
+
+    d = tmp_path / "ckpt"
+    traces, logs = [], []
+    for i, (world, max_steps) in enumerate([(4, 20), (2, 40), (0, 0)]):  # 0: one process
+        trace = tmp_path / f"trace{i}"
+        r = run_train([*MLP, "--checkpoint-dir", str(d), "--max-steps", str(max_steps),
+                       "--trace-samples", str(trace)], nproc=world)
+        assert r.returncode == 0, r.stderr[-3000:]
+        traces.append(read_trace(trace))
+        logs.append(r.stderr)
+    assert f"resumed from {d}/{step_dirname(20)}" in logs[1]
+    assert "allowed change: world size 4 -> 2" in logs[1]
+    assert f"resumed from {d}/{step_dirname(40)}" in logs[2]
+    assert "allowed change: world size 2 -> 1" in logs[2]
+    assert [min(x["step"] for x in t) for t in traces] == [1, 21, 41]
+    assert [max(x["step"] for x in t) for t in traces] == [20, 40, 64]
+    assert [{x["world"] for x in t} for t in traces] == [{4}, {2}, {1}]
+    assert_epoch_exactly_once(traces[0] + traces[1], 2048, 64, 0, epoch=0)
+    assert_epoch_exactly_once(traces[1] + traces[2], 2048, 64, 0, epoch=1)
+    final = load_uri(str(d))
+    assert (final.manifest["step"], final.manifest["shard_world_size"]) == (64, 1)
+    assert len(final.manifest["shards"]) == 1
+    assert [h["step"] for h in final.train_state["history"]] == [32, 64]
+
+
+@pytest.mark.slow
+def test_uneven_eval_shards_do_not_hang(tmp_path):
+    """513 eval items on 2 ranks, batches of 256: rank 0 has 2 batches, rank 1 one. Every FSDP
+    forward is collective, so rank 1 runs a discarded one more (no hang until the timeout);
+    the evaluation still counts each item once."""
+    r = run_train([*MLP, "--synthetic-test-size", "513", "--epochs", "1", "--dist-timeout",
+                   "60", "--checkpoint-dir", str(tmp_path / "ckpt")], nproc=2, timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "epoch 1/1 done" in r.stderr
+    history = load_uri(str(tmp_path / "ckpt")).train_state["history"]
+    assert 0 < history[0]["eval_acc"] <= 1 and round(history[0]["eval_acc"] * 513, 6) % 1 == 0
+
+
+def _damage(folder: Path, step: int, how: str) -> str:
+    manifest = json.loads((folder / step_dirname(step) / "manifest.json").read_text())
+    shard = sorted(manifest["shards"])[-1]
+    path = folder / step_dirname(step) / shard
+    if how == "corrupt":
+        raw = bytearray(path.read_bytes())
+        raw[len(raw) // 2] ^= 0xFF
+        path.write_bytes(bytes(raw))
+    else:
+        path.unlink()
+    return shard
+
+
+@pytest.mark.slow
+def test_a_corrupt_or_missing_shard_invalidates_the_whole_checkpoint(cnn_ref, tmp_path):
+    d = tmp_path / "ckpt"
+    shutil.copytree(cnn_ref, d)
+    assert committed_steps(d) == [55, 60, 64]
+    corrupt = _damage(d, 64, "corrupt")
+    missing = _damage(d, 60, "delete")
+    r = ckpt("verify", str(d))
+    assert r.returncode == 1
+    assert f"{corrupt} fails its XXH3-128 check" in r.stdout, r.stdout
+    assert f"{missing} is missing" in r.stdout, r.stdout
+    r = run_train([*CNN, "--checkpoint-dir", str(d), "--epochs", "3", "--max-steps", "57"],
+                  nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"SKIPPING checkpoint {d}/{step_dirname(64)}: {corrupt} fails its XXH3-128 check" \
+        in r.stderr, r.stderr[-3000:]
+    assert f"SKIPPING checkpoint {d}/{step_dirname(60)}: {missing} is missing" in r.stderr
+    assert f"resumed from {d}/{step_dirname(55)}" in r.stderr
+
+
+@pytest.mark.slow
+def test_switching_between_ddp_and_fsdp_converts_the_checkpoint(tmp_path):
+    """A ddp checkpoint resumes under fsdp (its whole tensors sliced into shards, the optimizer
+    state re-keyed by parameter name) and an fsdp one under ddp (its shards assembled). On 2
+    ranks both reductions add the same two gradients (a + b == b + a) and divide by 2, so each
+    switched run ends bitwise equal to an uninterrupted run of the --parallel it started with:
+    nothing was lost or mixed up in the conversion."""
+    args = [*SMALL, "--model", "mlp", "--optimizer", "adamw", "--lr", "0.003",
+            "--save-every-steps", "10"]
+    runs = {"ddp": [], "fsdp": [*FSDP], "ddp-then-fsdp": [], "fsdp-then-ddp": [*FSDP]}
+    for name, first in runs.items():
+        r = run_train([*args, *first, "--checkpoint-dir", str(tmp_path / name),
+                       *(["--max-steps", "21"] if "-then-" in name else [])], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+    for name, then in (("ddp-then-fsdp", FSDP), ("fsdp-then-ddp", [])):
+        r = run_train([*args, *then, "--checkpoint-dir", str(tmp_path / name)], nproc=2)
+        assert r.returncode == 0, r.stderr[-3000:]
+        before, after = ("ddp", "fsdp") if then else ("fsdp", "ddp")
+        assert f"applying --parallel '{before}' -> '{after}'" in r.stderr, r.stderr[-3000:]
+        assert f"resumed from {tmp_path / name}/{step_dirname(21)}" in r.stderr
+        assert load_uri(str(tmp_path / name)).sharded == (after == "fsdp")
+        want = load_uri(str(tmp_path / before))
+        got = load_uri(str(tmp_path / name))
+        assert_bitwise_equal(want.model_state(), got.model_state())
+        assert strip_timing(want.train_state["history"]) == \
+            strip_timing(got.train_state["history"])
+
+
+@pytest.mark.slow
+def test_tools_read_sharded_checkpoints(cnn_ref, tmp_path):
+    r = ckpt("verify", str(cnn_ref))
+    assert r.returncode == 0 and "3 valid, 0 invalid" in r.stdout, r.stdout + r.stderr
+    r = ckpt("ls", str(cnn_ref))
+    assert r.returncode == 0 and r.stdout.count("valid") == 3, r.stdout
+    info = json.loads(ckpt("inspect", str(cnn_ref), "--json").stdout)
+    assert (info["layout"], info["shards"], info["step"]) == ("sharded", 2, 64)
+    r = ckpt("inspect", str(cnn_ref))
+    assert "layout       sharded" in r.stdout and "parameters (rebuilt" in r.stdout, r.stdout
+    out = tmp_path / "model.pth"
+    r = ckpt("export", str(cnn_ref), str(out))
+    assert r.returncode == 0, r.stderr
+    exported = torch.load(out, weights_only=True)
+    from ftrain.models import build_model
+
+    model = build_model(load_uri(str(cnn_ref)).manifest["model_args"])
+    model.load_state_dict(exported)  # a plain state_dict of the unsharded model
+    assert_bitwise_equal(exported, load_uri(str(cnn_ref)).model_state())
+    r = subprocess.run([PY, "-m", "src.predict", "--checkpoint", str(cnn_ref)], cwd=ROOT,
+                       env=base_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    # The same accuracy as the run's own evaluation of these weights.
+    eval_acc = load_uri(str(cnn_ref)).train_state["history"][-1]["eval_acc"]
+    assert f"= {eval_acc:.4f}" in r.stdout, r.stdout
+
+
+@pytest.mark.slow
+def test_s3_same_code_path_cut_and_resumed_exactly(s3, cnn_ref, tmp_path):
+    uri = s3.uri(f"fsdp-{uuid.uuid4().hex[:8]}")
+    for extra in (["--max-steps", "23"], []):
+        r = run_train([*CNN, *extra, "--checkpoint-dir", uri], nproc=2, env=s3.env, timeout=400)
+        assert r.returncode == 0, r.stderr[-4000:]
+    assert f"resumed from {uri}/{step_dirname(23)}" in r.stderr
+    keys = s3.keys(uri.rsplit("/", 1)[1] + "/" + step_dirname(64))
+    assert sum(k.endswith(".distcp") for k in keys) == 2
+    assert any(k.endswith("manifest.json") for k in keys)
+    _check_same_run(cnn_ref, uri)
+
+
+def test_checkpoint_store_reads_sharded_manifests_only_as_format_3(tmp_path):
+    store = CheckpointStore(Storage(str(tmp_path)))
+    manifest = {"format_version": 3, "layout": "sharded", "step": 1, "epoch": 0,
+                "state_file": "s", "train_state_file": "t", "files": {}}
+    (tmp_path / step_dirname(1)).mkdir()
+    (tmp_path / step_dirname(1) / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(Exception, match="lacks 'dcp_metadata_file'"):
+        store.read_manifest(step_dirname(1))
