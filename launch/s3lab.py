@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import re
 import socket
 import struct
@@ -143,15 +144,59 @@ class Fault:
         assert self.action in ACTIONS, self.action
 
     def fires(self, method: str, target: str) -> bool:
-        if self.method and method != self.method:
-            return False
-        if self.path and not re.search(self.path, target):
+        if not _matches(self.method, self.path, method, target):
             return False
         self.seen += 1
         if self.seen % self.every or (self.times is not None and self.fired >= self.times):
             return False
         self.fired += 1
         return True
+
+    def decide(self, method: str, target: str) -> tuple[str, float] | None:
+        """(action, delay) for this request, None to let it through."""
+        return (self.action, self.delay) if self.fires(method, target) else None
+
+
+@dataclass
+class RandomFaults:
+    """Inject a fault into a share ``rate`` of matching requests, the action drawn from
+    ``actions`` (equally likely), "slow" holding the answer back ``delay`` seconds.
+
+    The draws come from ``random.Random(seed)``, one per matching request in the order the
+    proxy receives them: the same seed gives the same sequence of decisions. (Which request
+    meets which decision still depends on the order requests arrive in.) Matching as in Fault.
+    """
+
+    rate: float
+    actions: tuple[str, ...] = ACTIONS
+    seed: int = 0
+    delay: float = 0.2
+    method: str | None = None
+    path: str | None = None
+    seen: int = 0
+    fired: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:
+            raise ValueError(f"rate must be within [0, 1], got {self.rate}")
+        bad = [a for a in self.actions if a not in ACTIONS]
+        if bad or not self.actions:
+            raise ValueError(f"actions must be some of {', '.join(ACTIONS)}; got {self.actions}")
+        self._rng = random.Random(self.seed)
+
+    def decide(self, method: str, target: str) -> tuple[str, float] | None:
+        if not _matches(self.method, self.path, method, target):
+            return None
+        self.seen += 1
+        if self._rng.random() >= self.rate:
+            return None
+        self.fired += 1
+        return self._rng.choice(self.actions), self.delay
+
+
+def _matches(want_method: str | None, want_path: str | None, method: str, target: str) -> bool:
+    return (not want_method or method == want_method) and \
+        (not want_path or re.search(want_path, target) is not None)
 
 
 @dataclass
@@ -186,9 +231,11 @@ class FaultProxy:
     ``requests`` records every request with the action taken.
     """
 
-    def __init__(self, upstream_port: int, faults: list[Fault] | None = None) -> None:
+    def __init__(self, upstream_port: int, faults: list[Fault | RandomFaults] | None = None,
+                 keep_bodies: bool = True) -> None:
         self.upstream = ("127.0.0.1", upstream_port)
-        self.faults: list[Fault] = list(faults or [])
+        self.faults: list[Fault | RandomFaults] = list(faults or [])
+        self.keep_bodies = keep_bodies  # off for long runs: Seen.body holds up to 64 KiB each
         self.requests: list[Seen] = []
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
@@ -210,7 +257,7 @@ class FaultProxy:
         self._thread.join(5)
         self._listener.close()
 
-    def set_faults(self, *faults: Fault) -> None:
+    def set_faults(self, *faults: Fault | RandomFaults) -> None:
         with self._lock:
             self.faults = list(faults)
 
@@ -234,12 +281,13 @@ class FaultProxy:
                 return
             threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
-    def _decide(self, method: str, target: str) -> Fault | None:
+    def _decide(self, method: str, target: str) -> tuple[str, float]:
+        """(action, delay) of the first rule that fires, ("ok", 0) when none does."""
         with self._lock:
             for f in self.faults:
-                if f.fires(method, target):
-                    return f
-        return None
+                if (decision := f.decide(method, target)) is not None:
+                    return decision
+        return "ok", 0.0
 
     def _handle(self, conn: socket.socket) -> None:
         try:
@@ -250,8 +298,7 @@ class FaultProxy:
                 return
             method, target, head, headers = request
             started = time.monotonic()
-            fault = self._decide(method, target)
-            action = fault.action if fault else "ok"
+            action, delay = self._decide(method, target)
             expect = b"100-continue" in headers.get(b"expect", b"").lower()
             if expect and action in ("reset", *ERROR_BODIES):
                 body = b""  # refused before the client sent the body
@@ -259,7 +306,7 @@ class FaultProxy:
                 if expect:
                     conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
                 body = _read_body(reader, headers)
-            seen = Seen(method, target, action, body[:65536],
+            seen = Seen(method, target, action, body[:65536] if self.keep_bodies else b"",
                         headers.get(b"range", b"").decode(), started)
             with self._lock:
                 self.requests.append(seen)
@@ -277,7 +324,7 @@ class FaultProxy:
                 _reset(conn)
                 return
             if action == "slow":
-                time.sleep(fault.delay)
+                time.sleep(delay)
             conn.sendall(response)
             seen.ended = time.monotonic()
         except OSError:

@@ -1,7 +1,8 @@
 """The chaos test tool, run as users run it: ``python -m launch.chaos``.
 
-CI runs a short version (a handful of kills, 2 workers). The long runs (50 kills, 2 and 4
-workers) are opt-in: ``pytest -m soak tests/test_chaos.py``.
+CI runs a short version (a handful of kills, 2 workers), on local disk and on S3 (moto's server
+behind the fault proxy) with 10% of storage requests failing. The long runs (50 kills, 2 and 4
+workers; 100 kills on faulty S3) are opt-in: ``pytest -m soak tests/test_chaos.py``.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from launch.s3lab import ACTIONS, RandomFaults
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,3 +52,19 @@ def test_fifty_kills(tmp_path, nproc):
     assert summary["kills"] == 50
     assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
     assert summary["clean_preemptions"] > 0
+
+
+def test_random_faults_hit_a_seeded_share_of_matching_requests():
+    def decisions(seed: int) -> list:
+        rule = RandomFaults(0.1, seed=seed, delay=0.25, method="PUT")
+        return [rule.decide(m, f"/bucket/step_{i}/state.pt") for i in range(3000)
+                for m in ("PUT", "GET")]
+
+    first = decisions(7)
+    assert first == decisions(7) and first != decisions(8)  # reproducible from the seed
+    fired = [d for d in first if d is not None]
+    assert 240 <= len(fired) <= 360  # ~10% of the 3000 PUTs; no GET matches
+    assert {action for action, _ in fired} == set(ACTIONS)
+    assert {delay for _, delay in fired} == {0.25}
+    with pytest.raises(ValueError, match="actions"):
+        RandomFaults(0.1, actions=("teapot",))
