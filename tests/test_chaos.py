@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from launch import chaos
 from launch.s3lab import ACTIONS, RandomFaults
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,42 @@ def test_short_chaos_run_passes(tmp_path, tmp_path_factory):
     assert summary["restarts"] >= 4
     assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
     assert summary["weights"].startswith("bitwise identical")
+
+
+@pytest.mark.slow
+def test_short_chaos_run_against_faulty_s3_passes(tmp_path, tmp_path_factory):
+    # Kills and storage faults together: the attempts checkpoint to moto's server through the
+    # fault proxy, 10% of their requests failing; the reference (shared) stays on local disk.
+    summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "4", "--seed", "1",
+                        "--storage", "s3", "--storage-faults", "0.1",
+                        reference=tmp_path_factory.getbasetemp() / "reference")
+    assert summary["kills"] == 4
+    assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
+    assert summary["weights"].startswith("bitwise identical")
+    assert summary["history"].startswith("identical")
+    storage = summary["storage"]
+    assert storage["backend"].startswith("s3://ftrain-chaos/chaos")
+    assert storage["requests"] > 100
+    assert len(storage["faults"]) >= 3, storage  # several kinds, drawn from the seed
+    assert storage["storage_retries"] > 0  # the job met them and retried
+
+
+def test_storage_flags_are_checked(tmp_path, monkeypatch, capsys):
+    assert chaos.main(["--workdir", str(tmp_path), "--storage-faults", "0.1"]) == 2
+    assert "with --storage s3" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "moto.server", None)  # as if moto were not installed
+    assert chaos.main(["--workdir", str(tmp_path), "--storage", "s3"]) == 2
+    assert "pip install -e '.[test]'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())  # refused before any run
+
+
+@pytest.mark.soak
+def test_hundred_kills_against_faulty_s3(tmp_path):
+    summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "100", "--seed", "10",
+                        "--storage", "s3", "--storage-faults", "0.1", timeout=6 * 3600)
+    assert summary["kills"] == 100
+    assert summary["weights"].startswith("bitwise identical")
+    assert set(summary["storage"]["faults"]) == set(ACTIONS)
 
 
 @pytest.mark.soak
