@@ -315,6 +315,10 @@ class FaultProxy:
                 return
             if action in ERROR_BODIES:
                 status, payload = ERROR_BODIES[action]
+                if method == "HEAD":
+                    # An answer to HEAD has no body (S3 sends none): a client reading one would
+                    # fail to parse the answer instead of seeing the status.
+                    payload = b""
                 conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Type: application/xml\r\n"
                              b"Content-Length: " + str(len(payload)).encode() +
                              b"\r\nConnection: close\r\n\r\n" + payload)
