@@ -72,6 +72,27 @@ def test_storage_flags_are_checked(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.iterdir())  # refused before any run
 
 
+def test_an_unkilled_storage_exit_is_restarted_only_while_storage_fails_on_purpose(tmp_path):
+    ref = chaos.Reference(str(tmp_path), 2, chaos.effective_train_args([], 1), "torch",
+                          total_steps=64, steps_per_epoch=32)
+
+    def judge(storage_faults: bool, worker_exits: list[int]) -> tuple[bool, list[str]]:
+        run = chaos.Chaos(ref, tmp_path / "chaos", 0, 0, ["SIGKILL"], ["worker"], 0.5, 60.0,
+                          storage_faults=storage_faults)
+        run.attempts = [chaos.Attempt(0, rc=1, worker_exits=worker_exits),
+                        chaos.Attempt(1, rc=0)]
+        summary = chaos.summarize(run, {"problems": []}, 1.0, storage={} if storage_faults
+                                  else None)
+        return run.storage_exit(run.attempts[0]), summary["problems"]
+
+    assert judge(True, [140, -15]) == (True, [])  # rank 0 gave up on storage; torchrun's TERM
+    assert judge(True, [140, 141])[0]
+    restarted, problems = judge(False, [140, -15])  # no faults injected: 140 is a failure
+    assert not restarted and "attempt 0 failed (exit 1) without a kill" in problems
+    restarted, problems = judge(True, [140, 1])  # a permanent exit is never excused
+    assert not restarted and any("permanent codes [1]" in p for p in problems)
+
+
 @pytest.mark.soak
 def test_hundred_kills_against_faulty_s3(tmp_path):
     summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "100", "--seed", "10",
