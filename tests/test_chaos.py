@@ -93,6 +93,29 @@ def test_an_unkilled_storage_exit_is_restarted_only_while_storage_fails_on_purpo
     assert not restarted and any("permanent codes [1]" in p for p in problems)
 
 
+def test_a_sigterm_may_lose_steps_only_when_its_emergency_checkpoint_failed(tmp_path):
+    ref = chaos.Reference(str(tmp_path), 2, chaos.effective_train_args([], 1), "torch",
+                          total_steps=64, steps_per_epoch=32)
+
+    def problems(storage_faults: bool, emergency_failed: bool) -> list[str]:
+        run = chaos.Chaos(ref, tmp_path / "chaos", 1, 0, ["SIGTERM"], ["worker"], 0.5, 60.0,
+                          storage_faults=storage_faults)
+        kill = chaos.Kill("SIGTERM", "worker", "training", 1, 0, 5.0, 20)
+        run.attempts = [chaos.Attempt(0, rc=1, kill=kill, trained=20, lost=17,
+                                      worker_exits=[143, -15], emergency_failed=emergency_failed),
+                        chaos.Attempt(1, rc=0)]
+        summary = chaos.summarize(run, {"problems": []}, 1.0,
+                                  storage={} if storage_faults else None)
+        if storage_faults:
+            assert summary["storage"]["sigterm_loss_waived"] == ([0] if emergency_failed else [])
+        return summary["problems"]
+
+    assert problems(True, True) == []  # logged, exited retryable: storage failed on purpose
+    lost = ["attempt 0: SIGTERM lost 17 completed steps"]
+    assert problems(True, False) == lost
+    assert problems(False, True) == lost  # on healthy storage a failed emergency save is a bug
+
+
 @pytest.mark.soak
 def test_hundred_kills_against_faulty_s3(tmp_path):
     summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "100", "--seed", "10",
