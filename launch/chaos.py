@@ -6,6 +6,7 @@ exactly as an uninterrupted run does.
     python -m launch.chaos --nproc 2 --kills 8 -- --model mlp      # training flags after --
     python -m launch.chaos --nproc 2 --kills 4 --task examples.charlm:CharLM \
         --task-args '{"context": 32, "d_model": 64, "layers": 1, "max_train_chars": 65600}'
+    python -m launch.chaos --nproc 2 --kills 4 --seed 1 --storage s3 --storage-faults 0.1
 
 The tool sets --checkpoint-dir and --trace-samples itself.
 
@@ -30,6 +31,30 @@ snapshot to commit, as logged, in steps of the reference's step time: see the Ch
 that no worker exited with a permanent code
 (1-127), and that nothing hung or outlived its launcher. It prints a summary, writes it to
 WORKDIR/summary.json and exits 0 on PASS, 1 on FAIL. Linux only (it reads /proc).
+
+Faults together (--storage s3): the tool starts moto's S3 server and the fault proxy of
+launch/s3lab.py in its own process (moto is a test dependency: pip install -e '.[test]'), and
+every attempt checkpoints to s3://ftrain-chaos/chaos through the proxy (AWS_ENDPOINT_URL and
+test credentials in the job's environment, none of the caller's AWS_* variables, storage
+retries short but ten deep: CHAOS_RETRIES). --storage-faults SHARE makes that share of the
+attempts' storage requests fail or stall, drawn from --seed among --storage-fault-kinds:
+
+    503 / 500     the proxy answers SlowDown / InternalError itself
+    reset         the connection is reset before the request reaches S3
+    reset_after   S3 handles the request, the answer is lost (a reset)
+    slow          the answer is held back SLOW_FAULT_S (0.25 s)
+
+while the kills go on as above. The reference stays on local disk, without faults: the same
+command as the local mode's, so one reference serves both (and the tests), and comparing the
+S3 run with it bit for bit also checks that local disk and S3 behave the same. The final
+checkpoint is read from S3 (straight from moto, not through the proxy). A worker may exit 140
+(storage failed after retries: retryable); such an attempt is restarted, as a restart policy
+would, and counted; a permanent exit (1-127) is a failure as always. A SIGKILL in an attempt
+whose save failed is not held to the lost-work bound (it assumes saves commit), nor a SIGTERM
+whose emergency checkpoint failed (the job logs it and exits retryable) to losing nothing; both
+are listed. While faults are injected the bound takes the slowest save of the whole run. The summary adds the requests
+the proxy saw, the faults it injected by kind, the storage retries and failed saves the job
+logged ("SAVE FAILED") and the exits 140.
 """
 
 from __future__ import annotations
@@ -49,6 +74,17 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ftrain.exitcodes import RETRYABLE_FLOOR, STORAGE_FAILED
+from launch.s3lab import (
+    ACTIONS,
+    INSTALL_HINT,
+    FaultProxy,
+    MotoMissing,
+    MotoServer,
+    RandomFaults,
+    s3_env,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -122,9 +158,26 @@ def kill_all(pids: list[int], sig: int) -> None:
 
 
 # ---------------------------------------------------------------------------- checkpoints
+def _committed(names: list[str]) -> list[int]:
+    """Steps among "step_N/file" names whose manifest exists (the commit), oldest first."""
+    return sorted(int(n[5:].split("/", 1)[0]) for n in names
+                  if n.startswith("step_") and n.endswith("/manifest.json"))
+
+
+def _half_written(names: list[str]) -> set[str]:
+    """State files among "step_N/file" names whose folder has no manifest yet."""
+    committed = {n.split("/", 1)[0] for n in names if n.endswith("/manifest.json")}
+    return {n for n in names if n.startswith("step_") and n.split("/", 1)[0] not in committed
+            and n.rsplit("/", 1)[-1].startswith("state-") and n.endswith(".pt")}
+
+
+def _local_names(ckpt_dir: Path) -> list[str]:
+    return [f"{p.parent.name}/{p.name}" for p in Path(ckpt_dir).glob("step_*/*")]
+
+
 def committed_steps(ckpt_dir: Path) -> list[int]:
     """Steps whose manifest exists (the commit), oldest first."""
-    return sorted(int(p.parent.name[5:]) for p in Path(ckpt_dir).glob("step_*/manifest.json"))
+    return _committed(_local_names(ckpt_dir))
 
 
 def latest_committed(ckpt_dir: Path) -> int:
@@ -135,13 +188,69 @@ def latest_committed(ckpt_dir: Path) -> int:
 def half_written(ckpt_dir: Path) -> set[str]:
     """Data files of step folders that have no manifest yet: a save in progress (or the
     leftovers of a writer that died)."""
-    out = set()
-    for folder in Path(ckpt_dir).glob("step_*"):
-        files = {f.name for f in folder.iterdir()} if folder.is_dir() else set()
-        if "manifest.json" not in files:
-            out |= {f"{folder.name}/{f}" for f in files if f.startswith("state-") and
-                    f.endswith(".pt")}
-    return out
+    return _half_written(_local_names(ckpt_dir))
+
+
+class Checkpoints:
+    """The chaos run's checkpoint root as the tool watches it: ``uri`` (and the storage
+    ``options`` load_uri needs to read it), the "step_N/file" names below it."""
+
+    poll_s = POLL_S  # how often a wait looks again
+    uri: str = ""
+    options: dict[str, Any] | None = None
+
+    def clear(self) -> None:
+        raise NotImplementedError
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def latest(self) -> int:
+        """The newest committed step, 0 when none is."""
+        steps = _committed(self.names())
+        return steps[-1] if steps else 0
+
+    def half_written(self) -> set[str]:
+        return _half_written(self.names())
+
+
+class LocalCheckpoints(Checkpoints):
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.uri = str(self.folder)
+
+    def clear(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+
+    def names(self) -> list[str]:
+        return _local_names(self.folder)
+
+
+class S3Checkpoints(Checkpoints):
+    """Checkpoints below ``s3://bucket/prefix``, read straight from the moto server ``server``
+    (an s3lab.MotoServer), never through the fault proxy: the tool's own reads are neither
+    faulted nor counted."""
+
+    poll_s = 0.05  # each look is an HTTP request
+
+    def __init__(self, server, bucket: str, prefix: str) -> None:
+        self.server, self.bucket, self.prefix = server, bucket, prefix.strip("/")
+        self.uri = f"s3://{bucket}/{self.prefix}"
+        self.options = {"endpoint_url": server.url, "key": "testing", "secret": "testing",
+                        "client_kwargs": {"region_name": "us-east-1"}}
+
+    def clear(self) -> None:
+        client = self.server.client
+        client.create_bucket(Bucket=self.bucket)
+        for name in self.names():
+            client.delete_object(Bucket=self.bucket, Key=f"{self.prefix}/{name}")
+
+    def names(self) -> list[str]:
+        pages = self.server.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=self.prefix + "/")
+        return [o["Key"][len(self.prefix) + 1:] for page in pages for o in
+                page.get("Contents", [])]
 
 
 def read_trace(trace_dir: Path) -> list[dict[str, Any]]:
@@ -180,11 +289,13 @@ class Job:
     """One torchrun launch of the training command, in a session of its own.
 
     Its processes are found by ``trace_dir`` (unique per launch) in their command lines.
+    ``ckpt_dir`` is a local folder or a URI; ``env`` is added to this process's environment
+    (a value None removes the variable).
     """
 
-    def __init__(self, nproc: int, train_args: list[str], ckpt_dir: Path, trace_dir: Path,
-                 log_path: Path, env: dict[str, str] | None = None) -> None:
-        self.ckpt_dir, self.trace_dir, self.log_path = Path(ckpt_dir), Path(trace_dir), log_path
+    def __init__(self, nproc: int, train_args: list[str], ckpt_dir: Path | str, trace_dir: Path,
+                 log_path: Path, env: dict[str, str | None] | None = None) -> None:
+        self.ckpt_dir, self.trace_dir, self.log_path = ckpt_dir, Path(trace_dir), log_path
         self.marker = str(self.trace_dir)
         self.cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                     "--nproc_per_node", str(nproc), "-m", "src.train", *train_args,
@@ -194,7 +305,11 @@ class Job:
         self.env["PYTHONUNBUFFERED"] = "1"
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
-        self.env.update(env or {})
+        for key, value in (env or {}).items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
         self.startup_s = 0.0  # set by run_to_end
@@ -271,9 +386,9 @@ class Job:
         except subprocess.TimeoutExpired:
             return None
 
-    def wait_until(self, predicate, timeout: float) -> bool:
+    def wait_until(self, predicate, timeout: float, interval: float = POLL_S) -> bool:
         """Poll ``predicate``; False on timeout or when the job exits first."""
-        return poll(predicate, timeout, POLL_S, while_=self.running)
+        return poll(predicate, timeout, interval, while_=self.running)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep while the job runs; False when it exits first."""
@@ -386,9 +501,11 @@ def strip_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{k: v for k, v in h.items() if k not in TIMING_FIELDS} for h in history]
 
 
-def compare_runs(ref: Reference, ckpt_dir: Path, trace_dirs: list[Path]) -> dict[str, Any]:
+def compare_runs(ref: Reference, ckpt_dir: Path | str, trace_dirs: list[Path],
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final weights, history and sample sequence of a run against the reference.
 
+    ``ckpt_dir``: the run's checkpoint root, a folder or a URI (read with storage ``options``).
     Returns {"problems": [...], "weights": ..., "history": ..., "samples": ...} (text).
     """
     import torch
@@ -399,7 +516,7 @@ def compare_runs(ref: Reference, ckpt_dir: Path, trace_dirs: list[Path]) -> dict
     problems = out["problems"]
     want = load_uri(str(ref.ckpt_dir))
     try:
-        got = load_uri(str(ckpt_dir))
+        got = load_uri(str(ckpt_dir), options)
     except Exception as e:  # noqa: BLE001 - no valid checkpoint: reported, not raised
         problems.append(f"no valid final checkpoint in {ckpt_dir}: {e}")
         return out
@@ -477,6 +594,9 @@ class Attempt:
     worker_exits: list[int] = field(default_factory=list)
     hung: bool = False
     strays: int = 0
+    saves_failed: int = 0  # "SAVE FAILED" lines logged (retries exhausted)
+    emergency_failed: bool = False  # a SIGTERM's emergency checkpoint failed (logged)
+    storage_retries: int = 0  # storage calls retried, as logged
 
 
 @dataclass
@@ -487,15 +607,26 @@ class Plan:
 
 
 class Chaos:
+    """The attempts: start the job, kill it as planned, restart, until it finishes.
+
+    ``checkpoints``: where the attempts write their checkpoints (default: FOLDER/ckpt on local
+    disk); ``env``: added to every attempt's environment; ``storage_faults``: storage fails on
+    purpose, so an attempt that ends with the retryable storage exit (140) without a kill is
+    restarted, as a restart policy would, instead of counting as a failure.
+    """
+
     def __init__(self, ref: Reference, folder: Path, kills: int, seed: int, signals: list[str],
                  targets: list[str], pause_in_save: float, attempt_timeout: float,
-                 log=print) -> None:
+                 log=print, checkpoints: Checkpoints | None = None,
+                 env: dict[str, str | None] | None = None, storage_faults: bool = False) -> None:
         self.ref, self.folder, self.kills = ref, Path(folder), kills
         self.rng = random.Random(seed)
         self.signals, self.targets = signals, targets
         self.pause_in_save = pause_in_save
         self.attempt_timeout = attempt_timeout
-        self.ckpt_dir = self.folder / "ckpt"
+        self.checkpoints = checkpoints or LocalCheckpoints(self.folder / "ckpt")
+        self.env = dict(env or {})
+        self.storage_faults = storage_faults
         self.attempts: list[Attempt] = []
         self.log = log
         self.save_every = int(flag_value(ref.train_args, "--save-every-steps", "0"))
@@ -513,7 +644,7 @@ class Chaos:
     def budget(self, kills_left: int) -> float:
         """Mean steps an attempt trains before its kill: what is left to train spread over
         the kills left, one share kept for the final run (so that every kill lands)."""
-        return (self.ref.total_steps - latest_committed(self.ckpt_dir)) / (kills_left + 1)
+        return (self.ref.total_steps - self.checkpoints.latest()) / (kills_left + 1)
 
     def _after_steps(self, job: Job, steps: int) -> bool:
         """Wait until rank 0 has trained ``steps`` steps in this launch, then a random part of
@@ -524,10 +655,18 @@ class Chaos:
         per_step = (time.monotonic() - t0) / steps if steps > 1 else self.ref.step_s
         return job.sleep(self.rng.uniform(0.0, per_step))
 
+    def storage_exit(self, a: Attempt) -> bool:
+        """Whether ``a`` ended, unkilled, because storage failed after retries (a worker exited
+        140, the others with retryable codes or signals), while storage fails on purpose."""
+        return (self.storage_faults and a.kill is None and a.rc != 0 and not a.hung
+                and STORAGE_FAILED in a.worker_exits
+                and all(c < 0 or c >= RETRYABLE_FLOOR for c in a.worker_exits))
+
     def run(self) -> list[Attempt]:
         shutil.rmtree(self.folder, ignore_errors=True)
-        self.ckpt_dir.mkdir(parents=True)
-        kills_done = failures = 0
+        self.folder.mkdir(parents=True)
+        self.checkpoints.clear()
+        kills_done = failures = storage_exits = 0
         while True:
             index = len(self.attempts)
             plan = self.plan() if kills_done < self.kills else None
@@ -536,8 +675,14 @@ class Chaos:
             self.log(self._describe(attempt))
             if attempt.kill is not None:
                 kills_done += 1
+                storage_exits = 0
             elif attempt.rc == 0:
                 return self.attempts
+            elif self.storage_exit(attempt):
+                storage_exits += 1  # retryable: restart, as a restart policy would
+                if storage_exits > 10:
+                    self.log("giving up: storage fails in every attempt")
+                    return self.attempts
             else:
                 failures += 1
                 if failures > 3:
@@ -546,10 +691,11 @@ class Chaos:
 
     def _attempt(self, index: int, plan: Plan | None) -> Attempt:
         folder = self.folder / f"attempt_{index:03d}"
-        env = {PAUSE_ENV: str(self.pause_in_save)} if plan and plan.moment == "save" else {}
-        job = Job(self.ref.nproc, self.ref.train_args, self.ckpt_dir, folder / "trace",
+        paused = plan is not None and plan.moment == "save"
+        env = {**self.env, **({PAUSE_ENV: str(self.pause_in_save)} if paused else {})}
+        job = Job(self.ref.nproc, self.ref.train_args, self.checkpoints.uri, folder / "trace",
                   folder / "log.txt", env)
-        attempt = Attempt(index, committed_before=latest_committed(self.ckpt_dir))
+        attempt = Attempt(index, committed_before=self.checkpoints.latest())
         kills_left = self.kills - sum(a.kill is not None for a in self.attempts)
         job.start()
         try:
@@ -567,21 +713,27 @@ class Chaos:
         attempt.wall_s = job.elapsed
         trained = job.trained_steps()
         attempt.trained = len(trained)
-        attempt.committed_after = latest_committed(self.ckpt_dir)
+        attempt.committed_after = self.checkpoints.latest()
         attempt.lost = sum(s > attempt.committed_after for s in trained)
-        attempt.paused_saves = bool(env)
+        attempt.paused_saves = paused
+        text = job.log_text()
         attempt.slowest_save_s = max(
             (float(x) for x in re.findall(r"checkpoint \S+ committed \([\d.]+ MiB, ([\d.]+)s\)",
-                                          job.log_text())), default=0.0)
+                                          text)), default=0.0)
         # torchrun's failure report: "exitcode  : 143 (pid: 1234)", once per failed worker.
-        exits = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", job.log_text())
+        exits = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", text)
         attempt.worker_exits = list({pid: int(code) for code, pid in exits}.values())
+        attempt.saves_failed = text.count("SAVE FAILED")
+        attempt.emergency_failed = bool(re.search(r"EMERGENCY CHECKPOINT AT STEP \d+ FAILED",
+                                                  text))
+        # ftrain.storage: "<what> failed (<error>); retry 1/9 in 0.02s"
+        attempt.storage_retries = len(re.findall(r"\); retry \d+/\d+ in ", text))
         return attempt
 
     def _kill_when_planned(self, job: Job, plan: Plan, kills_left: int) -> Kill | None:
         """Wait for the planned moment and kill; None when the job finished first."""
         moment = plan.moment
-        stale = half_written(self.ckpt_dir)  # leftovers of earlier kills
+        stale = self.checkpoints.half_written()  # leftovers of earlier kills
         if moment == "start-up":
             if not job.sleep(self.rng.uniform(0.0, max(self.ref.startup_s, 0.5))):
                 return None
@@ -597,7 +749,8 @@ class Chaos:
             elif moment == "save":
                 if not self._after_steps(job, round(self.rng.uniform(0.0, budget))):
                     return None
-                if not job.wait_until(lambda: bool(half_written(self.ckpt_dir) - stale), 60.0):
+                if not job.wait_until(lambda: bool(self.checkpoints.half_written() - stale),
+                                      60.0, self.checkpoints.poll_s):
                     if not job.running():
                         return None
                     moment = "training"  # no save came: kill anyway
@@ -619,7 +772,9 @@ class Chaos:
 
     def _describe(self, a: Attempt) -> str:
         if a.kill is None:
-            what = "ran to the end" if a.rc == 0 else "FAILED WITHOUT A KILL"
+            what = ("ran to the end" if a.rc == 0 else
+                    "storage failed after retries (exit 140, retryable)" if self.storage_exit(a)
+                    else "FAILED WITHOUT A KILL")
         else:
             k = a.kill
             who = f"rank {k.rank}" if k.target == "worker" else "launcher"
@@ -627,6 +782,53 @@ class Chaos:
         return (f"attempt {a.index:3d}: {what}; exit {a.rc}, trained {a.trained} steps, "
                 f"resumes at {a.committed_after}, lost {a.lost}"
                 + (" HUNG" if a.hung else "") + (f" {a.strays} STRAY" if a.strays else ""))
+
+
+# ---------------------------------------------------------------------------- S3
+# The attempts' storage retries while faults are injected: short back-offs (the faults are
+# loopback-fast), and enough attempts that one call meeting a fault in each of them is rare
+# (10 in a row at a 10% share: 1e-10).
+CHAOS_RETRIES = {"FTT_STORAGE_RETRY_ATTEMPTS": "10", "FTT_STORAGE_RETRY_BASE_DELAY": "0.02",
+                 "FTT_STORAGE_RETRY_DEADLINE": "30"}
+SLOW_FAULT_S = 0.25  # how long a "slow" fault holds an answer back
+BUCKET, PREFIX = "ftrain-chaos", "chaos"
+
+
+class S3Lab:
+    """S3 for the chaos attempts: moto's server in this process, the fault proxy in front of
+    it injecting ``rate`` faults, ``checkpoints`` at s3://BUCKET/PREFIX (read directly), and
+    ``env``: what points an attempt's training at the proxy."""
+
+    def __init__(self, server: MotoServer, proxy: FaultProxy, rate: float,
+                 kinds: list[str]) -> None:
+        self.server, self.proxy, self.rate, self.kinds = server, proxy, rate, list(kinds)
+        self.checkpoints = S3Checkpoints(server, BUCKET, PREFIX)
+        # Nothing of the caller's own AWS set-up (profile, endpoint, retry mode) reaches the job.
+        self.env: dict[str, str | None] = {k: None for k in os.environ if k.startswith("AWS_")}
+        self.env.update(s3_env(proxy.url, CHAOS_RETRIES))
+
+    @classmethod
+    def start(cls, rate: float, kinds: list[str], seed: int) -> S3Lab:
+        """Raises MotoMissing when moto is not installed."""
+        server = MotoServer.start()
+        faults = [RandomFaults(rate, tuple(kinds), seed, SLOW_FAULT_S)] if rate else []
+        return cls(server, FaultProxy(server.port, faults, keep_bodies=False).start(), rate,
+                   kinds)
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.server.stop()
+
+    def describe(self) -> str:
+        return (f"{self.checkpoints.uri} on moto's server ({self.server.url}) behind the fault "
+                f"proxy ({self.proxy.url}), {self.rate:.0%} of requests faulted")
+
+    def figures(self) -> dict[str, Any]:
+        return {"backend": f"{self.checkpoints.uri} (moto server behind the fault proxy)",
+                "fault_rate": self.rate, "fault_kinds": self.kinds,
+                "requests": len(self.proxy.requests),
+                "requests_by_method": dict(Counter(r.method for r in self.proxy.requests)),
+                "faults": self.proxy.injected()}
 
 
 # ---------------------------------------------------------------------------- summary
@@ -639,13 +841,21 @@ def lost_work_bound(chaos: Chaos, a: Attempt, slowest_s: float) -> tuple[int, fl
     one commits, at most one persist later. So a SIGKILL loses at most the interval plus two
     saves (snapshot to commit: the slowest this attempt logged; ``slowest_s``, that of the
     attempts without the pause, when it logged none), plus the step in progress. A save held by
-    the test's pause lasts at least the pause."""
-    save_s = max(a.slowest_save_s or slowest_s, chaos.pause_in_save if a.paused_saves else 0.0)
+    the test's pause lasts at least the pause. While storage fails on purpose a save's length
+    is a matter of chance (retries, answers held back), so the slowest of the whole run counts
+    (``slowest_s``) when it is longer than this attempt's."""
+    save_s = a.slowest_save_s or slowest_s
+    if chaos.storage_faults:
+        save_s = max(save_s, slowest_s)
+    save_s = max(save_s, chaos.pause_in_save if a.paused_saves else 0.0)
     step_s = max(chaos.ref.train_step_s or chaos.ref.step_s, 1e-3)
     return chaos.save_every + 2 * math.ceil(save_s / step_s) + 1, save_s
 
 
-def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str, Any]:
+def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
+              storage: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The figures and the verdict; ``storage``: what the storage mode adds (its backend,
+    requests and faults injected), merged with what the attempts logged."""
     attempts, ref = chaos.attempts, chaos.ref
     kills = [a for a in attempts if a.kill is not None]
     problems = list(verdict.get("problems", []))
@@ -656,15 +866,22 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
     term_lost = [a for a in term if a.lost]
     clean = [a for a in term if a.trained and not a.lost]
     sigkill_lost = [a.lost for a in kills if a.kill.signal == "SIGKILL"]
+    # While storage fails on purpose, an emergency checkpoint may fail after its retries; the
+    # job says so and exits retryable, and the SIGTERM loses what came after the last commit.
+    term_waived = [a.index for a in term_lost if chaos.storage_faults and a.emergency_failed]
     for a in term_lost:
-        problems.append(f"attempt {a.index}: SIGTERM lost {a.lost} completed steps")
+        if a.index not in term_waived:
+            problems.append(f"attempt {a.index}: SIGTERM lost {a.lost} completed steps")
     bounds = {}
+    waived = []  # SIGKILLs after a failed save: the bound assumes every save commits
     if chaos.save_every:
         slowest = max((a.slowest_save_s for a in attempts if not a.paused_saves), default=0.0)
         for a in kills:
             bound, save_s = lost_work_bound(chaos, a, slowest)
             bounds[a.index] = bound
-            if a.kill.signal == "SIGKILL" and a.lost > bound:
+            if a.kill.signal == "SIGKILL" and a.saves_failed:
+                waived.append(a.index)
+            elif a.kill.signal == "SIGKILL" and a.lost > bound:
                 problems.append(f"attempt {a.index}: SIGKILL lost {a.lost} steps, more than "
                                 f"the bound {bound} (--save-every-steps {chaos.save_every} plus "
                                 f"two saves of {save_s:.2f}s at "
@@ -679,7 +896,7 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
             problems.append(f"attempt {a.index} hung after its kill")
         if a.strays:
             problems.append(f"attempt {a.index}: {a.strays} processes outlived the launcher")
-        if a.kill is None and a.rc != 0:
+        if a.kill is None and a.rc != 0 and not chaos.storage_exit(a):
             problems.append(f"attempt {a.index} failed (exit {a.rc}) without a kill")
     finished = bool(attempts) and attempts[-1].kill is None and attempts[-1].rc == 0
     if not finished:
@@ -689,6 +906,12 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
                         "finished; give it more --epochs")
     lost = sum(a.lost for a in attempts)
     exits = Counter(a.rc for a in attempts)
+    if storage is not None:
+        storage = {**storage, "storage_retries": sum(a.storage_retries for a in attempts),
+                   "saves_failed": sum(a.saves_failed for a in attempts),
+                   "exits_140": sum(STORAGE_FAILED in a.worker_exits for a in attempts),
+                   "restarts_after_140": sum(chaos.storage_exit(a) for a in attempts),
+                   "sigkill_bound_waived": waived, "sigterm_loss_waived": term_waived}
     return {
         "nproc": ref.nproc, "kills_requested": chaos.kills, "kills": len(kills),
         "kills_by_signal": dict(by_sig), "kills_by_kind": dict(by_kind),
@@ -701,6 +924,7 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float) -> dict[str,
         "sigkill_mean_lost": (sum(sigkill_lost) / len(sigkill_lost)) if sigkill_lost else 0.0,
         "sigkill_max_bound": max((bounds[a.index] for a in kills if a.kill.signal == "SIGKILL"),
                                  default=0),
+        "storage": storage,
         "weights": verdict.get("weights", "-"), "history": verdict.get("history", "-"),
         "samples": verdict.get("samples", "-"), "problems": problems,
         "result": "FAIL" if problems else "PASS", "wall_s": round(wall_s, 1),
@@ -730,6 +954,21 @@ def format_summary(s: dict[str, Any], seed: int) -> str:
         f"  samples      {s['samples']}",
         f"  wall time    {s['wall_s']:.0f}s (uninterrupted reference {s['reference_wall_s']:.0f}s)",
     ]
+    if st := s.get("storage"):
+        waived = st["sigkill_bound_waived"]
+        lines[1:1] = [
+            f"  storage      {st['backend']}; {st['fault_rate']:.0%} of its requests faulted "
+            f"({', '.join(st['fault_kinds'])})",
+            f"  requests     {st['requests']} ({counts(st['requests_by_method'])}); faults "
+            f"injected {sum(st['faults'].values())}: {counts(st['faults'])}",
+            f"  storage logs {st['storage_retries']} calls retried, {st['saves_failed']} saves "
+            f"failed (SAVE FAILED), {st['exits_140']} attempts with a worker exit 140, "
+            f"{st['restarts_after_140']} restarted after 140 alone"
+            + (f"; lost-work bound waived after a failed save in attempts {waived}"
+               if waived else "")
+            + (f"; SIGTERM losses allowed after a failed emergency checkpoint in attempts "
+               f"{st['sigterm_loss_waived']}" if st["sigterm_loss_waived"] else ""),
+        ]
     lines += [f"  problem      {p}" for p in s["problems"]]
     lines.append(f"  result       {s['result']}")
     return "\n".join(lines)
@@ -764,6 +1003,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a save stays half-written in attempts that aim inside one")
     p.add_argument("--attempt-timeout", type=float, default=900.0,
                    help="seconds an attempt may run before it counts as hung")
+    p.add_argument("--storage", choices=("local", "s3"), default="local",
+                   help="where the attempts write checkpoints: a local folder, or S3 (moto's "
+                        "server, started here, behind the fault proxy; needs "
+                        f"{INSTALL_HINT})")
+    p.add_argument("--storage-faults", type=float, default=0.0, metavar="SHARE",
+                   help="with --storage s3: the share of the attempts' storage requests that "
+                        "fail (or are held back), e.g. 0.1; drawn from --seed")
+    p.add_argument("--storage-fault-kinds", type=_csv(ACTIONS), default=list(ACTIONS),
+                   help="comma-separated, drawn equally: " + ",".join(ACTIONS))
     p.add_argument("--task", default="",
                    help="the task to train, an import string (default: the built-in job); its "
                         "epochs should be about 32 steps, or give --epochs after --")
@@ -776,10 +1024,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # Stopped by SIGTERM or Ctrl-C (even from a background shell, which ignores SIGINT), the
-    # tool unwinds and kills the job it is running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     extra = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
     if args.task:
         extra = ["--task", args.task, *(["--task-args", args.task_args] if args.task_args
@@ -787,6 +1031,28 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc < 1 or args.kills < 0:
         print("error: --nproc must be >= 1 and --kills >= 0", file=sys.stderr)
         return 2
+    if not 0.0 <= args.storage_faults <= 1.0 or (args.storage_faults and args.storage != "s3"):
+        print("error: --storage-faults takes a share from 0 to 1, with --storage s3",
+              file=sys.stderr)
+        return 2
+    try:
+        lab = S3Lab.start(args.storage_faults, args.storage_fault_kinds, args.seed) \
+            if args.storage == "s3" else None
+    except MotoMissing as e:
+        print(f"error: --storage s3: {e}", file=sys.stderr)
+        return 2
+    # Stopped by SIGTERM or Ctrl-C (even from a background shell, which ignores SIGINT), the
+    # tool unwinds and kills the job it is running.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return _run(args, extra, lab)
+    finally:
+        if lab is not None:
+            lab.stop()
+
+
+def _run(args: argparse.Namespace, extra: list[str], lab: S3Lab | None) -> int:
     workdir = Path(args.workdir).resolve()
     train_args = effective_train_args(extra, args.kills)
     t0 = time.monotonic()
@@ -797,11 +1063,17 @@ def main(argv: list[str] | None = None) -> int:
           f" in {ref.folder}", flush=True)
     chaos = Chaos(ref, workdir / "chaos", args.kills, args.seed, args.signals, args.targets,
                   args.pause_in_save, args.attempt_timeout,
-                  log=lambda line: print(line, flush=True))
+                  log=lambda line: print(line, flush=True),
+                  checkpoints=lab.checkpoints if lab else None, env=lab.env if lab else None,
+                  storage_faults=bool(lab and lab.rate))
+    if lab is not None:
+        print(f"storage: {lab.describe()}", flush=True)
     attempts = chaos.run()
-    verdict = compare_runs(ref, chaos.ckpt_dir, [chaos.folder / f"attempt_{a.index:03d}" / "trace"
-                                                 for a in attempts])
-    summary = summarize(chaos, verdict, time.monotonic() - t0)
+    checkpoints = chaos.checkpoints
+    verdict = compare_runs(ref, checkpoints.uri, [chaos.folder / f"attempt_{a.index:03d}" /
+                                                  "trace" for a in attempts], checkpoints.options)
+    summary = summarize(chaos, verdict, time.monotonic() - t0,
+                        lab.figures() if lab else None)
     (workdir / "summary.json").write_text(json.dumps(summary, indent=1))
     print(format_summary(summary, args.seed), flush=True)
     return 0 if summary["result"] == "PASS" else 1
