@@ -274,7 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="write the Markdown table here")
     args = p.parse_args(argv)
     parts = {"p1": p1, "p2": p2, "ckpt": checkpoint_measures, "p6": p6, "p8": p8}
-    chosen = [x for x in args.only.split(",") if x] or list(parts)
+    chosen = [x.strip().lower() for x in args.only.split(",") if x.strip()] or list(parts)
+    unknown = [x for x in chosen if x not in parts]
+    if unknown:
+        p.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(parts)}")
     work = Path(tempfile.mkdtemp(prefix="ftrain-bench-"))
     rows: list[tuple] = []
     try:
