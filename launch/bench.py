@@ -1,8 +1,10 @@
 """The PERFORMANCE.md measures, each against its reference measured in the same run.
 
     python -m launch.bench [--quick] [--out docs/benchmarks.md]
+    python -m launch.bench --device cuda --repeats 2 --out docs/benchmarks-gpu.md   # on a GPU
 
 P1  default job throughput (one process, epoch 2)      vs a plain loop, same model/data/batch
+    (on a GPU: vs a plain DataLoader loop, and P9 vs a plain loop over data on the GPU)
 P2  throughput with saves every 50 / every 4 steps      vs the same run without saves
     ... and with storage slower than the cadence        (FTT_TEST_PAUSE_IN_SAVE=1: 1 s a save)
 P3  stall per save                                      vs the snapshot floor
@@ -64,40 +66,64 @@ def _epoch_rate(log: str, epoch: int) -> float:
 
 
 # ---------------------------------------------------------------------------- P1, P2
-def plain_loop_rate(train_size: int, batch: int, seed: int = 0) -> float:
-    """A plain loop: the same CNN, synthetic data and batch, batches indexed from the tensors,
-    SGD with momentum; samples/s over its second epoch."""
+def plain_loop_rate(train_size: int, batch: int, seed: int = 0, device: str = "cpu",
+                    feed: str = "indexed", workers: int = 0) -> float:
+    """A plain loop: the same CNN, synthetic data and batch, SGD with momentum; samples/s over
+    its second epoch. ``feed``: "indexed" gathers each batch from the tensors on ``device``
+    (moved there once); "loader" is a DataLoader over the CPU tensors (shuffled, pinned on a
+    GPU, ``workers`` processes), each batch copied to the device."""
     import torch
+    from torch.utils.data import DataLoader, TensorDataset
 
     from ftrain.data import make_synthetic
     from ftrain.models import SmallCNN
 
+    dev = torch.device(device)
     train, _ = make_synthetic(seed, train_size, 128)
     torch.manual_seed(seed)
-    model = SmallCNN()
+    model = SmallCNN().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(reduction="sum")
     steps = train_size // batch
-    rate = 0.0
-    for _epoch in range(2):
-        order = torch.randperm(train_size)
-        t0 = time.perf_counter()
+    x, y = train.x.to(dev), train.y.to(dev)
+    loader = DataLoader(TensorDataset(train.x, train.y), batch_size=batch, shuffle=True,
+                        drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda",
+                        persistent_workers=workers > 0)
+
+    def batches():
+        if feed == "loader":
+            for xb, yb in loader:
+                yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            return
+        order = torch.randperm(train_size, device=dev)
         for b in range(steps):
             idx = order[b * batch:(b + 1) * batch]
-            loss = loss_fn(model(train.x[idx]), train.y[idx]) / batch
+            yield x[idx], y[idx]
+
+    rate = 0.0
+    for _epoch in range(2):
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for xb, yb in batches():
+            loss = loss_fn(model(xb), yb) / batch
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
         rate = steps * batch / (time.perf_counter() - t0)
     return rate
 
 
-def p1(work: Path, quick: bool) -> list[tuple]:
+def p1(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[tuple]:
+    if device == "cuda":
+        return p1_gpu(work, quick, repeats, device)
     n = 4096 if quick else 12288
     common = ["--epochs", "2", "--synthetic-train-size", str(n), "--log-every-steps", "0",
               "--save-every-seconds", "0"]
     ours_runs, ref_runs = [], []
-    for rep in range(1 if quick else 3):  # interleaved: the machine's noise hits both alike
+    for rep in range(repeats):  # interleaved: the machine's noise hits both alike
         ours_runs.append(_epoch_rate(_train([*common, "--checkpoint-dir",
                                              str(work / f"p1-{rep}")]), 2))
         ref_runs.append(plain_loop_rate(n, 256))
@@ -106,35 +132,81 @@ def p1(work: Path, quick: bool) -> list[tuple]:
              ours / ref, ">= 0.97", ours / ref >= 0.97)]
 
 
-def p2(work: Path, quick: bool) -> list[tuple]:
-    n = 4096 if quick else 16384
+def p1_gpu(work: Path, quick: bool, repeats: int, device: str = "cuda") -> list[tuple]:
+    """On a GPU: the default job (data on the device, automatic) against a plain loop fed by a
+    DataLoader (P1) and against a plain loop over data already on the GPU (P9); and the job
+    with its DataLoader (``--data-on-device off``, 0 and 2 workers) against the plain
+    DataLoader loop with the same workers."""
+    n = 16384 if quick else 65536
+    common = ["--epochs", "2", "--synthetic-train-size", str(n), "--log-every-steps", "0",
+              "--save-every-seconds", "0", "--device", device]
+    ours = {"auto": [], "off0": [], "off2": []}
+    refs = {"loader0": [], "loader2": [], "indexed": []}
+    flags = {"auto": [], "off0": ["--data-on-device", "off"],
+             "off2": ["--data-on-device", "off", "--num-workers", "2"]}
+    for rep in range(repeats):  # interleaved: the machine's noise hits all alike
+        for key, extra in flags.items():
+            ours[key].append(_epoch_rate(_train([*common, *extra, "--checkpoint-dir",
+                                                 str(work / f"p1-{key}-{rep}")]), 2))
+        refs["loader0"].append(plain_loop_rate(n, 256, device=device, feed="loader"))
+        refs["loader2"].append(plain_loop_rate(n, 256, device=device, feed="loader", workers=2))
+        refs["indexed"].append(plain_loop_rate(n, 256, device=device, feed="indexed"))
+    o = {k: statistics.median(v) for k, v in ours.items()}
+    r = {k: statistics.median(v) for k, v in refs.items()}
+
+    def row(tag, what, a, b, target):
+        return (tag, what, a, b, a / b, f">= {target}", a / b >= target)
+
+    return [row("P1", "default job samples/s / plain DataLoader loop (1 process, epoch 2)",
+                o["auto"], r["loader0"], 0.97),
+            row("P9", "default job samples/s / plain loop over data on the GPU",
+                o["auto"], r["indexed"], 0.90),
+            row("P1", "--data-on-device off, 0 workers / plain DataLoader loop, 0 workers",
+                o["off0"], r["loader0"], 0.97),
+            row("P1", "--data-on-device off, 2 workers / plain DataLoader loop, 2 workers",
+                o["off2"], r["loader2"], 0.97)]
+
+
+def p2(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[tuple]:
+    if device == "cuda":  # the issue's GPU case: MLP 4096x4, 409 MiB of state with momentum
+        n, width, batch, size = (16384 if quick else 65536), "4096", "256", "409 MiB"
+    else:
+        n, width, batch, size = (4096 if quick else 16384), "1024", "32", "26 MiB"
     # Epoch 2 is measured: the host buffers of the snapshots exist by then (steady state).
-    common = ["--model", "mlp", "--width", "1024", "--depth", "4", "--epochs", "2",
+    common = ["--model", "mlp", "--width", width, "--depth", "4", "--epochs", "2",
               "--synthetic-train-size", str(n), "--synthetic-test-size", "256",
-              "--batch-size", "32", "--log-every-steps", "0", "--save-every-seconds", "0",
-              "--keep-last", "2"]
+              "--batch-size", batch, "--log-every-steps", "0", "--save-every-seconds", "0",
+              "--keep-last", "2", "--device", device]
     runs = {"none": ([], {}), "4": (["--save-every-steps", "4"], {}),
             "50": (["--save-every-steps", "50"], {}),
             "slow": (["--save-every-steps", "4"], {"FTT_TEST_PAUSE_IN_SAVE": "1"})}
-    rates: dict[str, list[float]] = {k: [] for k in runs}
-    for rep in range(1 if quick else 3):  # interleaved: the machine's noise hits all alike
+    if device == "cuda":  # 409 MiB every 4 steps is already far faster than the disk
+        del runs["slow"]
+    rates: dict[str, list[float]] = {k: [] for k in ("none", "4", "50", "slow")}
+    for rep in range(repeats):  # interleaved: the machine's noise hits all alike
         for key, (extra, env) in runs.items():
             folder = work / f"p2-{key}-{rep}"
             rates[key].append(_epoch_rate(_train([*common, *extra, "--checkpoint-dir",
                                                   str(folder)], env=env), 2))
-    none, saves, some, slow = (statistics.median(rates[k]) for k in ("none", "4", "50", "slow"))
-    return [("P2", "samples/s with saves every 50 steps / without (MLP 1024x4, 26 MiB)", some,
-             none, some / none, ">= 0.97", some / none >= 0.97),
-            ("P2", "same, saves every 4 steps (about 30 saves a second here)", saves, none,
-             saves / none, ">= 0.97", saves / none >= 0.97),
-            ("P2", "same, storage taking 1 s per save (slower than the cadence)", slow, none,
-             slow / none, ">= 0.97", slow / none >= 0.97)]
+    none, saves, some = (statistics.median(rates[k]) for k in ("none", "4", "50"))
+    rows = [("P2", f"samples/s with saves every 50 steps / without (MLP {width}x4, {size})",
+             some, none, some / none, ">= 0.97", some / none >= 0.97),
+            ("P2", "same, saves every 4 steps (faster than storage takes them)", saves, none,
+             saves / none, ">= 0.97", saves / none >= 0.97)]
+    if rates["slow"]:
+        slow = statistics.median(rates["slow"])
+        rows.append(("P2", "same, storage taking 1 s per save (slower than the cadence)", slow,
+                     none, slow / none, ">= 0.97", slow / none >= 0.97))
+    return rows
 
 
 # ---------------------------------------------------------------------------- P3-P5, P7
-def checkpoint_measures(work: Path, quick: bool) -> list[tuple]:
-    r = subprocess.run([PY, "-m", "launch.bench_checkpoint", "--mib", "128" if quick else "384",
-                        "--repeats", "3" if quick else "5", "--dir", str(work / "ckpt")],
+def checkpoint_measures(work: Path, quick: bool, device: str = "cpu",
+                        repeats: int = 3) -> list[tuple]:
+    mib = "1966" if device == "cuda" else ("128" if quick else "384")  # the issue's GPU size
+    r = subprocess.run([PY, "-m", "launch.bench_checkpoint", "--mib", mib, "--device", device,
+                        "--repeats", str(max(repeats, 2) if device == "cuda" else
+                                         3 if quick else 5), "--dir", str(work / "ckpt")],
                        cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=1800)
     if r.returncode != 0:
         raise RuntimeError(r.stderr[-3000:])
@@ -271,27 +343,51 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
     p.add_argument("--only", default="", help="comma-separated subset: p1,p2,ckpt,p6,p8")
-    p.add_argument("--out", default="", help="write the Markdown table here")
+    p.add_argument("--out", default="", help="write the Markdown table here (after each part)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where the jobs train: cuda measures P1/P9, P2 and P3-P7 on the GPU "
+                        "(P6 and P8 measure the CPU launcher: not with cuda)")
+    p.add_argument("--repeats", type=int, default=0,
+                   help="interleaved runs per P1/P2 figure, the median taken (default 3, "
+                        "--quick 1)")
     args = p.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
     parts = {"p1": p1, "p2": p2, "ckpt": checkpoint_measures, "p6": p6, "p8": p8}
-    chosen = [x.strip().lower() for x in args.only.split(",") if x.strip()] or list(parts)
+    gpu_parts = ("ckpt", "p1", "p2")
+    chosen = [x.strip().lower() for x in args.only.split(",") if x.strip()] or (
+        list(gpu_parts) if args.device == "cuda" else list(parts))
     unknown = [x for x in chosen if x not in parts]
     if unknown:
         p.error(f"--only: unknown part(s) {', '.join(unknown)}; choose from {', '.join(parts)}")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            p.error("--device cuda: torch sees no CUDA device here; run without --device")
+        cpu_only = [x for x in chosen if x not in gpu_parts]
+        if cpu_only:
+            p.error(f"--only {','.join(cpu_only)}: measured on the CPU launcher, not with "
+                    f"--device cuda; run them without --device")
     work = Path(tempfile.mkdtemp(prefix="ftrain-bench-"))
     rows: list[tuple] = []
+    when = time.strftime("%Y-%m-%d")
     try:
         for name in chosen:
             t0 = time.perf_counter()
-            got = parts[name](work, args.quick)
+            if name in gpu_parts:
+                got = parts[name](work, args.quick, args.device, repeats)
+            else:
+                got = parts[name](work, args.quick)
             rows += got
             for row in got:
                 print(f"{row[0]} {row[1]}: ours {row[2]:.4g}, reference {row[3]:.4g}, ratio "
                       f"{row[4]:.2f}, target {row[5]}: {'pass' if row[6] else 'MISS'}", flush=True)
             print(f"  ({name}: {time.perf_counter() - t0:.0f} s)", flush=True)
+            if args.out:  # a part at a time: what finished survives a later failure
+                Path(args.out).write_text(markdown(rows, when))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    text = markdown(rows, time.strftime("%Y-%m-%d"))
+    text = markdown(rows, when)
     print(text)
     if args.out:
         Path(args.out).write_text(text)

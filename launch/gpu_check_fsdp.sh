@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# --parallel fsdp checks for a CUDA machine (not yet run on one; results go to $OUT or /tmp/gpu).
+# --parallel fsdp checks for a CUDA machine (results go to $OUT or /tmp/gpu).
 #   bash launch/gpu_check_fsdp.sh
 # 1 the fsdp unit tests and one 2-rank cut/resume on CPU/gloo under this machine's torch (2.11
 #   on ours: the API-compatibility check); 2 world 1 on cuda, --deterministic: sharded
@@ -10,11 +10,12 @@ set -u
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 OUT=${OUT:-/tmp/gpu}; mkdir -p "$OUT"; W=/tmp/gpuwork-fsdp; rm -rf "$W"; mkdir -p "$W"
 PY=${PY:-python3}; TR="$PY -m torch.distributed.run --nproc_per_node"
+export PYTHONPATH="$PWD:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 S="--synthetic-train-size 8192 --synthetic-test-size 1024 --batch-size 128 --epochs 2 --log-every-steps 0 --save-every-seconds 0 --parallel fsdp"
 $PY -c "import torch;print('torch',torch.__version__, torch.cuda.get_device_name(0))"
-echo "== 1 unit tests + 2-rank CPU cut/resume"
-$PY -m pytest -q tests/test_fsdp.py -m "not slow" 2>&1 | tail -3
-$PY -m pytest -q tests/test_fsdp.py -k "test_cut_and_resume_is_bitwise_exact" 2>&1 | tail -3
+echo "== 1 unit tests + 2-rank CPU cut/resume (CPU: one GPU takes one NCCL rank only)"
+CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/test_fsdp.py -m "not slow" 2>&1 | tail -3
+CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k "test_cut_and_resume_is_bitwise_exact" 2>&1 | tail -3
 echo "== 2 world 1 on cuda, deterministic exact resume"
 $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/ref 2>&1 | grep -E "done|rror"
 $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/cut --max-steps 77 2>&1 | grep -E "rror|max-steps"
