@@ -161,9 +161,36 @@ def test_a_module_that_cannot_initialise_itself_is_named():
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(2, 3), _NoReset())
-    with pytest.raises(InputError, match=r"1 \(_NoReset\)"):
+    with pytest.raises(InputError, match=r"1 \(_NoReset: scale\)\. Add to each a "
+                       r"reset_parameters\(self\)"):
         check_initialisable(model)
     check_initialisable(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
+
+
+class _ForgetsItsMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.register_buffer("mask", torch.triu(torch.ones(3, 3)), persistent=False)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.scale)
+
+
+def test_a_reset_parameters_that_forgets_a_buffer_is_refused():
+    """Uninitialised memory would differ between ranks and runs: refused by name instead."""
+    from ftrain.distributed import DistInfo
+    from ftrain.exitcodes import InputError
+    from ftrain.fsdp import build_model
+    from ftrain.tasks import Task
+
+    class Forgetful(Task):
+        def build_model(self) -> nn.Module:
+            return nn.Sequential(nn.Linear(3, 3), _ForgetsItsMask())
+
+    with pytest.raises(InputError, match=r"1 \(_ForgetsItsMask: mask\): its reset_parameters"
+                                         r"\(\) leaves these uninitialised"):
+        build_model(Forgetful(), 3, DistInfo(0, 1, 0, torch.device("cpu"), None))
 
 
 def test_default_shard_units_expand_containers():
