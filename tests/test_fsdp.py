@@ -193,6 +193,20 @@ def test_a_reset_parameters_that_forgets_a_buffer_is_refused():
         build_model(Forgetful(), 3, DistInfo(0, 1, 0, torch.device("cpu"), None))
 
 
+def test_the_language_model_initialises_from_the_meta_device():
+    """examples/charlm.py's own tensors (a parameter drawn in __init__, a causal mask buffer)
+    come out right through its reset_parameters()."""
+    from examples.charlm import CharLM
+    from ftrain.distributed import DistInfo
+    from ftrain.fsdp import build_model
+
+    model = build_model(CharLM(context=16, d_model=8, layers=1, heads=2), 3,
+                        DistInfo(0, 1, 0, torch.device("cpu"), None))
+    assert torch.equal(model.mask, nn.Transformer.generate_square_subsequent_mask(16))
+    assert 0.01 < float(model.pos.detach().std()) < 0.03
+    assert all(bool(t.isfinite().all()) for t in model.state_dict().values())
+
+
 def test_default_shard_units_expand_containers():
     from ftrain.models import SmallCNN
     from ftrain.tasks import default_shard_units
