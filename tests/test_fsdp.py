@@ -433,6 +433,7 @@ FOUR_RANKS = {
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # export, predict: no group
 @pytest.mark.parametrize("job", ["cnn", "lm"])
 def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_path, capsys):
     """Issue 11's test of done, for the default job (a BatchNorm CNN) and the language model:
