@@ -7,6 +7,7 @@ relative path is divisible by 10), read as bytes. Python versions ship different
 libraries; the data fingerprint in every checkpoint refuses a resume on another one.
 
     torchrun --nproc_per_node=2 -m ftrain.train --config examples/charlm.yaml
+    torchrun --nproc_per_node=2 -m ftrain.train --config examples/charlm.yaml --parallel fsdp
     python -m examples.charlm            # the unigram baseline, in bits per character
 
 Loss: next-character cross-entropy; metric: bits per character (``bpc``).
@@ -73,8 +74,8 @@ class CharTransformer(nn.Module):
     def __init__(self, context: int, d_model: int, layers: int, heads: int) -> None:
         super().__init__()
         self.embed = nn.Embedding(256, d_model)
-        self.pos = nn.Parameter(torch.zeros(context, d_model))
-        nn.init.normal_(self.pos, std=0.02)
+        self.pos = nn.Parameter(torch.empty(context, d_model))
+        nn.init.normal_(self.pos, std=0.02)  # also here: --parallel ddp's init as it was
         layer = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
                                            batch_first=True, norm_first=True)
         self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
@@ -82,6 +83,13 @@ class CharTransformer(nn.Module):
         self.head = nn.Linear(d_model, 256)
         self.register_buffer("mask", nn.Transformer.generate_square_subsequent_mask(context),
                              persistent=False)
+
+    def reset_parameters(self) -> None:
+        """Set this module's own tensors again, not its children's (they have their own):
+        ``--parallel fsdp`` builds the model on the meta device, where what ``__init__``
+        computed is lost, and calls this on a copy of this module alone."""
+        nn.init.normal_(self.pos, std=0.02)
+        self.mask.copy_(nn.Transformer.generate_square_subsequent_mask(len(self.mask)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n = x.shape[1]

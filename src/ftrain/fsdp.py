@@ -8,10 +8,11 @@ memory), its shard units are wrapped with ``fully_shard`` (the task's ``shard_un
 a meta copy of the model is built once more, and for each module that owns parameters or
 buffers (children before parents) that module alone is materialised on the CPU at full size,
 initialised by its ``reset_parameters()`` under a seed derived from ``(seed, module name)``,
-and each rank keeps the slice of every tensor it owns. Transient memory: one module's
-tensors. The result does not depend on the world size (or on the device), so a run on 2 ranks
-starts from the same weights as one on 4; it differs from ``--parallel ddp``'s init, which
-builds the whole model under one seed.
+and each rank keeps the slice of every tensor it owns (a floating-point tensor the
+initialiser leaves alone is refused: it would hold whatever the memory held). Transient
+memory: one module's tensors. The result does not depend on the world size (or on the
+device), so a run on 2 ranks starts from the same weights as one on 4; it differs from
+``--parallel ddp``'s init, which builds the whole model under one seed.
 
 World size 1 (one process, or torchrun with one worker): the model is the plain module built
 and initialised the same way, with no FSDP wrapping (nothing to shard across, and no process
@@ -76,16 +77,24 @@ def build_model(task: Task, seed: int, info: DistInfo) -> nn.Module:
     return model
 
 
+def _describe(name: str, module: nn.Module, tensors: list[str]) -> str:
+    return f"{name or '<root>'} ({type(module).__name__}: {', '.join(tensors)})"
+
+
 def check_initialisable(model: nn.Module) -> None:
-    """Every module that owns parameters or buffers must be able to initialise them."""
-    missing = [f"{name or '<root>'} ({type(m).__name__})" for name, m in model.named_modules()
+    """Every module that owns parameters or buffers must be able to initialise them. Raises
+    InputError naming each module that cannot, with its tensors."""
+    missing = [_describe(name, m, [t for t, _ in _own_tensors(m)])
+               for name, m in model.named_modules()
                if any(True for _ in _own_tensors(m)) and _reset_fn(m) is None]
     if missing:
-        raise InputError("--parallel fsdp builds the model on the meta device and initialises "
-                         "each module with its reset_parameters(); these modules own "
-                         "parameters or buffers but have none: " + ", ".join(missing) +
-                         ". Give them a reset_parameters() that initialises all their "
-                         "parameters and buffers, or use --parallel ddp")
+        raise InputError("--parallel fsdp builds the model on the meta device, where what "
+                         "__init__ computes is lost, and initialises each module that owns "
+                         "parameters or buffers with its reset_parameters(); these modules "
+                         "have none: " + "; ".join(missing) + ". Add to each a "
+                         "reset_parameters(self) that initialises the tensors listed (its "
+                         "own; its children have theirs), or use --parallel ddp (see "
+                         "docs/tasks.md, 'Under --parallel fsdp')")
 
 
 @torch.no_grad()
@@ -103,9 +112,21 @@ def initialise(model: nn.Module, task: Task, seed: int) -> None:
         if not own:
             continue
         module.to_empty(device="cpu", recurse=False)
+        for _, t in _own_tensors(module):
+            if t.is_floating_point():
+                t.fill_(float("nan"))  # what the initialiser leaves alone stays NaN
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(module_seed(seed, name))
             _reset_fn(module)()
+        # Uninitialised memory would differ between ranks and runs, silently.
+        left = [t for t, full in _own_tensors(module) if full.is_floating_point()
+                and bool(full.isnan().any())]
+        if left:
+            raise InputError(f"--parallel fsdp: {_describe(name, module, left)}: its "
+                             f"{_reset_fn(module).__name__}() leaves these uninitialised "
+                             "(NaN); make it initialise every parameter and buffer the module "
+                             "owns itself, including those __init__ computes (a constant "
+                             "buffer, a mask)")
         target = targets[name]
         for tname, full in _own_tensors(module):
             copy_owned_slice(full, getattr(target, tname))
