@@ -646,6 +646,7 @@ class Checkpointer:
         self.last_commit_time: float | None = None  # wall clock of the newest commit
         self._drop_logged = False
         self._last_request: float | None = None  # monotonic time of the previous save request
+        self._running_since = 0.0  # monotonic time the running persist was taken
         self.request_interval_s = 0.0  # time between the two newest save requests
         self._thread.start()
 
@@ -679,9 +680,18 @@ class Checkpointer:
             self._pending = req
             self._cond.notify_all()
         self.last_stall_s = time.perf_counter() - t0
+        log.debug("snapshot of step %d: %.1f ms", step, self.last_stall_s * 1e3)
         if blocking:
             return self._wait_for(req, deadline)
         return None
+
+    def persist_left_s(self) -> float:
+        """Estimated seconds until the persist in flight ends: the newest finished persist's
+        length minus the time this one has run; 0 when none runs or none has finished yet."""
+        with self._cond:
+            if self._running is None or not self.last_persist_s:
+                return 0.0
+            return max(0.0, self.last_persist_s - (time.monotonic() - self._running_since))
 
     def _drop(self, old: SaveRequest) -> None:
         """Called with the lock held: ``old`` is superseded before its persist started."""
@@ -728,6 +738,7 @@ class Checkpointer:
                     return
                 req, self._pending = self._pending, None
                 self._running = req
+                self._running_since = time.monotonic()
             t0 = time.monotonic()
             try:
                 agreed = self._agree(req)

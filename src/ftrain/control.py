@@ -84,26 +84,30 @@ class Decision:
     preempt: bool
     timed_save: bool
     storage_failed: bool
+    storage_busy: bool = False  # a due save skips its snapshot (SavePolicy.storage_busy)
 
 
 class StopControl:
     """The ranks' agreement on preemption, timed saves and failed storage.
 
-    ``timed_due`` and ``saves_failing`` are asked on this rank (only rank 0's saver knows);
-    the answers of all ranks are combined by an element-wise max.
+    ``timed_due``, ``saves_failing`` and ``storage_busy`` are asked on this rank (only rank
+    0's saver knows, or under fsdp each rank's); the answers of all ranks are combined by an
+    element-wise max.
     """
 
     def __init__(self, coll: Collectives, signals: StopSignals, timed_due: Callable[[], bool],
-                 saves_failing: Callable[[], bool]) -> None:
+                 saves_failing: Callable[[], bool],
+                 storage_busy: Callable[[], bool] = lambda: False) -> None:
         self.coll = coll
         self.signals = signals
         self.timed_due = timed_due
         self.saves_failing = saves_failing
+        self.storage_busy = storage_busy
         self._pending = None
 
     def _flags(self) -> list[int]:
         return [int(self.signals.received is not None), int(self.timed_due()),
-                int(self.saves_failing())]
+                int(self.saves_failing()), int(self.storage_busy())]
 
     def start_epoch(self) -> None:
         """Start the pipelined agreement (one exchange in flight from here on)."""

@@ -42,6 +42,9 @@ class SavePolicy:
         self.sharded = cfg.parallel == "fsdp"
         self.last_save_time = time.monotonic()
         self.abandoned = False  # a save that missed its deadline is still being written
+        self.skipped = 0  # saves not snapshotted: storage was busy for a while yet
+        self._last_due: float | None = None  # monotonic time of the previous due save
+        self.due_interval_s = 0.0  # time between the two newest due saves
 
     # ------------------------------------------------------------------ when
     def step_due(self, step: int) -> bool:
@@ -52,13 +55,44 @@ class SavePolicy:
         return (self.info.is_main and self.cfg.save_every_seconds > 0
                 and time.monotonic() - self.last_save_time >= self.cfg.save_every_seconds)
 
+    def due(self) -> None:
+        """A step or timed save came due (every rank, the same step): times the cadence."""
+        now = time.monotonic()
+        if self._last_due is not None:
+            self.due_interval_s = now - self._last_due
+        self._last_due = now
+
+    def storage_busy(self) -> bool:
+        """This rank's view, agreed through StopControl: the persist in flight needs more than
+        two save intervals yet. A snapshot taken now would only be replaced by a newer one
+        before storage takes it, so the next due save skips the copy (the loop's only cost
+        of a save) and counts it as dropped; once storage is about to be free, saves snapshot
+        again and the newest waits its turn. The persisted saves, and so the lost-work bound,
+        are the ones that dropping superseded snapshots gives."""
+        return (self.ckpt is not None and self.due_interval_s > 0
+                and self.ckpt.persist_left_s() > 2 * self.due_interval_s)
+
+    def skip(self, step: int) -> None:
+        """A due save that storage_busy says to skip (collective decision, every rank)."""
+        self.skipped += 1
+        self.last_save_time = time.monotonic()  # a timed save comes due a period later
+        if self.skipped == 1 and self.info.is_main and self.ckpt is not None:
+            log.warning("checkpoint saves come due faster than storage takes them: the last "
+                        "persist took %.2fs, saves come every %.2fs; the save of step %d is "
+                        "skipped while storage is busy (the newest state is snapshotted once "
+                        "storage is about to be free, so a crash loses at most one save "
+                        "interval plus two persists). Raise --save-every-steps or "
+                        "--save-every-seconds; skipped saves are counted in the history "
+                        "(saves_dropped)", self.ckpt.last_persist_s, self.due_interval_s, step)
+
     def saves_failing(self) -> bool:
         return self.ckpt is not None and self.ckpt.consecutive_failures >= self.cfg.max_failed_saves
 
     @property
     def dropped(self) -> int:
-        """Snapshots superseded by newer ones before storage took them (rank 0's count)."""
-        return self.ckpt.dropped if self.ckpt is not None else 0
+        """Due saves that storage never took: skipped while it was busy, or snapshots
+        superseded by newer ones before their persist started."""
+        return self.skipped + (self.ckpt.dropped if self.ckpt is not None else 0)
 
     @property
     def last_committed_step(self) -> int | None:

@@ -272,7 +272,8 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
                        scaler)
-    control = StopControl(coll, signals, saver.timed_due, saver.saves_failing)
+    control = StopControl(coll, signals, saver.timed_due, saver.saves_failing,
+                          saver.storage_busy)
     if info.is_main:
         log.info("training %s on %d x %s (%s), global batch %d, %d steps/epoch, checkpoints "
                  "in %s", _describe(ref), info.world_size, info.device.type,

@@ -338,6 +338,10 @@ class Trainer:
                 st.elapsed += time.perf_counter() - t_start
                 return self._stop_mid_epoch("preempt" if decision.preempt else "max")
             if decision.timed_save or self.saver.step_due(st.step):
+                self.saver.due()
+                if decision.storage_busy:
+                    self.saver.skip(st.step)
+                    continue
                 elapsed = st.elapsed
                 st.elapsed += time.perf_counter() - t_start
                 self.saver.save(*self._progress(), st.step, blocking=False,
