@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
+from ftrain.config import load_config
 from ftrain.storage import Storage
 from tests.helpers import (
+    FSDP_CHAOS_EXTRA,
     PY,
     ROOT,
     SMALL,
@@ -301,11 +303,15 @@ def _check_same_run(ref: Path, got: Path | str) -> None:
 
 @pytest.fixture(scope="module")
 def cnn_ref(tmp_path_factory) -> Path:
-    """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers."""
-    d = tmp_path_factory.mktemp("fsdp_ref") / "ckpt"
-    r = run_train([*CNN, "--checkpoint-dir", str(d)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
+    """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers: the same
+    run as CNN's flags, run by launch.chaos's reference runner so that tests/test_chaos.py's
+    fsdp chaos run reuses it (FSDP_CHAOS_EXTRA)."""
+    from launch import chaos
+
+    args = chaos.effective_train_args([*FSDP, *FSDP_CHAOS_EXTRA], kills=4)
+    assert load_config(args, {}) == load_config(CNN, {})  # the same run
+    ref = chaos.ensure_reference(tmp_path_factory.getbasetemp() / "fsdp_reference", 2, args)
+    return ref.ckpt_dir
 
 
 @pytest.mark.slow
