@@ -4,6 +4,7 @@ exactly as an uninterrupted run does.
     python -m launch.chaos --nproc 2 --kills 4 --seed 1            # what CI runs
     python -m launch.chaos --nproc 4 --kills 50 --seed 4           # the long, opt-in run
     python -m launch.chaos --nproc 2 --kills 8 -- --model mlp      # training flags after --
+    python -m launch.chaos --nproc 2 --kills 4 --seed 1 --parallel fsdp   # sharded (FSDP2)
     python -m launch.chaos --nproc 2 --kills 4 --task examples.charlm:CharLM \
         --task-args '{"context": 32, "d_model": 64, "layers": 1, "max_train_chars": 65600}'
     python -m launch.chaos --nproc 2 --kills 4 --seed 1 --storage s3 --storage-faults 0.1
@@ -913,7 +914,8 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
                    "restarts_after_140": sum(chaos.storage_exit(a) for a in attempts),
                    "sigkill_bound_waived": waived, "sigterm_loss_waived": term_waived}
     return {
-        "nproc": ref.nproc, "kills_requested": chaos.kills, "kills": len(kills),
+        "nproc": ref.nproc, "parallel": flag_value(ref.train_args, "--parallel", "ddp"),
+        "kills_requested": chaos.kills, "kills": len(kills),
         "kills_by_signal": dict(by_sig), "kills_by_kind": dict(by_kind),
         "moments": dict(moments), "restarts": len(attempts) - 1,
         "launcher_exits": {str(k): v for k, v in sorted(exits.items(), key=str)},
@@ -938,7 +940,7 @@ def format_summary(s: dict[str, Any], seed: int) -> str:
         return ", ".join(f"{k} {v}" for k, v in sorted(c.items())) or "-"
 
     lines = [
-        f"chaos summary: {s['nproc']} workers, seed {seed}, {s['total_steps']} steps",
+        f"chaos summary: {s['nproc']} workers ({s.get('parallel', 'ddp')}), seed {seed}, {s['total_steps']} steps",
         f"  kills        {s['kills']} of {s['kills_requested']}: {counts(s['kills_by_kind'])}",
         f"  moments      {counts(s['moments'])}",
         f"  restarts     {s['restarts']} (launcher exits: {counts(s['launcher_exits'])}; "
@@ -1016,6 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the task to train, an import string (default: the built-in job); its "
                         "epochs should be about 32 steps, or give --epochs after --")
     p.add_argument("--task-args", default="", help="the task's arguments as JSON")
+    p.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                   help="how the job trains: ddp (default), or fsdp (FSDP2, sharded "
+                        "checkpoints); the same as --parallel after --")
     p.add_argument("train_args", nargs=argparse.REMAINDER,
                    help="after --: extra flags for src.train (default: "
                         + " ".join(DEFAULT_TRAIN_ARGS) + ", --epochs sized to the kills)")
@@ -1028,6 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.task:
         extra = ["--task", args.task, *(["--task-args", args.task_args] if args.task_args
                                         else []), *extra]
+    if args.parallel != "ddp":  # ddp adds no flag: its command (and reference) stays as before
+        extra = ["--parallel", args.parallel, *extra]
     if args.nproc < 1 or args.kills < 0:
         print("error: --nproc must be >= 1 and --kills >= 0", file=sys.stderr)
         return 2

@@ -20,6 +20,11 @@ PY = sys.executable
 SMALL = ["--synthetic-train-size", "2048", "--synthetic-test-size", "512", "--batch-size", "64",
          "--epochs", "2", "--log-every-steps", "0", "--save-every-seconds", "0"]
 
+# The training flags tests/test_chaos.py gives `launch.chaos --kills 4 --parallel fsdp --`: with
+# them its uninterrupted reference is the same run as tests/test_fsdp.py's CNN reference
+# (SMALL, --parallel fsdp, a checkpoint every 5 steps), so the two share it.
+FSDP_CHAOS_EXTRA = ["--synthetic-test-size", "512", "--save-every-steps", "5"]
+
 
 def free_port() -> int:
     with socket.socket() as s:

@@ -1,7 +1,7 @@
 """The chaos test tool, run as users run it: ``python -m launch.chaos``.
 
-CI runs a short version (a handful of kills, 2 workers), on local disk and on S3 (moto's server
-behind the fault proxy) with 10% of storage requests failing. The long runs (50 kills, 2 and 4
+CI runs a short version (a handful of kills, 2 workers), on local disk, under --parallel fsdp,
+and on S3 (moto's server behind the fault proxy) with 10% of storage requests failing. The long runs (50 kills, 2 and 4
 workers; 100 kills on faulty S3) are opt-in: ``pytest -m soak tests/test_chaos.py``.
 """
 
@@ -16,15 +16,17 @@ import pytest
 
 from launch import chaos
 from launch.s3lab import ACTIONS, RandomFaults
+from tests.helpers import FSDP_CHAOS_EXTRA
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_chaos(workdir: Path, *args: str, reference: Path | None = None,
               timeout: float = 600) -> dict:
-    cmd = [sys.executable, "-m", "launch.chaos", "--workdir", str(workdir), *args]
+    cmd = [sys.executable, "-m", "launch.chaos", "--workdir", str(workdir)]
     if reference is not None:
-        cmd += ["--reference", str(reference)]
+        cmd += ["--reference", str(reference)]  # before ``args``: they may end in "-- flags"
+    cmd += args
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     output = r.stdout[-6000:] + r.stderr[-3000:]
     assert r.returncode == 0, output
@@ -43,6 +45,22 @@ def test_short_chaos_run_passes(tmp_path, tmp_path_factory):
     assert summary["restarts"] >= 4
     assert set(summary["kills_by_signal"]) == {"SIGKILL", "SIGTERM"}
     assert summary["weights"].startswith("bitwise identical")
+
+
+@pytest.mark.slow
+def test_short_chaos_run_under_fsdp_passes(tmp_path, tmp_path_factory):
+    # The same kill plan under --parallel fsdp (sharded checkpoints, emergency sharded
+    # checkpoint on SIGTERM); shares its reference with tests/test_fsdp.py (same command).
+    summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "4", "--seed", "1",
+                        "--parallel", "fsdp", "--", *FSDP_CHAOS_EXTRA,
+                        reference=tmp_path_factory.getbasetemp() / "fsdp_reference")
+    assert summary["parallel"] == "fsdp"
+    assert summary["kills"] == 4
+    assert set(summary["kills_by_kind"]) == {f"{s} {t}" for s in ("SIGKILL", "SIGTERM")
+                                             for t in ("worker", "launcher")}
+    assert summary["clean_preemptions"] > 0  # an emergency sharded checkpoint, no step lost
+    assert summary["weights"].startswith("bitwise identical")
+    assert summary["history"].startswith("identical")
 
 
 @pytest.mark.slow

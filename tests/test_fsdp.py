@@ -11,7 +11,8 @@ invalidates its checkpoint as a whole; a ddp checkpoint resumes under fsdp and t
 round; the tools read sharded checkpoints; S3 takes the same code path. With 4 workers, for
 the default CNN and the language model of examples/charlm.py: SIGKILLed and rerun on 4,
 bitwise equal to an uninterrupted run; resumed on 2 (the CNN then on 1), every sample once;
-exported and predicted in one process.
+exported and predicted in one process. Saving and resuming raise each rank's peak RSS by about
+its share of the state, never by the whole state (as ddp's whole-state path does).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ import torch
 from torch import nn
 
 from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
+from ftrain.config import load_config
 from ftrain.storage import Storage
 from tests.helpers import (
+    FSDP_CHAOS_EXTRA,
     SMALL,
     assert_bitwise_equal,
     ckpt,
@@ -341,11 +344,15 @@ def _check_same_run(ref: Path, got: Path | str) -> None:
 
 @pytest.fixture(scope="module")
 def cnn_ref(tmp_path_factory) -> Path:
-    """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers."""
-    d = tmp_path_factory.mktemp("fsdp_ref") / "ckpt"
-    r = run_train([*CNN, "--checkpoint-dir", str(d)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
+    """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers: the same
+    run as CNN's flags, run by launch.chaos's reference runner so that tests/test_chaos.py's
+    fsdp chaos run reuses it (FSDP_CHAOS_EXTRA)."""
+    from launch import chaos
+
+    args = chaos.effective_train_args([*FSDP, *FSDP_CHAOS_EXTRA], kills=4)
+    assert load_config(args, {}) == load_config(CNN, {})  # the same run
+    ref = chaos.ensure_reference(tmp_path_factory.getbasetemp() / "fsdp_reference", 2, args)
+    return ref.ckpt_dir
 
 
 @pytest.mark.slow
@@ -589,6 +596,66 @@ def test_switching_between_ddp_and_fsdp_converts_the_checkpoint(tmp_path):
         assert_bitwise_equal(want.model_state(), got.model_state())
         assert strip_timing(want.train_state["history"]) == \
             strip_timing(got.train_state["history"])
+
+
+# A state larger than one rank's share: an MLP of 4 hidden layers of 4096 (53.5M parameters,
+# 204 MiB) with AdamW's two moments: 613 MiB of checkpointed state, 153 MiB per rank on 4.
+BIG = ["--model", "mlp", "--width", "4096", "--depth", "4", "--optimizer", "adamw",
+       "--synthetic-train-size", "256", "--synthetic-test-size", "64", "--batch-size", "64",
+       "--epochs", "1", "--log-every-steps", "0", "--save-every-seconds", "0",
+       "--log-format", "json"]
+SLACK_MIB = 64  # allocator, gloo and DCP's planning: tens of MiB, whatever the state's size
+
+
+def _memory_lines(stderr: str) -> dict[str, dict[int, float]]:
+    """Phase ("save of step 1", "resume from step 1") -> rank -> the phase's peak RSS over the
+    RSS before it (MiB), from the ranks' DEBUG lines (memory.py), JSON logs."""
+    out: dict[str, dict[int, float]] = {}
+    for line in stderr.splitlines():
+        if line.startswith("{") and '"memory_phase"' in line:
+            doc = json.loads(line)
+            out.setdefault(doc["memory_phase"], {})[doc["rank"]] = doc["peak_increase_mib"]
+    return out
+
+
+@pytest.mark.slow
+def test_saving_and_loading_never_hold_the_whole_state_on_one_rank(tmp_path):
+    """4 ranks save and resume a state of 613 MiB: each rank's peak RSS rises by about its own
+    share (153 MiB) in a save (the snapshot of its shards), and by less than two shares in a
+    resume (its optimizer state comes into being and it reads its share of the shard files),
+    never by the whole state. The same checkpoint resumed under ddp, which does materialise the
+    whole state on every rank (and snapshots it on rank 0), crosses the same bounds: so these
+    figures would catch a sharded path that gathered the state on one rank."""
+    d, env = tmp_path / "fsdp", {"FTT_LOG_LEVEL": "DEBUG"}
+    phases: dict[str, dict[int, float]] = {}
+    for _ in range(2):  # a step and its save; the same command again: a resume, nothing to do
+        r = run_train([*BIG, *FSDP, "--max-steps", "1", "--checkpoint-dir", str(d)], nproc=4,
+                      env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        phases.update(_memory_lines(r.stderr))
+    assert "already at step 1" in r.stdout, r.stdout
+    manifest = load_uri(str(d)).manifest
+    full = sum(manifest["files"][f]["size"] for f in manifest["shards"]) / 2**20
+    share = full / 4
+    assert full > 600, full
+    for phase in ("save of step 1", "resume from step 1"):
+        assert sorted(phases.get(phase, {})) == [0, 1, 2, 3], (phase, phases)
+    print(f"full state {full:.1f} MiB, {share:.1f} MiB per rank; peak RSS increase per rank "
+          f"(MiB): {phases}")
+    for rank in range(4):
+        assert phases["save of step 1"][rank] < share + SLACK_MIB, phases
+        assert phases["resume from step 1"][rank] < 2 * share + SLACK_MIB, phases
+
+    # The contrast: ddp (on 2 ranks) resumes the same checkpoint whole on every rank.
+    r = run_train([*BIG, "--max-steps", "2", "--resume", f"{d}/{step_dirname(1)}",
+                   "--checkpoint-dir", str(tmp_path / "ddp")], nproc=2, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = _memory_lines(r.stderr)
+    print(f"ddp, 2 ranks: peak RSS increase per rank (MiB): {whole}")
+    assert sorted(whole["resume from step 1"]) == [0, 1], whole
+    assert min(whole["resume from step 1"].values()) > max(full, 2 * share + SLACK_MIB), whole
+    assert list(whole["save of step 2"]) == [0]  # one writer
+    assert whole["save of step 2"][0] > max(0.75 * full, 2 * share + SLACK_MIB), whole
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ from typing import Any, BinaryIO
 
 import torch
 
+from .memory import PeakRss
 from .storage import CHECKSUM, CHECKSUM_NAMES, Storage, StorageError, checksum, redact
 
 log = logging.getLogger(__name__)
@@ -648,6 +649,8 @@ class Checkpointer:
         self._last_request: float | None = None  # monotonic time of the previous save request
         self._running_since = 0.0  # monotonic time the running persist was taken
         self.request_interval_s = 0.0  # time between the two newest save requests
+        # At DEBUG: each save's peak RSS, snapshot to commit (memory.py), keyed by serial.
+        self.memory = PeakRss(log.isEnabledFor(logging.DEBUG))
         self._thread.start()
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
@@ -671,6 +674,7 @@ class Checkpointer:
             free = 1 - self._running.buffers if self._running is not None else 0
             if self._pending is not None:
                 self._drop(self._pending)
+            self.memory.start(self._serial + 1)
             snap = self._sets[free].copy(state)
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()
@@ -697,6 +701,7 @@ class Checkpointer:
         """Called with the lock held: ``old`` is superseded before its persist started."""
         self.dropped += 1
         self._results[old.serial] = False
+        self.memory.stop(old.serial)
         if not self._drop_logged:
             self._drop_logged = True
             log.warning("checkpoint saves come due faster than storage takes them: the last "
@@ -744,6 +749,7 @@ class Checkpointer:
                 agreed = self._agree(req)
             except Exception as e:  # noqa: BLE001 - a peer is gone: this save fails
                 req = self._running or req
+                self.memory.stop(req.serial)
                 self._failed(step_dirname(req.step), e)
                 ok = False
             else:
@@ -783,6 +789,7 @@ class Checkpointer:
         try:
             committed = self._write(req)
             secs = time.monotonic() - req.started
+            self.memory.log(req.serial, f"save of step {req.step}", log)
             if committed and self.is_main:
                 log.info("checkpoint %s committed (%.1f MiB, %.2fs)", self.store.storage.uri(name),
                          self.store.last_commit_bytes / 2**20, secs)
@@ -797,6 +804,7 @@ class Checkpointer:
                     log.warning("retention after %s failed (will retry next save): %s", name, e)
             return True
         except Exception as e:  # noqa: BLE001 - a failed save must not kill training
+            self.memory.stop(req.serial)
             self._failed(name, e)
             return False
 

@@ -48,10 +48,11 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup_logging(rank: int, fmt: str = "text") -> None:
-    """Rank 0 logs at FTT_LOG_LEVEL (INFO), the others at WARNING and above; ``fmt`` 'text'
+    """Rank 0 logs at FTT_LOG_LEVEL (INFO), the others at WARNING and above, or, when it is
+    DEBUG, at DEBUG as well (what each rank does, its memory: memory.py); ``fmt`` 'text'
     (time, rank, level, message) or 'json' (JsonFormatter)."""
     level = os.environ.get("FTT_LOG_LEVEL", "INFO").upper()
-    if rank:
+    if rank and level != "DEBUG":
         level = logging.getLevelName(max(logging.WARNING, logging.getLevelName(level)))
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":

@@ -33,6 +33,7 @@ from .control import StopControl, StopSignals
 from .data import DataError, fetch_remote_data_dir, fingerprint
 from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
 from .exitcodes import InputError
+from .memory import PeakRss
 from .monitor import Monitor, say_error, setup_logging, wants_json
 from .saving import SavePolicy
 from .storage import Storage, StorageAccessError, StorageError, redact
@@ -218,6 +219,8 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
 
     # ---- resume: rank 0 picks and checks; every rank loads the same checkpoint
     store = CheckpointStore(Storage(cfg.checkpoint_dir, options))
+    memory = PeakRss(log.isEnabledFor(logging.DEBUG))  # the resume's peak RSS, at DEBUG
+    memory.start("resume")
     choice, loaded = _resume(cfg, info, coll, store, options, facts)
     state = TrainState()
     resume_rng = None
@@ -235,6 +238,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                      choice["uri"], state.epoch, state.step, state.batch_in_epoch,
                      state.epoch + 1)
         del loaded
+        memory.log("resume", f"resume from step {state.step}", log)
     if not coll.all_equal(state.step):
         raise InputError("ranks resumed at different steps; checkpoint storage is inconsistent "
                          "between nodes")

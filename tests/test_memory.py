@@ -1,0 +1,60 @@
+"""Peak RSS per phase (memory.py), the figures ``FTT_LOG_LEVEL=DEBUG`` logs for each resume
+and save on every rank. The end-to-end use is in tests/test_fsdp.py (a sharded save and resume
+never hold the whole state on one rank)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from ftrain import memory
+from ftrain.memory import PeakRss
+from ftrain.monitor import setup_logging
+
+MIB = 2**20
+
+
+def _touch(mib: int) -> None:
+    """Hold ``mib`` MiB of touched memory for a moment (large blocks: freed back to the system)."""
+    block = torch.ones(mib * MIB // 4)
+    del block
+
+
+def test_overlapping_phases_each_get_their_own_peak():
+    mem = PeakRss(True)
+    if not mem.enabled or not memory._reset_peak():
+        pytest.skip("no /proc/self/status or clear_refs here")
+    mem.start("save 1")
+    _touch(96)
+    mem.start("save 2")  # resets the mark: "save 1" keeps the 96 MiB it saw
+    _touch(32)
+    first, second = mem.stop("save 1"), mem.stop("save 2")
+    assert first["increase"] > 90, first
+    assert 28 < second["increase"] < 80, second
+    assert first["peak"] - first["rss_before"] == pytest.approx(first["increase"])
+    assert mem.stop("save 1") is None  # closed
+
+
+def test_nothing_is_measured_or_logged_unless_enabled(caplog):
+    mem = PeakRss(False)
+    mem.start("resume")
+    assert mem.stop("resume") is None
+    with caplog.at_level(logging.DEBUG):
+        mem.log("resume", "resume from step 1", logging.getLogger("test"))
+    assert not caplog.records
+
+
+def test_debug_logs_every_rank_and_other_levels_rank_0_alone(monkeypatch):
+    root = logging.getLogger()
+    saved = root.level, list(root.handlers)
+    try:
+        for level, rank, want in (("DEBUG", 1, logging.DEBUG), ("INFO", 1, logging.WARNING),
+                                  ("INFO", 0, logging.INFO)):
+            monkeypatch.setenv("FTT_LOG_LEVEL", level)
+            setup_logging(rank)
+            assert root.level == want, (level, rank)
+    finally:
+        root.setLevel(saved[0])
+        root.handlers[:] = saved[1]
