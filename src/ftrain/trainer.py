@@ -268,15 +268,23 @@ class Trainer:
         agreement's all-reduce ran on a gloo thread; persistent workers fork once, at the
         quiet start. (Their copy of the dataset never sees a later ``set_epoch``, so each
         index carries its epoch: ``EpochTagged``.)
+
+        The eval loader goes first and does not pin memory: a loader that pins starts a
+        thread right after forking its workers (torch.set_num_threads and CUDA set-up in it:
+        pytorch/pytorch#130610 is a worker forked during that), so the only one that does,
+        the train loader's, starts after the last fork.
         """
+        cuda = self.info.device.type == "cuda"
+        self._eval_loader = self._new_loader(self.eval_items, self.eval_sampler,
+                                             max(self.per_rank_batch, 256), False, 0xE7A1,
+                                             pin_memory=False)
         if self.on_device is None:
             self._train_loader = self._new_loader(self.train_items, self.sampler,
-                                                  self.per_rank_batch, True, 0x10AD)
-        self._eval_loader = self._new_loader(self.eval_items, self.eval_sampler,
-                                             max(self.per_rank_batch, 256), False, 0xE7A1)
+                                                  self.per_rank_batch, True, 0x10AD,
+                                                  pin_memory=cuda)
         if not self.cfg.num_workers:
             return
-        for loader in (self._train_loader, self._eval_loader):
+        for loader in (self._eval_loader, self._train_loader):
             if loader is None:
                 continue
             tagged = loader.sampler
@@ -288,12 +296,11 @@ class Trainer:
                 tagged.idle = False
 
     def _new_loader(self, items: SeededItems, sampler: Sampler, batch_size: int,
-                    drop_last: bool, salt: int) -> DataLoader:
+                    drop_last: bool, salt: int, pin_memory: bool) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(items, batch_size=batch_size, sampler=EpochTagged(sampler, items),
                           num_workers=workers, drop_last=drop_last,
-                          worker_init_fn=ignore_stop_signals,
-                          pin_memory=self.info.device.type == "cuda",
+                          worker_init_fn=ignore_stop_signals, pin_memory=pin_memory,
                           persistent_workers=workers > 0,
                           # The loader's base seed (for its workers, whose items SeededItems
                           # seeds anyway) comes from here, not from the global torch RNG.
