@@ -166,6 +166,11 @@ def test_augmentation_is_seeded_per_sample_not_per_worker():
     plain = SeededItems(VisionItems(TinyImages(24), "cifar10", augment=False), seed=3)
     assert not all(torch.equal(a[0], b[0]) for a, b in
                    zip(one, _epoch_batches(plain, 1, 0, 0), strict=True))
+    # An (epoch, index) pair, as persistent workers receive it, is that epoch's item.
+    (x_pair, _), i_pair = data.__getitems__([(1, 5)])[0]
+    data.set_epoch(1)
+    (x_one, _), i_one = data[5]
+    assert i_pair == i_one == 5 and torch.equal(x_pair, x_one)
     # The caller's RNG streams are untouched by fetching items.
     torch.manual_seed(5)
     expected = torch.rand(3)

@@ -107,6 +107,28 @@ def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
 
 
 @pytest.mark.slow
+def test_loader_workers_are_forked_once_when_training_starts(tmp_path):
+    """With --num-workers the train and eval loaders fork their workers once, as fit() starts,
+    before any checkpoint is persisted or any background collective runs: a fork copies the
+    locks that other threads hold at that instant, and a worker forked mid-persist could
+    inherit one held for ever. (Loaders built per epoch forked at every epoch start, while
+    the epoch-end save was being written.)"""
+    code = ("import os, sys, ftrain\nfrom tests.toytask import PidTask\nprint(os.getpid())\n"
+            f"sys.exit(ftrain.fit(PidTask, {{'epochs': 2, 'batch_size': 16, 'num_workers': 1, "
+            f"'data_on_device': 'off', 'data_dir': {str(tmp_path)!r}, "
+            f"'checkpoint_dir': {str(tmp_path / 'ckpt')!r}, 'log_every_steps': 0, "
+            "'save_every_seconds': 0}))")
+    r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trainer = int(r.stdout.split()[0])
+    fetchers = (tmp_path / "pids").read_text().split()
+    workers = set(map(int, fetchers)) - {trainer}  # the trainer itself: the data fingerprint
+    assert len(workers) == 2, f"one train and one eval worker for the run, not {workers}"
+    assert committed_steps(tmp_path / "ckpt") == [4, 8]
+
+
+@pytest.mark.slow
 def test_changed_data_under_the_same_task_is_refused(tmp_path):
     from tests.toytask import write_data
 

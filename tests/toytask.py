@@ -49,3 +49,27 @@ class DropoutTask(ToyTask):
 
     def build_model(self) -> nn.Module:
         return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 4))
+
+
+class PidTask(ToyTask):
+    """Appends the pid of every process that fetches an item (train or eval) to
+    ``--data-dir``/pids: which processes served the data."""
+
+    def datasets(self, ctx):
+        train, test = super().datasets(ctx)
+        return PidItems(train, ctx.data_dir), PidItems(test, ctx.data_dir)
+
+
+class PidItems(torch.utils.data.Dataset):
+    def __init__(self, base, folder: str) -> None:
+        self.base, self.folder = base, folder
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        import os
+
+        with open(os.path.join(self.folder, "pids"), "a") as fh:
+            fh.write(f"{os.getpid()}\n")
+        return self.base[i]

@@ -51,7 +51,8 @@ class Config:
     download: bool = _opt(False, "Download the torchvision dataset into --data-dir if missing.")
     synthetic_train_size: int = _opt(12288, "Training samples of the synthetic dataset.")
     synthetic_test_size: int = _opt(2048, "Test samples of the synthetic dataset.")
-    num_workers: int = _opt(0, "DataLoader worker processes per rank.")
+    num_workers: int = _opt(0, "DataLoader worker processes per rank, for training and for "
+                            "evaluation each; started once as training starts, kept for the run.")
     data_on_device: str = _opt("auto", "'auto': an in-memory tensor training set without "
                                "per-item transforms (synthetic, MNIST-like) is put on the device "
                                "once and batches are gathered there from the sampler's indices "

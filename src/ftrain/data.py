@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import Dataset, DistributedSampler, Sampler
 
 log = logging.getLogger(__name__)
 
@@ -148,9 +148,10 @@ class SeededItems(Dataset):
     """Wraps a task's dataset: item ``i`` of epoch ``e`` is produced with python's, numpy's and
     torch's global RNGs seeded from (seed, e, i), and comes back as ``(item, i)``.
 
-    The RNG states are saved and restored around each fetch (one item, or a batch through
-    ``__getitems__``), so the caller's random streams are untouched. Datasets that declare
-    ``rng_free = True`` are fetched without seeding.
+    An index is ``i`` (of the epoch last given to ``set_epoch``) or an ``(e, i)`` pair (see
+    ``EpochTagged``). The RNG states are saved and restored around each fetch (one item, or a
+    batch through ``__getitems__``), so the caller's random streams are untouched. Datasets
+    that declare ``rng_free = True`` are fetched without seeding.
     """
 
     def __init__(self, base: Dataset, seed: int) -> None:
@@ -168,18 +169,43 @@ class SeededItems(Dataset):
     def __getitem__(self, i: int):
         return self.__getitems__([i])[0]
 
-    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Any, int]]:
+    def __getitems__(self, indices: Sequence[Any]) -> list[tuple[Any, int]]:
+        keys = [i if isinstance(i, tuple) else (self.epoch, i) for i in indices]
         if not self.seeded:
-            return [(self.base[i], i) for i in indices]
+            return [(self.base[i], i) for _epoch, i in keys]
         saved = _rng_states()
         try:
             out = []
-            for i in indices:
-                _seed_rngs(mix_seed(self.seed, self.epoch, i))
+            for epoch, i in keys:
+                _seed_rngs(mix_seed(self.seed, epoch, i))
                 out.append((self.base[i], i))
             return out
         finally:
             _restore_rngs(saved)
+
+
+class EpochTagged(Sampler):
+    """The indices of ``sampler`` as ``(epoch, index)`` pairs for ``items``, the epoch being
+    the one ``items`` is set to when an iteration starts.
+
+    Persistent DataLoader workers keep the copy of the dataset they were forked with, which
+    never sees a later ``set_epoch``: the epoch travels with every index instead. ``idle``
+    makes an iteration empty, so that an iterator can start its workers without giving them
+    work.
+    """
+
+    def __init__(self, sampler: Sampler, items: SeededItems) -> None:
+        self.sampler, self.items = sampler, items
+        self.idle = False
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.idle:
+            return iter(())
+        epoch = self.items.epoch
+        return ((epoch, i) for i in self.sampler)
+
+    def __len__(self) -> int:
+        return 0 if self.idle else len(self.sampler)  # type: ignore[arg-type]
 
 
 def _rng_states() -> tuple:

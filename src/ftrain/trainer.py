@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset, default_collate
+from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
 from . import exitcodes
 from .config import Config
 from .control import StopControl, hard_exit, ignore_stop_signals
 from .data import (
+    EpochTagged,
     EvalShardSampler,
     ResumableDistributedSampler,
     SeededItems,
@@ -211,10 +212,15 @@ class Trainer:
         self.train_items = SeededItems(parts.train_set, cfg.seed)
         self.sampler = ResumableDistributedSampler(self.train_items, info.world_size, info.rank,
                                                    cfg.batch_size, cfg.seed)
+        self.eval_items = SeededItems(parts.test_set, cfg.seed)
+        self.eval_sampler = EvalShardSampler(len(self.eval_items), info.world_size, info.rank)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.per_rank_batch = cfg.batch_size // info.world_size
         self.metric_names: list[str] = list(state.sums)
         self.on_device = device_tensors(parts.train_set, info.device, cfg.data_on_device)
+        # Built by fit(); with --num-workers their workers live as long as the run.
+        self._train_loader: DataLoader | None = None
+        self._eval_loader: DataLoader | None = None
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self._local: list[torch.Tensor] = []
         self._trace = None
@@ -227,9 +233,12 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``--epochs`` (or ``--max-steps``); returns the process exit code."""
         try:
+            self._start_loaders()
             return self._fit()
         finally:
             self.monitor.end_epoch()
+            # The last reference to each loader: its iterator stops the workers.
+            self._train_loader = self._eval_loader = None
             if self._trace:
                 self._trace.close()
 
@@ -246,6 +255,57 @@ class Trainer:
         if self.info.is_main:
             log.info("training complete: %d epochs, %d steps", st.epoch, st.step)
         return exitcodes.OK
+
+    # ------------------------------------------------------------------ loaders
+    def _start_loaders(self) -> None:
+        """Build the train and eval loaders and, with --num-workers, fork their workers now,
+        once for the run, while no other thread of this process does anything: no save is
+        being persisted and no background collective is in flight yet.
+
+        A fork copies every lock as it is at that instant, and the child has only the forking
+        thread: a lock another thread held then stays held in the child. Loaders built per
+        epoch forked while the checkpoint persister wrote the epoch-end save and the stop
+        agreement's all-reduce ran on a gloo thread; persistent workers fork once, at the
+        quiet start. (Their copy of the dataset never sees a later ``set_epoch``, so each
+        index carries its epoch: ``EpochTagged``.)
+
+        The eval loader goes first and does not pin memory: a loader that pins starts a
+        thread right after forking its workers (torch.set_num_threads and CUDA set-up in it:
+        pytorch/pytorch#130610 is a worker forked during that), so the only one that does,
+        the train loader's, starts after the last fork.
+        """
+        cuda = self.info.device.type == "cuda"
+        self._eval_loader = self._new_loader(self.eval_items, self.eval_sampler,
+                                             max(self.per_rank_batch, 256), False, 0xE7A1,
+                                             pin_memory=False)
+        if self.on_device is None:
+            self._train_loader = self._new_loader(self.train_items, self.sampler,
+                                                  self.per_rank_batch, True, 0x10AD,
+                                                  pin_memory=cuda)
+        if not self.cfg.num_workers:
+            return
+        for loader in (self._eval_loader, self._train_loader):
+            if loader is None:
+                continue
+            tagged = loader.sampler
+            assert isinstance(tagged, EpochTagged)
+            tagged.idle = True
+            try:
+                iter(loader)  # forks the workers, gives them nothing to do yet
+            finally:
+                tagged.idle = False
+
+    def _new_loader(self, items: SeededItems, sampler: Sampler, batch_size: int,
+                    drop_last: bool, salt: int, pin_memory: bool) -> DataLoader:
+        workers = self.cfg.num_workers
+        return DataLoader(items, batch_size=batch_size, sampler=EpochTagged(sampler, items),
+                          num_workers=workers, drop_last=drop_last,
+                          worker_init_fn=ignore_stop_signals, pin_memory=pin_memory,
+                          persistent_workers=workers > 0,
+                          # The loader's base seed (for its workers, whose items SeededItems
+                          # seeds anyway) comes from here, not from the global torch RNG.
+                          generator=torch.Generator().manual_seed(
+                              mix_seed(self.cfg.seed, self.info.rank, salt)))
 
     # ------------------------------------------------------------------ epoch
     def _batches(self):
@@ -270,19 +330,13 @@ class Trainer:
             yield (x[on_dev[cut]], y[on_dev[cut]]), order[cut]
 
     def _loader(self) -> DataLoader:
+        """The train loader, set to the rest of the current epoch."""
         st = self.state
         self.sampler.set_epoch(st.epoch)
         self.sampler.set_start(st.batch_in_epoch)
         self.train_items.set_epoch(st.epoch)
-        return DataLoader(self.train_items, batch_size=self.per_rank_batch, sampler=self.sampler,
-                          num_workers=self.cfg.num_workers, drop_last=True,
-                          worker_init_fn=ignore_stop_signals,
-                          pin_memory=self.info.device.type == "cuda",
-                          persistent_workers=False,
-                          # The loader's base seed (for its workers, whose items SeededItems
-                          # seeds anyway) comes from here, not from the global torch RNG.
-                          generator=torch.Generator().manual_seed(
-                              mix_seed(self.cfg.seed, st.epoch, self.info.rank, 0x10AD)))
+        assert self._train_loader is not None, "fit() builds the loaders"
+        return self._train_loader
 
     def _run_epoch(self) -> int | str | None:
         """Train the rest of the current epoch. Returns an exit code to stop mid-epoch, or, at
@@ -482,12 +536,10 @@ class Trainer:
             for b in model.buffers():
                 torch.distributed.broadcast(b, src=0)
         model.eval()
-        items = SeededItems(self.p.test_set, self.cfg.seed)
+        items = self.eval_items
         items.set_epoch(self.state.epoch)
-        sampler = EvalShardSampler(len(items), info.world_size, info.rank)
-        loader = DataLoader(items, batch_size=max(self.per_rank_batch, 256), sampler=sampler,
-                            num_workers=self.cfg.num_workers, worker_init_fn=ignore_stop_signals,
-                            pin_memory=info.device.type == "cuda")
+        loader = self._eval_loader
+        assert loader is not None, "fit() builds the loaders"
         names: list[str] = []
         totals: torch.Tensor | None = None
         # Under fsdp every forward is collective (each unit gathers its parameters): a rank
