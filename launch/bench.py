@@ -88,10 +88,10 @@ def plain_loop_rate(train_size: int, batch: int, seed: int = 0, device: str = "c
     x, y = train.x.to(dev), train.y.to(dev)
     loader = DataLoader(TensorDataset(train.x, train.y), batch_size=batch, shuffle=True,
                         drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda",
-                        persistent_workers=workers > 0)
+                        persistent_workers=workers > 0) if feed == "loader" else None
 
     def batches():
-        if feed == "loader":
+        if loader is not None:
             for xb, yb in loader:
                 yield xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
             return
