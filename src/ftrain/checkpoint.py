@@ -607,6 +607,16 @@ class SaveRequest:
     started: float = field(default_factory=time.monotonic)
 
 
+def warn_saves_outpace_storage(persist_s: float, interval_s: float, what: str) -> None:
+    """The one warning (per run and kind) that saves come due faster than storage takes them;
+    ``what`` says what happens to the save at hand (dropped for a newer snapshot, or skipped)."""
+    log.warning("checkpoint saves come due faster than storage takes them: the last persist "
+                "took %.2fs, saves come every %.2fs; %s (the newest state always waits its turn, "
+                "so a crash loses at most one save interval plus two persists). Raise "
+                "--save-every-steps or --save-every-seconds; such saves are counted in the "
+                "history (saves_dropped)", persist_s, interval_s, what)
+
+
 class Checkpointer:
     """Rank 0's saver. The caller only snapshots: it copies the state into one of two sets of
     reused host buffers (pinned when the state is on a GPU). A persister thread serializes,
@@ -704,13 +714,9 @@ class Checkpointer:
         self.memory.stop(old.serial)
         if not self._drop_logged:
             self._drop_logged = True
-            log.warning("checkpoint saves come due faster than storage takes them: the last "
-                        "persist took %.2fs, saves come every %.2fs; the snapshot of step %d is "
-                        "dropped for a newer one (the newest always waits its turn, so a crash "
-                        "loses at most one save interval plus two persists). Raise --save-every-steps or "
-                        "--save-every-seconds; dropped saves are counted in the history "
-                        "(saves_dropped)", self.last_persist_s, self.request_interval_s,
-                        old.step)
+            warn_saves_outpace_storage(self.last_persist_s, self.request_interval_s,
+                                       f"the snapshot of step {old.step} is dropped for a "
+                                       "newer one")
 
     def _wait_for(self, req: SaveRequest, deadline: float | None) -> bool:
         with self._cond:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, SaveTimeout
+from .checkpoint import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 from .config import Config
 from .distributed import Collectives, DistInfo
 from .tasks import Task
@@ -77,13 +77,9 @@ class SavePolicy:
         self.skipped += 1
         self.last_save_time = time.monotonic()  # a timed save comes due a period later
         if self.skipped == 1 and self.info.is_main and self.ckpt is not None:
-            log.warning("checkpoint saves come due faster than storage takes them: the last "
-                        "persist took %.2fs, saves come every %.2fs; the save of step %d is "
-                        "skipped while storage is busy (the newest state is snapshotted once "
-                        "storage is about to be free, so a crash loses at most one save "
-                        "interval plus two persists). Raise --save-every-steps or "
-                        "--save-every-seconds; skipped saves are counted in the history "
-                        "(saves_dropped)", self.ckpt.last_persist_s, self.due_interval_s, step)
+            warn_saves_outpace_storage(self.ckpt.last_persist_s, self.due_interval_s,
+                                       f"the save of step {step} is skipped while storage is "
+                                       "busy")
 
     def saves_failing(self) -> bool:
         return self.ckpt is not None and self.ckpt.consecutive_failures >= self.cfg.max_failed_saves
