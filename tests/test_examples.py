@@ -1,7 +1,7 @@
 """The two examples of examples/, trained as a user would: every guarantee proven on the
-character-level language model as on the default job (SIGKILL mid-epoch -> bitwise-equal
+character-level language model as on the default job (SIGKILLs by launch.chaos -> bitwise-equal
 weights and equal history; 4 -> 2 workers -> every sample exactly once; SIGTERM -> emergency
-checkpoint, exit 143; chaos), and the image classifier trained, resumed, exported, predicted.
+checkpoint, exit 143), and the image classifier trained, resumed, exported, predicted.
 
 The language model is made tiny here (32 steps of 64 windows per epoch); its default size is
 the README's run.
@@ -10,7 +10,6 @@ the README's run.
 from __future__ import annotations
 
 import json
-import random
 import signal
 import subprocess
 
@@ -49,8 +48,10 @@ WINDOWS = (TINY_LM["max_train_chars"] - 1) // TINY_LM["context"]  # 2049 -> 32 b
 LM = ["--task", "examples.charlm:CharLM", "--task-args", json.dumps(TINY_LM),
       "--batch-size", "64", "--epochs", "2", "--lr", "0.02", "--optimizer", "adamw",
       "--weight-decay", "0.01", "--log-every-steps", "0", "--save-every-seconds", "0"]
-LM_CHAOS = [*LM, "--save-every-steps", "3"]
 NPROC = 2
+# What `launch.chaos --task examples.charlm:CharLM --task-args ... -- <LM's other flags>
+# --save-every-steps 3` trains: its reference is lm_reference, run once for this module.
+LM_CHAOS = chaos.effective_train_args([*LM, "--save-every-steps", "3"], kills=2)
 
 
 @pytest.fixture(scope="module")
@@ -64,24 +65,6 @@ def test_lm_learns_below_the_unigram_baseline(lm_reference):
     baseline = unigram_bpc(TINY_LM["max_train_chars"], TINY_LM["max_eval_chars"])
     assert history[-1]["eval_bpc"] < baseline - 0.5, (history[-1], baseline)
     assert history[-1]["eval_bpc"] < history[0]["eval_bpc"]
-
-
-def test_lm_sigkill_mid_epoch_resumes_bitwise(lm_reference, tmp_path):
-    ckpt = tmp_path / "ckpt"
-    job = chaos.Job(NPROC, LM_CHAOS, ckpt, tmp_path / "killed" / "trace",
-                    tmp_path / "killed" / "log.txt").start()
-    assert job.wait_until(lambda: chaos.latest_committed(ckpt) > 0, 180), job.log_text()[-3000:]
-    job.sleep(random.uniform(0.0, 0.3))
-    job.kill(signal.SIGKILL, "launcher", random.Random(0))
-    assert job.wait(60) is not None and job.reap(30) == 0
-    resume_at = chaos.latest_committed(ckpt)
-    assert resume_at % lm_reference.steps_per_epoch, "the kill should land mid-epoch"
-    again = chaos.Job(NPROC, LM_CHAOS, ckpt, tmp_path / "resumed" / "trace",
-                      tmp_path / "resumed" / "log.txt")
-    assert chaos.run_to_end(again, timeout=300) == 0, again.log_text()[-3000:]
-    assert f"step {resume_at}, batch" in again.log_text()
-    verdict = chaos.compare_runs(lm_reference, ckpt, [job.trace_dir, again.trace_dir])
-    assert not verdict["problems"], verdict  # weights bit for bit, history, samples
 
 
 def test_lm_four_to_two_workers_every_sample_once(tmp_path):
@@ -126,15 +109,26 @@ def test_lm_sigterm_writes_an_emergency_checkpoint_and_exits_143(tmp_path):
         assert steps == list(range(1, 97)), f"rank {rank}: steps lost or repeated"
 
 
-def test_chaos_runs_the_language_model(tmp_path):
-    r = subprocess.run([PY, "-m", "launch.chaos", "--nproc", "2", "--kills", "2", "--seed", "3",
-                        "--workdir", str(tmp_path), "--task", "examples.charlm:CharLM",
-                        "--task-args", json.dumps(TINY_LM), "--", *LM_CHAOS[4:]],
+def test_chaos_sigkills_the_language_model(lm_reference, tmp_path):
+    """SIGKILL to a worker and to torchrun with every worker, at moments drawn from the seed;
+    each run resumed ends bitwise equal to the uninterrupted one (weights, history, the
+    samples of every step). (SIGTERM: the test above.)"""
+    r = subprocess.run([PY, "-m", "launch.chaos", "--nproc", str(NPROC), "--kills", "2",
+                        "--seed", "3", "--signals", "SIGKILL", "--workdir", str(tmp_path),
+                        "--reference", lm_reference.folder, "--task", "examples.charlm:CharLM",
+                        "--task-args", json.dumps(TINY_LM), "--", *LM[4:],
+                        "--save-every-steps", "3"],
                        cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["result"] == "PASS"
     assert "examples.charlm:CharLM" in r.stdout  # the reference line names the training flags
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["result"] == "PASS", summary["problems"]
+    # The module's reference, reused rather than run again.
+    assert summary["train_args"] == LM_CHAOS
+    assert summary["reference_wall_s"] == round(lm_reference.wall_s, 1)
+    assert set(summary["kills_by_kind"]) == {"SIGKILL worker", "SIGKILL launcher"}
+    assert summary["weights"].startswith("bitwise identical")
+    assert summary["history"].startswith("identical")
 
 
 def test_lm_data_fingerprint_is_recorded():

@@ -4,14 +4,14 @@ Unit tests: the sharded storage layer (DCP over our Storage) round-trips a state
 pickle, refuses a hostile pickle, and its metadata survives JSON; the meta-device
 initialisation is the same on every world size, sets a user module's own parameters and
 buffers through its reset_parameters(), and refuses, by name, a module it cannot initialise.
-End to end (torchrun, 2 CPU workers, gloo): a run cut at a step, or SIGKILLed mid-epoch, or
-SIGTERMed (emergency sharded checkpoint, exit 143) resumes bitwise equal to an uninterrupted
-one, for the default CNN (BatchNorm) and a user's task; a corrupt or missing shard
-invalidates its checkpoint as a whole; a ddp checkpoint resumes under fsdp and the other way
-round; the tools read sharded checkpoints; S3 takes the same code path. With 4 workers, for
-the default CNN and the language model of examples/charlm.py: SIGKILLed and rerun on 4,
-bitwise equal to an uninterrupted run; resumed on 2 (the CNN then on 1), every sample once;
-exported and predicted in one process. Saving and resuming raise each rank's peak RSS by about
+End to end (torchrun, 2 CPU workers, gloo): a run SIGTERMed (emergency sharded checkpoint,
+exit 143) resumes bitwise equal to an uninterrupted one; on S3, a run cut at a step does too;
+a corrupt or missing shard invalidates its checkpoint as a whole; a ddp checkpoint resumes
+under fsdp and the other way round; the tools read sharded checkpoints. With 4 workers, for
+the default CNN and the language model of examples/charlm.py (a user's task): SIGKILLed
+mid-epoch and rerun on 4, bitwise equal to an uninterrupted run; resumed on 2 (the CNN then
+on 1), every sample once; exported and predicted in one process. (SIGKILLs inside saves and
+during evaluation: tests/test_chaos.py's fsdp run, against the same reference.) Saving and resuming raise each rank's peak RSS by about
 its share of the state, never by the whole state (as ddp's whole-state path does).
 """
 
@@ -356,51 +356,6 @@ def cnn_ref(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_cut_and_resume_is_bitwise_exact(cnn_ref, tmp_path):
-    d = tmp_path / "ckpt"
-    for extra in (["--max-steps", "21"], []):  # mid-epoch, between two step checkpoints
-        r = run_train([*CNN, *extra, "--checkpoint-dir", str(d)], nproc=2)
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {d}/{step_dirname(21)}" in r.stderr, r.stderr[-3000:]
-    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
-    _check_same_run(cnn_ref, d)
-    manifest = load_uri(str(d)).manifest
-    assert (manifest["format_version"], manifest["layout"]) == (3, "sharded")
-    assert manifest["shard_world_size"] == 2 and len(manifest["shards"]) == 2
-
-
-@pytest.mark.slow
-def test_user_task_cut_and_resume_is_bitwise_exact(tmp_path):
-    """tests/toytask.py: a user's task (Linear, BatchNorm1d, Linear), 4 steps per epoch."""
-    args = ["--task", "tests.toytask:ToyTask", "--batch-size", "16", "--epochs", "3",
-            "--log-every-steps", "0", "--save-every-seconds", "0", *FSDP]
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    for folder, extra in ((ref, []), (cut, ["--max-steps", "6"]), (cut, [])):
-        r = run_train([*args, *extra, "--checkpoint-dir", str(folder)], nproc=2)
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {cut}/{step_dirname(6)}" in r.stderr, r.stderr[-3000:]
-    _check_same_run(ref, cut)
-
-
-@pytest.mark.slow
-def test_sigkill_mid_epoch_resumes_exactly(cnn_ref, tmp_path):
-    from launch import chaos
-
-    d = tmp_path / "ckpt"
-    job = chaos.Job(2, CNN, d, tmp_path / "trace1", tmp_path / "log1.txt").start()
-    assert job.wait_until(lambda: chaos.latest_committed(d) >= 5, 120), job.log_text()[-3000:]
-    job.kill(signal.SIGKILL, "launcher", random.Random(0))  # torchrun and every worker
-    assert job.wait(60) is not None and job.reap(30) == 0
-    resume_at = chaos.latest_committed(d)
-    assert resume_at % 32, "the kill should land mid-epoch"
-    assert "emergency" not in job.log_text().lower()
-    r = run_train([*CNN, "--checkpoint-dir", str(d)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert f"resumed from {d}/{step_dirname(resume_at)}" in r.stderr
-    _check_same_run(cnn_ref, d)
-
-
-@pytest.mark.slow
 def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
     from tests.tracing import kill_leftovers, last_step, launch_run_cmd, read_trace, start_logged
 
@@ -423,7 +378,11 @@ def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
     r = run_train(args, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {d}/{step_dirname(stopped_at)}" in r.stderr
+    assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
     _check_same_run(cnn_ref, d)
+    manifest = load_uri(str(d)).manifest
+    assert (manifest["format_version"], manifest["layout"]) == (3, "sharded")
+    assert manifest["shard_world_size"] == 2 and len(manifest["shards"]) == 2
 
 
 # 4 ranks: 2 epochs of 8 steps of 64 items, a step checkpoint every 3 steps; the language

@@ -179,9 +179,18 @@ def test_torchrun_world_size_one_equals_a_single_process(tmp_path):
     assert_bitwise_equal(b, c)
 
 
+@pytest.fixture(scope="module")
+def fp32_weights(tmp_path_factory) -> dict:
+    """The weights of the precision tests' run in fp32 (one process, 20 steps)."""
+    d = tmp_path_factory.mktemp("fp32")
+    r = run_train([*SMALL, "--max-steps", "20", "--checkpoint-dir", str(d)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return latest(d).state["model"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_every_precision_resumes_bitwise(tmp_path, precision):
+def test_every_precision_resumes_bitwise(tmp_path, precision, fp32_weights):
     """Autocast in bf16 or fp16 (with its gradient scaler checkpointed) on CPU, 2 workers: cut
     at step 11 and resumed, the weights equal an uninterrupted run's bit for bit."""
     args = [*SMALL, "--precision", precision, "--max-steps", "20"]
@@ -192,10 +201,7 @@ def test_every_precision_resumes_bitwise(tmp_path, precision):
     else:
         assert "scaler" not in a.state
     # The fp32 run differs: the precision is really applied.
-    r = run_train([*SMALL, "--max-steps", "20", "--checkpoint-dir", str(tmp_path / "fp32")])
-    assert r.returncode == 0
-    assert not all(a.state["model"][k].equal(v)
-                   for k, v in latest(tmp_path / "fp32").state["model"].items())
+    assert not all(a.state["model"][k].equal(v) for k, v in fp32_weights.items())
 
 
 @pytest.mark.slow

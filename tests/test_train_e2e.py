@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import signal
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
 from ftrain.models import build_model
+from launch import chaos
 from tests.helpers import (
     PY,
     ROOT,
@@ -29,17 +31,16 @@ from tests.helpers import (
 pytestmark = pytest.mark.slow
 
 
-# Long enough (3 x 64 steps) that a poll can kill it part-way.
-KILL_ARGS = [*SMALL, "--synthetic-train-size", "4096", "--epochs", "3", "--save-every-steps", "5"]
+# The command of launch.chaos's reference run (2 x 32 steps, a step checkpoint every 3 steps):
+# tests/test_chaos.py and tests/test_exact_resume.py run the same one, so all share it.
+KILL_ARGS = chaos.effective_train_args([], kills=4)
 
 
 @pytest.fixture(scope="module")
-def reference_2w(tmp_path_factory):
+def reference_2w(tmp_path_factory) -> Path:
     """An uninterrupted 2-worker run of the KILL_ARGS job."""
-    d = tmp_path_factory.mktemp("ref2") / "ckpt"
-    r = run_train([*KILL_ARGS, "--checkpoint-dir", str(d)], nproc=2)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return d
+    return chaos.ensure_reference(tmp_path_factory.getbasetemp() / "reference", 2,
+                                  KILL_ARGS).ckpt_dir
 
 
 def test_full_run_4_workers_rerun_and_continue(tmp_path):
@@ -81,7 +82,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, reference_2w):
     proc = start_train(args, nproc=2, log_path=tmp_path / "run1.log")
     try:
         # Kill the whole process group once a few mid-epoch checkpoints have committed.
-        assert wait_for(lambda: any(s >= 10 for s in committed_steps(d)), timeout=240,
+        assert wait_for(lambda: any(s >= 9 for s in committed_steps(d)), timeout=240,
                         interval=0.02)
     finally:
         kill_group(proc, signal.SIGKILL)
@@ -90,7 +91,7 @@ def test_sigkill_after_checkpoint_resumes_bitwise(tmp_path, reference_2w):
     # emergency checkpoint; wait for them before restarting.
     assert wait_gone(str(d))
     before = committed_steps(d)
-    assert max(before) < 3 * 64, "the run finished before it could be killed"
+    assert max(before) < 64, "the run finished before it could be killed"
     r = run_train(args, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"step_{max(before):010d}" in r.stderr  # resumed from the newest checkpoint
