@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any
 
+from . import exitcodes
 from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
 from .config import json_object
 from .resume import checkpoint_task
@@ -281,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """Console script ``ftrain-ckpt``."""
-    sys.exit(main())
+    exitcodes.exit_now(main())
 
 
 if __name__ == "__main__":

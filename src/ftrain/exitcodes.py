@@ -3,7 +3,11 @@
 0 finished; 1-127 permanent (do not retry); 128-255 retryable.
 """
 
+import atexit
 import os
+import sys
+import threading
+from typing import NoReturn
 
 OK = 0
 FAILED = 1  # an unexpected error (a bug or a broken environment): do not retry blindly
@@ -42,3 +46,25 @@ def record(code: int) -> None:
             fh.write(f"{code}\n")
     except OSError:
         pass  # the record is advisory: never let it change the exit
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` once the command's main() has returned, without the
+    interpreter's teardown of every module. With torch loaded (and torch._dynamo, which the
+    first optimizer imports) that teardown costs about 0.8 s of CPU per process, paid by
+    every worker at every exit and restart, and inside a preemption's grace period.
+
+    What a normal exit does that matters still happens, in the same order: other non-daemon
+    threads are waited for, the atexit handlers run (logging's flush, DataLoader's, torch's),
+    and stdout and stderr are flushed. Every file the job writes is closed (and synced, for
+    checkpoints) before main() returns."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed, or a pipe whose reader is gone
+            pass
+    os._exit(code)

@@ -126,7 +126,7 @@ def _short(t: torch.Tensor) -> str:
 
 def cli() -> None:
     """Console script ``ftrain-predict``."""
-    sys.exit(main())
+    exitcodes.exit_now(main())
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -440,7 +439,7 @@ def cli() -> None:
         raise
     finally:
         exitcodes.record(code)
-    sys.exit(code)
+    exitcodes.exit_now(code)
 
 
 if __name__ == "__main__":
