@@ -117,6 +117,23 @@ def test_a_hostile_pickle_in_a_shard_is_refused():
         planner.load_bytes(None, io.BytesIO(pickle.dumps(Evil())))
 
 
+def test_ranged_reads_group_nearby_items():
+    from ftrain.sharded import SPAN_GAP, Location, ShardFileError, _cut, _spans
+
+    def at(offset: int, length: int) -> tuple[str, Location]:
+        return f"{offset}", Location("f", offset, length, ())
+
+    items = [at(SPAN_GAP * 5, 10), at(0, 100), at(100 + SPAN_GAP - 1, 8), at(SPAN_GAP * 3, 4)]
+    groups = _spans(items)
+    assert [[item for item, _ in g] for g in groups] == [
+        ["0", f"{100 + SPAN_GAP - 1}"], [f"{SPAN_GAP * 3}"], [f"{SPAN_GAP * 5}"]]
+    raw = bytes(range(256)) * 4
+    (_, _, chunk), = _cut("f", 16, raw, [at(20, 4)])
+    assert bytes(chunk) == raw[4:8]
+    with pytest.raises(ShardFileError, match="f is shorter than its metadata says"):
+        list(_cut("f", 16, raw, [at(16 + len(raw) - 2, 4)]))
+
+
 def test_metadata_survives_json():
     from torch.distributed.checkpoint.metadata import (
         BytesStorageMetadata,
@@ -631,12 +648,30 @@ def test_tools_read_sharded_checkpoints(cnn_ref, tmp_path):
 
 
 @pytest.mark.slow
-def test_s3_same_code_path_cut_and_resumed_exactly(s3, cnn_ref, tmp_path):
+def test_s3_same_code_path_cut_and_resumed_exactly(s3, fault_proxy, cnn_ref, tmp_path):
+    """The resume goes through the (fault-free) proxy, which counts its requests: each rank
+    downloads its shard file once, to verify it, and the load takes those bytes."""
     uri = s3.uri(f"fsdp-{uuid.uuid4().hex[:8]}")
-    for extra in (["--max-steps", "23"], []):
-        r = run_train([*CNN, *extra, "--checkpoint-dir", uri], nproc=2, env=s3.env, timeout=400)
-        assert r.returncode == 0, r.stderr[-4000:]
+    r = run_train([*CNN, "--max-steps", "23", "--checkpoint-dir", uri], nproc=2, env=s3.env,
+                  timeout=400)
+    assert r.returncode == 0, r.stderr[-4000:]
+    prefix = f"{uri.rsplit('/', 1)[1]}/{step_dirname(23)}"
+    sizes = {name: meta["size"] for name, meta in
+             json.loads(s3.read(f"{prefix}/manifest.json"))["files"].items()}
+    r = run_train([*CNN, "--checkpoint-dir", uri], nproc=2, timeout=400,
+                  env={**s3.env, "AWS_ENDPOINT_URL": fault_proxy.url})
+    assert r.returncode == 0, r.stderr[-4000:]
     assert f"resumed from {uri}/{step_dirname(23)}" in r.stderr
+    gets = [(q.target.split("?")[0].rsplit("/", 1)[1], q.range) for q in fault_proxy.requests
+            if q.method == "GET" and f"/{prefix}/shard-" in q.target]
+    whole = sorted(name for name, ranged in gets if not ranged)
+    assert len(whole) == 2 and len(set(whole)) == 2, gets  # each rank its own, once
+    # Rank 1 also needs the values rank 0 wrote for both (optimizer hyperparameters, BatchNorm's
+    # batch counts): a ranged read of those bytes alone, not the whole file again.
+    for name, ranged in gets:
+        if ranged:
+            first, last = map(int, ranged.removeprefix("bytes=").split("-"))
+            assert last - first + 1 < sizes[name] / 10, (gets, sizes)
     keys = s3.keys(uri.rsplit("/", 1)[1] + "/" + step_dirname(64))
     assert sum(k.endswith(".distcp") for k in keys) == 2
     assert any(k.endswith("manifest.json") for k in keys)

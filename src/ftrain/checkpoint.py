@@ -123,6 +123,9 @@ class Loaded:
     train_state: dict[str, Any]
     dcp: Any = None  # sharded: DCP's Metadata (the shard files' index)
     storage: Storage | None = None  # sharded: the storage its folder ``name`` is in
+    # sharded, remote storage: shard files this process has downloaded and verified already,
+    # by name; the load takes them from here instead of downloading them again.
+    verified: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sharded(self) -> bool:
@@ -253,18 +256,21 @@ class CheckpointStore:
                                     f"{meta.get('size')} (truncated?)")
 
     def verify_files(self, name: str, manifest: dict[str, Any], files: list[str],
-                     raise_: bool = False) -> str | None:
+                     raise_: bool = False, keep: dict[str, Any] | None = None) -> str | None:
         """Check ``files`` of checkpoint ``name`` (one at a time) against the manifest. Returns
         the first problem (naming the file), None when all match; with ``raise_`` raises it as
-        CorruptCheckpoint."""
+        CorruptCheckpoint. ``keep``: on remote storage, the verified bytes go there by file
+        name (a local file is mapped: reading it again costs no download)."""
         for fname in files:
             try:
                 data = self._read_checked(name, fname, manifest["files"][fname])
-                del data
             except CorruptCheckpoint as e:
                 if raise_:
                     raise
                 return str(e)
+            if keep is not None and not self.storage.is_local:
+                keep[fname] = data
+            del data
         return None
 
     def load(self, name: str, shards: str = "full") -> Loaded:

@@ -184,13 +184,16 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optimizer": optim_sd}
     try:
-        dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp),
+        dcp.load(state, storage_reader=ShardReader(loaded.storage, loaded.name, loaded.dcp,
+                                                   verified=loaded.verified),
                  planner=SafeLoadPlanner())
     except CheckpointException as e:
         cause = first_failure(e)
         if isinstance(cause, StorageError):
             raise StorageError(describe_failure(f"loading {loaded.uri}", e)) from None
         raise ShardedCheckpointError(describe_failure(f"loading {loaded.uri}", e)) from None
+    finally:
+        loaded.verified.clear()  # what the load did not take is not needed any more
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

@@ -24,7 +24,7 @@ import io
 import json
 import logging
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -203,13 +203,16 @@ class ShardWriter(StorageWriter):
 
 class ShardReader(StorageReader):
     """DCP's reader over ``Storage``: ``metadata`` was decoded from the checkpoint's verified
-    metadata file; each shard file this rank needs is read once (locally: memory-mapped)."""
+    metadata file; each shard file this rank needs is read once (locally: memory-mapped), or
+    taken from ``verified`` (file name -> bytes this rank downloaded and checked already)."""
 
-    def __init__(self, storage: Storage, folder: str, metadata: Metadata) -> None:
+    def __init__(self, storage: Storage, folder: str, metadata: Metadata,
+                 verified: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.storage = storage
         self.folder = folder
         self.metadata = metadata
+        self.verified = verified if verified is not None else {}
 
     def reset(self, checkpoint_id: Any = None) -> None:
         pass
@@ -233,11 +236,7 @@ class ShardReader(StorageReader):
             loc: Location = self.metadata.storage_data[item.storage_index]
             by_file.setdefault(loc.file, []).append((item, loc))
         for fname, items in sorted(by_file.items()):
-            data = self.storage.read_mapped(f"{self.folder}/{fname}")
-            for item, loc in items:
-                if loc.offset + loc.length > len(data):
-                    raise ShardFileError(f"{fname} is shorter than its metadata says")
-                chunk = memoryview(data)[loc.offset:loc.offset + loc.length]
+            for item, loc, chunk in self._chunks(fname, items):
                 if item.type == LoadItemType.BYTE_IO:
                     planner.load_bytes(item, io.BytesIO(bytes(chunk)))
                     continue
@@ -253,14 +252,57 @@ class ShardReader(StorageReader):
                                          f"{tuple(target.shape)}")
                 target.copy_(stored)
                 planner.commit_tensor(item, target)
-            del data
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
+    def _chunks(self, fname: str, items: list[tuple[Any, Location]]
+                ) -> Iterator[tuple[Any, Location, memoryview]]:
+        """(item, where it is, its bytes) for this rank's items in one shard file. The bytes
+        come from the file as this rank verified it, or the whole file memory-mapped (local),
+        or (remote) ranged reads of the spans the items cover: a rank that needs a few items
+        of another rank's file (values written once, by the lowest rank) fetches only those."""
+        rel = f"{self.folder}/{fname}"
+        data = self.verified.pop(fname, None)
+        if data is None and self.storage.is_local:
+            data = self.storage.read_mapped(rel)
+        if data is not None:
+            yield from _cut(fname, 0, data, items)
+            return
+        for group in _spans(items):
+            start = group[0][1].offset
+            end = max(loc.offset + loc.length for _, loc in group)
+            yield from _cut(fname, start, self.storage.read_range(rel, start, end), group)
+
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
         return False
+
+
+SPAN_GAP = 1 << 20  # ranged reads: items closer than this share one request
+
+
+def _spans(items: list[tuple[Any, Location]]) -> list[list[tuple[Any, Location]]]:
+    """The items of one file in offset order, grouped into runs with gaps under SPAN_GAP."""
+    groups: list[list[tuple[Any, Location]]] = []
+    end = 0
+    for item, loc in sorted(items, key=lambda il: il[1].offset):
+        if groups and loc.offset - end < SPAN_GAP:
+            groups[-1].append((item, loc))
+            end = max(end, loc.offset + loc.length)
+        else:
+            groups.append([(item, loc)])
+            end = loc.offset + loc.length
+    return groups
+
+
+def _cut(fname: str, start: int, raw: Any, items: list[tuple[Any, Location]]
+         ) -> Iterator[tuple[Any, Location, memoryview]]:
+    """Each item's bytes out of ``raw``, the file's bytes from offset ``start`` on."""
+    for item, loc in items:
+        if loc.offset + loc.length > start + len(raw):
+            raise ShardFileError(f"{fname} is shorter than its metadata says")
+        yield item, loc, memoryview(raw)[loc.offset - start:loc.offset - start + loc.length]
 
 
 def _frombuffer(chunk: memoryview, dtype: torch.dtype, shape: Iterable[int]) -> torch.Tensor:

@@ -99,7 +99,8 @@ def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
     A sharded checkpoint's shard files are verified by all ranks together (each checks its
     share of the files' checksums; they agree on the result): one with a missing or corrupt
     shard is skipped as a whole, with a warning naming the file, and the choice is made again
-    without it."""
+    without it. On remote storage each rank keeps the bytes it verified for the load: at the
+    same world size a rank verifies the very shard file it loads, downloaded once."""
     skip: set[str] = set()
     while True:
         choice, loaded = _choose(cfg, info, coll, store, options, facts, skip)
@@ -107,7 +108,8 @@ def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
             return choice, loaded
         files = sorted(loaded.manifest["shards"])
         problem = CheckpointStore(loaded.storage).verify_files(
-            loaded.name, loaded.manifest, files[info.rank::info.world_size])
+            loaded.name, loaded.manifest, files[info.rank::info.world_size],
+            keep=loaded.verified)
         problems = [p for p in coll.gather_objects(problem or None) if p]
         if not problems:
             return choice, loaded
