@@ -52,8 +52,53 @@ def train_cmd(args: list[str], nproc: int = 0, torchrun_args: list[str] | None =
 def run_train(args: list[str], nproc: int = 0, timeout: float = 300, env: dict | None = None,
               torchrun_args: list[str] | None = None, cwd: Path | None = None
               ) -> subprocess.CompletedProcess:
-    return subprocess.run(train_cmd(args, nproc, torchrun_args), cwd=cwd or ROOT,
-                          env=base_env(env), capture_output=True, text=True, timeout=timeout)
+    """Run the training command to its end. Past ``timeout`` every worker is asked for its
+    threads' Python stacks (SIGUSR1: faulthandler), then everything is killed and the test
+    fails with the stacks: a hang in CI leaves more than a timeout behind."""
+    cmd = train_cmd(args, nproc, torchrun_args)
+    proc = subprocess.Popen(cmd, cwd=cwd or ROOT, env=base_env(env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        tree = descendants(proc.pid)
+        for pid in tree if nproc else [proc.pid]:  # the workers, not torchrun
+            _signal(pid, signal.SIGUSR1)
+            time.sleep(0.5)  # one at a time: they share the stderr pipe
+        for pid in [proc.pid, *tree]:
+            _signal(pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"still running after {timeout:.0f}s, killed: {' '.join(cmd)}\n"
+                             f"its stderr, ending with every worker's stacks:\n"
+                             f"{err[-60000:]}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc; no psutil)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, children before their children."""
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children(parent)]
+        out += frontier
+    return out
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
 
 
 def start_train(args: list[str], nproc: int = 0, env: dict | None = None,

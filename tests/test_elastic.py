@@ -18,6 +18,7 @@ from tests.helpers import (
     PY,
     SMALL,
     assert_bitwise_equal,
+    children,
     committed_steps,
     free_port,
     run_train,
@@ -26,7 +27,6 @@ from tests.helpers import (
     wait_for,
 )
 from tests.tracing import (
-    children,
     kill_leftovers,
     latest,
     read_trace,

@@ -39,3 +39,23 @@ def test_exit_now_keeps_its_code_when_the_reader_of_stdout_is_gone():
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 143, r.stderr
     assert r.stderr == "to stderr", r.stderr
+
+
+def test_a_run_past_its_timeout_fails_with_every_workers_stacks(tmp_path):
+    """tests/helpers.run_train on a run that cannot finish in time (its saves held for a
+    minute): each worker prints its threads' stacks (SIGUSR1, faulthandler; training goes on
+    meanwhile), then the run is killed, workers included, and the test fails with the stacks."""
+    import pytest
+
+    from tests.helpers import SMALL, run_train
+    from tests.tracing import processes_matching
+
+    d = tmp_path / "ckpt"
+    with pytest.raises(AssertionError) as failed:
+        run_train([*SMALL, "--save-every-steps", "2", "--checkpoint-dir", str(d)], nproc=2,
+                  timeout=20, env={"FTT_TEST_PAUSE_IN_SAVE": "60"})
+    text = str(failed.value)
+    assert text.startswith("still running after 20s, killed: "), text[:300]
+    assert text.count("Current thread 0x") == 2, text[-6000:]  # each worker's main thread
+    assert "in _work" in text, text[-6000:]  # rank 0's persister, holding the save
+    assert not processes_matching(str(d))

@@ -110,17 +110,6 @@ def latest(ckpt_dir: Path | str) -> Loaded:
     return loaded
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc; no psutil)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
-
-
 def kill_leftovers(text: str) -> None:
     """SIGKILL, by pid, every process still running whose command line holds ``text`` (a
     test's tmp_path): workers live in sessions of their own and outlive a killed launcher."""

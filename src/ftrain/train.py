@@ -11,8 +11,10 @@ and the loop trainer.py's.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 from collections.abc import Callable
 from typing import Any
 
@@ -369,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     # Past the deadline for the emergency checkpoint, plus room for the evaluation that may
     # precede an epoch-end one.
     signals.install(hard_deadline_s=cfg.preemption_deadline + 30.0)
+    # `kill -USR1 <worker pid>`: every thread's Python stack on stderr, and training goes on
+    # (for a job that seems stuck: in a collective, a storage call, a lock).
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     return _main_with(cfg, signals, None)
 
 
