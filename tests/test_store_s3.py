@@ -274,6 +274,16 @@ def test_large_files_move_in_parallel_parts(s3, fault_proxy, monkeypatch):
     gets = [r for r in fault_proxy.requests if r.method == "GET" and "state.pt" in r.target]
     assert len(gets) == 5 and all(r.range.startswith("bytes=") for r in gets)
     assert most_in_flight(gets) >= 2
+    # A range of it (what a rank loads of another rank's shard file) the same way, part by
+    # part; past the end of the file there is simply less.
+    fault_proxy.requests.clear()
+    assert storage.read_range("state.pt", 1000, 3 * part + 7) == data[1000:3 * part + 7]
+    gets = [r for r in fault_proxy.requests if r.method == "GET" and "state.pt" in r.target]
+    assert sorted((r.range for r in gets), key=lambda r: int(r[6:].split("-")[0])) == [
+        f"bytes={a}-{b - 1}" for a, b in ((1000, part + 1000), (part + 1000, 2 * part + 1000),
+                                         (2 * part + 1000, 3 * part + 7))]
+    assert most_in_flight(gets) >= 2
+    assert storage.read_range("state.pt", len(data) - 10, len(data) + 99) == data[-10:]
 
     # A second writer of the same name, also multipart, is refused: the commit stays the
     # first writer's and no upload is left behind.
