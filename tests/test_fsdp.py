@@ -40,6 +40,7 @@ from tests.helpers import (
     assert_bitwise_equal,
     ckpt,
     committed_steps,
+    rank_then_exit_now,
     run_train,
     strip_timing,
     wait_for,
@@ -265,7 +266,8 @@ def test_initialisation_is_the_same_on_every_world_size(tmp_path):
     assert not any(hasattr(v, "full_tensor") for v in plain.state_dict().values())
     ctx = multiprocessing.get_context("spawn")
     out = tmp_path / "rank0.pt"
-    procs = [ctx.Process(target=_init_on_ranks, args=(r, 3, str(tmp_path / "store"), str(out)))
+    procs = [ctx.Process(target=rank_then_exit_now,
+                         args=(_init_on_ranks, r, 3, str(tmp_path / "store"), str(out)))
              for r in range(3)]
     for p in procs:
         p.start()
@@ -330,8 +332,9 @@ def test_ranks_persist_the_same_saves_and_never_wait(tmp_path):
     same snapshots, even when one rank's loop is behind the other's."""
     ctx = multiprocessing.get_context("spawn")
     out = tmp_path / "result"
-    procs = [ctx.Process(target=_persist_on_ranks, args=(r, str(tmp_path / "ckpt"),
-                                                         str(tmp_path / "store"), str(out)))
+    procs = [ctx.Process(target=rank_then_exit_now,
+                         args=(_persist_on_ranks, r, str(tmp_path / "ckpt"),
+                               str(tmp_path / "store"), str(out)))
              for r in range(2)]
     for p in procs:
         p.start()
