@@ -59,3 +59,14 @@ def test_a_run_past_its_timeout_fails_with_every_workers_stacks(tmp_path):
     assert text.count("Current thread 0x") == 2, text[-6000:]  # each worker's main thread
     assert "in _work" in text, text[-6000:]  # rank 0's persister, holding the save
     assert not processes_matching(str(d))
+
+
+def test_every_command_answers_help_with_exit_0():
+    # torch's @record (on train's main) turns argparse's SystemExit(0) into a return of None;
+    # that once reached exit_now and became a TypeError and exit 1.
+    for module in ("src.train", "src.predict", "src.ckpt"):
+        r = subprocess.run([PY, "-m", module, "--help"], cwd=ROOT, env=base_env(),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, (module, r.stderr[-2000:])
+        assert r.stdout.startswith("usage: "), (module, r.stdout[:300])
+        assert "Traceback" not in r.stderr, (module, r.stderr[-2000:])

@@ -441,7 +441,9 @@ def cli() -> None:
     code = exitcodes.FAILED  # an exception escaping main() is a bug (torchrun records it)
     try:
         code = main()
-    except SystemExit as e:  # argparse: --help, unknown flag
+        if code is None:  # torch's @record returns None for SystemExit(0): argparse's --help
+            code = exitcodes.OK
+    except SystemExit as e:  # argparse: an unknown flag
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         raise
     finally:
