@@ -81,8 +81,8 @@ def test_empty_roots_and_bad_options(backend, capsys):
     assert run_tool(capsys, "verify", uri)[0] == 1
     code, _, err = run_tool(capsys, "inspect", uri, "--json")
     assert code == 1 and "no valid checkpoint" in err
-    with pytest.raises(SystemExit, match="--storage-options: not valid JSON"):
-        ckpt_tool.main(["ls", uri, "--storage-options", "{not json"])
+    code, _, err = run_tool(capsys, "ls", uri, "--storage-options", "{not json")
+    assert code == 2 and "error: --storage-options: not valid JSON" in err, err
 
 
 def test_cli_in_a_fresh_process_on_s3(s3, tmp_path):

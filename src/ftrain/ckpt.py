@@ -27,12 +27,16 @@ from .storage import StorageError
 from .tasks import TaskError, load_task
 
 
+class _BadFlag(Exception):
+    """A flag's value that cannot be used: exit 2, as train and predict do."""
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     try:
         return json_object(args.storage_options or os.environ.get("FTT_STORAGE_OPTIONS", ""),
                            '{"anon": false}')
     except ValueError as e:
-        raise SystemExit(f"error: --storage-options: {e}") from None
+        raise _BadFlag(f"--storage-options: {e}") from None
 
 
 def _when(ts: float | None) -> str:
@@ -270,9 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     except StorageError as e:
         print(f"error: storage: {e}", file=sys.stderr)
         return 1
-    except TaskError as e:
+    except (TaskError, _BadFlag) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return exitcodes.INVALID
     except BrokenPipeError:
         # `ckpt inspect URI --json | head`: the reader left; not an error of ours. Point stdout
         # at /dev/null so the interpreter's final flush does not raise again.
