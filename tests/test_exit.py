@@ -70,3 +70,18 @@ def test_every_command_answers_help_with_exit_0():
         assert r.returncode == 0, (module, r.stderr[-2000:])
         assert r.stdout.startswith("usage: "), (module, r.stdout[:300])
         assert "Traceback" not in r.stderr, (module, r.stderr[-2000:])
+
+
+def test_a_bug_exits_1_with_its_traceback_on_every_worker(tmp_path):
+    """An exception nobody expects (here a task's loss that raises) is a bug: each worker prints
+    the traceback and exits 1, recorded for the launcher (exit 1: do not retry)."""
+    from tests.helpers import run_train
+
+    codes = tmp_path / "codes"
+    r = run_train(["--task", "tests.toytask:BuggyTask", "--batch-size", "16",
+                   "--checkpoint-dir", str(tmp_path / "ckpt")], nproc=2, timeout=120,
+                  env={"FTT_EXIT_CODE_DIR": str(codes)})
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert r.stderr.count("ZeroDivisionError: a bug in the task's loss") >= 2, r.stderr[-3000:]
+    assert "Traceback (most recent call last)" in r.stderr
+    assert sorted(p.read_text() for p in codes.iterdir()) == ["1\n", "1\n"]

@@ -73,3 +73,10 @@ class PidItems(torch.utils.data.Dataset):
         with open(os.path.join(self.folder, "pids"), "a") as fh:
             fh.write(f"{os.getpid()}\n")
         return self.base[i]
+
+
+class BuggyTask(ToyTask):
+    """A bug in the task's loss: the run must exit 1 with the traceback."""
+
+    def loss(self, outputs, targets):
+        raise ZeroDivisionError("a bug in the task's loss")

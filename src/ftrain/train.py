@@ -15,6 +15,7 @@ import faulthandler
 import logging
 import os
 import signal
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -438,7 +439,7 @@ def _node_local_copy(url: str, info: DistInfo, coll: Collectives, options: dict[
 
 def cli() -> None:
     """Console script ``ftrain-train`` and ``python -m ftrain.train`` / ``src.train``."""
-    code = exitcodes.FAILED  # an exception escaping main() is a bug (torchrun records it)
+    code = exitcodes.FAILED
     try:
         code = main()
         if code is None:  # torch's @record returns None for SystemExit(0): argparse's --help
@@ -446,6 +447,12 @@ def cli() -> None:
     except SystemExit as e:  # argparse: an unknown flag
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
         raise
+    except Exception:
+        # A bug (ours or the task's) or a broken environment; @record has written torchrun's
+        # error file. Exit 1 through exit_now, like every other exit: the interpreter's own
+        # teardown can meet a gloo thread that still holds a collective's tensors and abort
+        # (SIGABRT, 134 from a shell: a retryable code) instead of exiting 1.
+        traceback.print_exc()
     finally:
         exitcodes.record(code)
     exitcodes.exit_now(code)
