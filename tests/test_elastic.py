@@ -56,7 +56,12 @@ def test_max_restarts_after_sigkilled_worker_is_bitwise_exact(tmp_path):
         kill_leftovers(str(tmp_path))
     text = log.read_text()
     assert code == 0, text[-4000:]
-    assert "failed (exitcode: -9)" in text and "resumed from" in text
+    # torchrun names the first failure it sees: the killed rank 1 (-9), or rank 0 when it
+    # meets the dead peer in a collective and exits 141 first (as fast as rank 1's death is
+    # noticed, since workers exit without the interpreter's teardown).
+    assert ("failed (exitcode: -9)" in text
+            or "a peer failed or a collective timed out" in text), text[-4000:]
+    assert "resumed from" in text, text[-4000:]
     assert trace_pids(trace)[1] != victim  # rank 1 was restarted
     got, want = latest(d), latest(ref)
     assert got.manifest["step"] == want.manifest["step"] == 64
