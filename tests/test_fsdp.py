@@ -605,7 +605,15 @@ def test_saving_and_loading_never_hold_the_whole_state_on_one_rank(tmp_path):
     never by the whole state. The same checkpoint resumed under ddp, which does materialise the
     whole state on every rank (and snapshots it on rank 0), crosses the same bounds: so these
     figures would catch a sharded path that gathered the state on one rank."""
-    d, env = tmp_path / "fsdp", {"FTT_LOG_LEVEL": "DEBUG"}
+    # A fixed mmap threshold makes glibc hand every large block straight back to the system
+    # when it is freed, so the peak RSS counts what is alive, not what the allocator kept.
+    # With its default (dynamic) threshold, freed blocks such as the zero gradients DCP makes
+    # to bring the optimizer state into being could stay resident or not, depending on the
+    # timing between threads: one rank's resume then read +50 to +90 MiB more, in 3 of 16
+    # measurements under a CPU hog (and once above the bound). With it: the same figures to
+    # 0.5 MiB in every run (save +154, resume +261 per rank).
+    d = tmp_path / "fsdp"
+    env = {"FTT_LOG_LEVEL": "DEBUG", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     phases: dict[str, dict[int, float]] = {}
     for _ in range(2):  # a step and its save; the same command again: a resume, nothing to do
         r = run_train([*BIG, *FSDP, "--max-steps", "1", "--checkpoint-dir", str(d)], nproc=4,
