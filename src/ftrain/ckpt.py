@@ -104,6 +104,7 @@ def summary(loaded: Loaded) -> dict[str, Any]:
         "task": checkpoint_task(ts, m).to_dict(),
         "created_unix": m.get("created_unix"),
         "versions": m.get("versions"),
+        "numerics": m.get("numerics"),
         "reason": m.get("reason"),
         "layout": m.get("layout", "single"),
         "shards": len(m.get("shards") or ()),
@@ -135,6 +136,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except TaskError as e:
         print(f"model        cannot be rebuilt here: {e}")
     print(f"written      {_when(info['created_unix'])}  versions {info['versions']}")
+    if info["numerics"]:  # bitwise resume needs the same (checkpoints since 2026-12)
+        print("numerics     " + "  ".join(f"{k} {v}" for k, v in info["numerics"].items()))
     if info["history"]:
         keys = info["history"][0]
         metrics = [k for k in keys if k.startswith("train_")] + [k for k in keys

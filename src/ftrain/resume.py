@@ -17,7 +17,7 @@ docs (``python -m ftrain.resume`` prints it as Markdown; the README carries that
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +25,7 @@ import torch
 from .checkpoint import CheckpointStore, CorruptCheckpoint, Loaded, open_uri
 from .config import BUILTIN_TASK, BUILTIN_TASK_FIELDS, Config, flag
 from .exitcodes import InputError
+from .numerics import differences
 from .tasks import Task, TaskRef
 
 log = logging.getLogger(__name__)
@@ -86,9 +87,11 @@ LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
 
 
 def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
-              data: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What a checkpoint records of its run, to be compared on resume."""
-    return {"task": ref.target, "task_args": ref.args, "seed": cfg.seed,
+              data: dict[str, dict[str, Any]], numerics: dict[str, Any]) -> dict[str, Any]:
+    """What a checkpoint records of its run, to be compared on resume. ``numerics``: the
+    numeric environment (numerics.numeric_environment), compared apart from RULES: a change
+    is allowed and said."""
+    return {"numerics": numerics, "task": ref.target, "task_args": ref.args, "seed": cfg.seed,
             "global_batch_size": cfg.batch_size, "data_train": data["train"],
             "data_eval": data["eval"], "augmentation": task.augmentation,
             "optimizer": cfg.optimizer, "scheduler": cfg.scheduler,
@@ -147,6 +150,9 @@ class Verdict:
     refusals: list[str]
     applied: dict[str, tuple[Any, Any]]  # fact -> (checkpoint's value, this run's)
     free: list[str]  # other configuration changes, for the log
+    # Changes of the numeric environment ("cpu_capability AVX2 -> AVX512"): training goes
+    # on, no longer bitwise equal to an uninterrupted run.
+    numerics: list[str] = field(default_factory=list)
 
 
 def check(loaded: Loaded, new: dict[str, Any], cfg: Config) -> Verdict:
@@ -167,6 +173,7 @@ def check(loaded: Loaded, new: dict[str, Any], cfg: Config) -> Verdict:
         else:
             verdict.refusals.append(f"{rule.name}: checkpoint {before!r}, now {after!r} "
                                     f"({rule.why})")
+    verdict.numerics = differences(old.get("numerics"), new["numerics"])
     old_cfg = loaded.train_state.get("config", {})
     for key, value in cfg.to_dict().items():
         if key not in _NOT_FREE and key in old_cfg and old_cfg[key] != value:
@@ -251,6 +258,12 @@ def refuse_or_log(loaded: Loaded, verdict: Verdict, global_batch: int) -> None:
                          "--resume never with a new --checkpoint-dir")
     for change in verdict.free:
         log.info("resume: allowed change: %s", change)
+    if verdict.numerics:
+        log.warning("resume: the numeric environment changed (%s): training continues "
+                    "correctly, but from step %s on this run is no longer bitwise equal to an "
+                    "uninterrupted one (bitwise resume needs the same hardware and software); "
+                    "the history records it as not_bitwise", ", ".join(verdict.numerics),
+                    loaded.manifest.get("step"))
     for fact, (before, after) in verdict.applied.items():
         rule = _BY_FACT[fact]
         if fact == "world_size":

@@ -108,6 +108,8 @@ class SavePolicy:
             manifest = {k: train_state[k] for k in MANIFEST_KEYS}
             if "model_args" in self.meta:
                 manifest["model_args"] = self.meta["model_args"]
+            if self.meta.get("run"):  # rank 0's; what `ckpt inspect` shows
+                manifest["numerics"] = self.meta["run"]["numerics"]
             manifest["reason"] = reason
             tensors = self._sharded(rng) if self.sharded else self._tensors(rng)
             try:

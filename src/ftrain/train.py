@@ -37,6 +37,7 @@ from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, set
 from .exitcodes import InputError
 from .memory import PeakRss
 from .monitor import Monitor, say_error, setup_logging, wants_json
+from .numerics import numeric_environment
 from .saving import SavePolicy
 from .storage import Storage, StorageAccessError, StorageError, redact
 from .tasks import (
@@ -127,7 +128,7 @@ def _choose(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
             options: dict[str, Any], facts: dict[str, Any] | None, skip: set[str]
             ) -> tuple[dict[str, Any], Any]:
     choice: dict[str, Any] = {"name": None, "uri": None, "error": None, "applied": {},
-                              "explicit": False}
+                              "explicit": False, "numerics": []}
     loaded = None
     if info.is_main:
         try:
@@ -145,6 +146,7 @@ def _choose(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointSto
                 verdict = resume.check(loaded, facts, cfg)
                 resume.refuse_or_log(loaded, verdict, cfg.batch_size)
                 choice.update(name=loaded.name, uri=loaded.uri, applied=verdict.applied,
+                              numerics=verdict.numerics,
                               explicit=loaded.uri.rstrip("/") == cfg.resume.rstrip("/"))
         except InputError as e:
             choice["error"] = str(e)
@@ -197,7 +199,8 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     facts = None
     if info.is_main:
         data = {"train": fingerprint(train_set, cfg.seed), "eval": fingerprint(test_set, cfg.seed)}
-        facts = resume.run_facts(cfg, ref, task, info.world_size, data)
+        facts = resume.run_facts(cfg, ref, task, info.world_size, data,
+                                 numeric_environment(info.device))
 
     # ---- model, optimizer, scheduler (seeded before the model exists)
     seed_all(init_seed(cfg.seed))
@@ -234,6 +237,8 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                           custom_scheduler, scaler)
         state = TrainState.from_dict(loaded.train_state)
         state.resumes += 1
+        state.not_bitwise += [f"resumed at step {state.step}: {change}"
+                              for change in choice["numerics"]]
         saved_rng = loaded.state.get("rng")
         if saved_rng and len(saved_rng) == info.world_size:
             resume_rng = saved_rng[info.rank]

@@ -109,12 +109,15 @@ class TrainState:
     seen: int = 0
     elapsed: float = 0.0
     resumes: int = 0  # times the run was resumed from a checkpoint (a fact, not progress)
+    # Why this epoch is no longer bitwise equal to an uninterrupted run (a resume on another
+    # numeric environment); recorded in its history entry as "not_bitwise".
+    not_bitwise: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
                 "history": self.history, "resumes": self.resumes,
                 "epoch_progress": {"sums": self.sums, "seen": self.seen,
-                                   "elapsed": self.elapsed}}
+                                   "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -126,7 +129,8 @@ class TrainState:
                     "acc": float(p.get("correct", 0))} if p.get("seen") else {}
         return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
                    list(d.get("history", [])), sums, int(p.get("seen", 0)),
-                   float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)))
+                   float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)),
+                   [str(x) for x in p.get("not_bitwise", [])])
 
 
 @dataclass
@@ -501,7 +505,8 @@ class Trainer:
         sums, batches = self._global_sums()
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
-                          st.seen + batches * self.cfg.batch_size, st.elapsed).to_dict(), rng
+                          st.seen + batches * self.cfg.batch_size, st.elapsed, st.resumes,
+                          st.not_bitwise).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -515,6 +520,9 @@ class Trainer:
         entry.update(lr=self.p.scheduler.get_last_lr()[0],
                      samples_per_s=st.seen / max(st.elapsed, 1e-9), seconds=st.elapsed,
                      saves_dropped=self.saver.dropped)  # timing-dependent, like the two above
+        if st.not_bitwise:
+            entry["not_bitwise"] = list(st.not_bitwise)
+            st.not_bitwise = []
         st.history.append(entry)
         st.epoch += 1
         st.batch_in_epoch = 0
