@@ -75,8 +75,8 @@ def plain_loop_rate(train_size: int, batch: int, seed: int = 0, device: str = "c
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ftrain.data import make_synthetic
-    from ftrain.models import SmallCNN
+    from ftrain.data.items import make_synthetic
+    from ftrain.tasks.builtin.models import SmallCNN
 
     dev = torch.device(device)
     train, _ = make_synthetic(seed, train_size, 128)
@@ -274,7 +274,7 @@ def p6(work: Path, quick: bool) -> list[tuple]:
         os.kill(pid, signal.SIGKILL)
     again.wait()
     floor = launcher_floor(work)
-    from ftrain.checkpoint import load_uri
+    from ftrain.checkpoint.store import load_uri
 
     t0 = time.perf_counter()
     load_uri(str(ckpt))

@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from ftrain.checkpoint import Checkpointer, CheckpointStore, _Snapshot, step_dirname
-from ftrain.distributed import choose_device
+from ftrain.checkpoint.store import Checkpointer, CheckpointStore, _Snapshot, step_dirname
+from ftrain.runtime.distributed import choose_device
 from ftrain.storage import Storage
 
 

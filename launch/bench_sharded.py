@@ -25,14 +25,14 @@ import torch.distributed as dist
 from torch import nn
 
 from ftrain import Task
-from ftrain.checkpoint import (
+from ftrain.checkpoint.store import (
     Checkpointer,
     CheckpointStore,
     ShardedCheckpointer,
     _Snapshot,
     step_dirname,
 )
-from ftrain.distributed import DistInfo, choose_device
+from ftrain.runtime.distributed import DistInfo, choose_device
 from ftrain.storage import Storage
 
 
@@ -68,7 +68,7 @@ def _split(total: int, parts: int) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    from ftrain.fsdp import build_model, load_sharded
+    from ftrain.runtime.fsdp import build_model, load_sharded
 
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -86,7 +86,7 @@ def rank_then_exit_now(body, *args) -> None:
     Seen about 1 run in 15 on 2 busy cores (a gdb backtrace shows ProcessGroupGloo::runLoop
     in ~AsyncAllgatherCoalescedWork -> take_gil -> pthread_exit). Our commands never finalize
     (train, ckpt and predict end in exit_now); an exception in ``body`` still exits 1."""
-    from ftrain.exitcodes import exit_now
+    from ftrain.runtime.exitcodes import exit_now
 
     body(*args)
     exit_now(0)
@@ -206,7 +206,7 @@ def cut_and_resume(args: list[str], tmp_path: Path, cut_at: int, nproc: int = 2,
     ``tmp_path/cut`` stopped at step ``cut_at``, then rerun the same command. Asserts that every
     run succeeded, that the rerun resumed, and that both end with bitwise-equal weights.
     Returns (the reference's newest checkpoint, the resumed run's, the rerun's stderr)."""
-    from ftrain.checkpoint import load_uri
+    from ftrain.checkpoint.store import load_uri
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     for folder, extra in ((ref, [*ref_args]), (cut, ["--max-steps", str(cut_at)]),

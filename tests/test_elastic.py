@@ -15,7 +15,7 @@ import signal
 
 import pytest
 
-from ftrain import exitcodes
+from ftrain.runtime import exitcodes
 from tests.helpers import (
     PY,
     SMALL,

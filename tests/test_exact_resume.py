@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ftrain.data import SeededItems, VisionItems
-from ftrain.distributed import Collectives, DistInfo
+from ftrain.data.items import SeededItems, VisionItems
+from ftrain.runtime.distributed import Collectives, DistInfo
 from launch import chaos
 
 NPROC = 2

@@ -9,7 +9,7 @@ from tests.helpers import PY, ROOT, base_env
 
 SCRIPT = """
 import atexit, sys, threading, time
-from ftrain.exitcodes import exit_now
+from ftrain.runtime.exitcodes import exit_now
 
 atexit.register(lambda: print("atexit ran", flush=False))
 def late():

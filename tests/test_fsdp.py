@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
+from ftrain.checkpoint.store import CheckpointStore, load_uri, step_dirname
 from ftrain.config import load_config
 from ftrain.storage import Storage
 from tests.helpers import (
@@ -57,7 +57,7 @@ def _roundtrip(tmp_path: Path, state: dict, template: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    from ftrain.sharded import SafeLoadPlanner, ShardReader, ShardWriter, decode_metadata
+    from ftrain.checkpoint.dcp import SafeLoadPlanner, ShardReader, ShardWriter, decode_metadata
 
     storage = Storage(str(tmp_path))
     got: dict = {}
@@ -107,7 +107,7 @@ def test_shards_roundtrip_without_pickle(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_hostile_pickle_in_a_shard_is_refused():
-    from ftrain.sharded import SafeLoadPlanner
+    from ftrain.checkpoint.dcp import SafeLoadPlanner
 
     class Evil:
         def __reduce__(self):
@@ -119,7 +119,7 @@ def test_a_hostile_pickle_in_a_shard_is_refused():
 
 
 def test_ranged_reads_group_nearby_items():
-    from ftrain.sharded import SPAN_GAP, Location, ShardFileError, _cut, _spans
+    from ftrain.checkpoint.dcp import SPAN_GAP, Location, ShardFileError, _cut, _spans
 
     def at(offset: int, length: int) -> tuple[str, Location]:
         return f"{offset}", Location("f", offset, length, ())
@@ -145,7 +145,7 @@ def test_metadata_survives_json():
         TensorStorageMetadata,
     )
 
-    from ftrain.sharded import Location, decode_metadata, encode_metadata
+    from ftrain.checkpoint.dcp import Location, decode_metadata, encode_metadata
 
     md = Metadata(
         state_dict_metadata={
@@ -176,8 +176,8 @@ class _NoReset(nn.Module):
 
 
 def test_a_module_that_cannot_initialise_itself_is_named():
-    from ftrain.exitcodes import InputError
-    from ftrain.fsdp import check_initialisable
+    from ftrain.runtime.exitcodes import InputError
+    from ftrain.runtime.fsdp import check_initialisable
 
     with torch.device("meta"):
         model = nn.Sequential(nn.Linear(2, 3), _NoReset())
@@ -199,9 +199,9 @@ class _ForgetsItsMask(nn.Module):
 
 def test_a_reset_parameters_that_forgets_a_buffer_is_refused():
     """Uninitialised memory would differ between ranks and runs: refused by name instead."""
-    from ftrain.distributed import DistInfo
-    from ftrain.exitcodes import InputError
-    from ftrain.fsdp import build_model
+    from ftrain.runtime.distributed import DistInfo
+    from ftrain.runtime.exitcodes import InputError
+    from ftrain.runtime.fsdp import build_model
     from ftrain.tasks import Task
 
     class Forgetful(Task):
@@ -217,8 +217,8 @@ def test_the_language_model_initialises_from_the_meta_device():
     """examples/charlm.py's own tensors (a parameter drawn in __init__, a causal mask buffer)
     come out right through its reset_parameters()."""
     from examples.charlm import CharLM
-    from ftrain.distributed import DistInfo
-    from ftrain.fsdp import build_model
+    from ftrain.runtime.distributed import DistInfo
+    from ftrain.runtime.fsdp import build_model
 
     model = build_model(CharLM(context=16, d_model=8, layers=1, heads=2), 3,
                         DistInfo(0, 1, 0, torch.device("cpu"), None))
@@ -228,8 +228,8 @@ def test_the_language_model_initialises_from_the_meta_device():
 
 
 def test_default_shard_units_expand_containers():
-    from ftrain.models import SmallCNN
     from ftrain.tasks import default_shard_units
+    from ftrain.tasks.builtin.models import SmallCNN
 
     model = SmallCNN()
     units = default_shard_units(model)
@@ -240,8 +240,8 @@ def test_default_shard_units_expand_containers():
 def _init_on_ranks(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from ftrain.distributed import DistInfo
-    from ftrain.fsdp import build_model
+    from ftrain.runtime.distributed import DistInfo
+    from ftrain.runtime.fsdp import build_model
     from ftrain.tasks import ImageClassification
 
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank,
@@ -258,8 +258,8 @@ def _init_on_ranks(rank: int, world: int, store: str, out: str) -> None:
 
 
 def test_initialisation_is_the_same_on_every_world_size(tmp_path):
-    from ftrain.distributed import DistInfo
-    from ftrain.fsdp import build_model
+    from ftrain.runtime.distributed import DistInfo
+    from ftrain.runtime.fsdp import build_model
     from ftrain.tasks import ImageClassification
 
     plain = build_model(ImageClassification(), 7, DistInfo(0, 1, 0, torch.device("cpu"), None))
@@ -290,7 +290,7 @@ def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from ftrain.checkpoint import ShardedCheckpointer
+    from ftrain.checkpoint.store import ShardedCheckpointer
 
     os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
@@ -483,7 +483,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     assert ckpt_tool.main(["export", str(d), str(tmp_path / "model.pth")]) == 0
     weights = torch.load(tmp_path / "model.pth", weights_only=True)
     if job == "cnn":
-        from ftrain.models import build_model
+        from ftrain.tasks.builtin.models import build_model
 
         model = build_model(loaded.manifest["model_args"])
     else:

@@ -10,9 +10,9 @@ import mmap
 
 import pytest
 
-from ftrain import memory
-from ftrain.memory import PeakRss
-from ftrain.monitor import setup_logging
+from ftrain.runtime import memory
+from ftrain.runtime.memory import PeakRss
+from ftrain.runtime.monitor import setup_logging
 
 MIB = 2**20
 

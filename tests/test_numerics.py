@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from ftrain.numerics import differences, numeric_environment
+from ftrain.runtime.numerics import differences, numeric_environment
 from tests.helpers import SMALL, inspect, run_train
 from tests.tracing import latest
 

@@ -5,8 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftrain.data import EvalShardSampler, ResumableDistributedSampler, make_synthetic, mix_seed
-from ftrain.trainer import epoch_seed
+from ftrain.core.loop import epoch_seed
+from ftrain.data.items import (
+    EvalShardSampler,
+    ResumableDistributedSampler,
+    make_synthetic,
+    mix_seed,
+)
 
 
 class Dummy(torch.utils.data.Dataset):

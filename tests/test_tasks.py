@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from ftrain.checkpoint import load_uri
+from ftrain.checkpoint.store import load_uri
 from ftrain.tasks import TaskError, TaskRef, load_task
 from tests.helpers import (
     PY,
@@ -46,7 +46,7 @@ def test_the_wheel_holds_ftrain_and_no_top_level_src(tmp_path):
         top = {n.split("/")[0] for n in names}
         entry_points = z.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert top == {"ftrain", next(t for t in top if t.endswith(".dist-info"))}, top
-    assert "ftrain/tasks.py" in names and not any(n.startswith("src") for n in names)
+    assert "ftrain/tasks/__init__.py" in names and "ftrain/checkpoint/store.py" in names and not any(n.startswith("src") for n in names)
     for script in ("ftrain-train = ftrain.train:cli", "ftrain-ckpt = ftrain.ckpt:cli",
                    "ftrain-predict = ftrain.predict:cli"):
         assert script in entry_points

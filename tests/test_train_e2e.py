@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ftrain.models import build_model
+from ftrain.tasks.builtin.models import build_model
 from launch import chaos
 from tests.helpers import (
     PY,

@@ -19,10 +19,10 @@ import os
 import sys
 from typing import Any
 
-from . import exitcodes
-from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
+from .checkpoint.resume import checkpoint_task
+from .checkpoint.store import CorruptCheckpoint, Loaded, load_uri, open_uri
 from .config import json_object
-from .resume import checkpoint_task
+from .runtime import exitcodes
 from .storage import StorageError
 from .tasks import TaskError, load_task
 
@@ -174,7 +174,7 @@ def load_weights(loaded: Loaded, model) -> None:
     checkpoint's shards are assembled whole (its world size does not matter). Raises
     RuntimeError when they do not fit."""
     if loaded.sharded:
-        from .fsdp import load_full_model
+        from .runtime.fsdp import load_full_model
 
         load_full_model(loaded, model)
     else:

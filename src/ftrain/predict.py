@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from . import exitcodes
-from .checkpoint import CorruptCheckpoint, load_uri
+from .checkpoint.resume import checkpoint_task
+from .checkpoint.store import CorruptCheckpoint, load_uri
 from .ckpt import load_weights
 from .config import json_object
-from .data import DataError, SeededItems
-from .distributed import choose_device
-from .resume import checkpoint_task
+from .core.loop import to_device
+from .data.items import DataError, SeededItems
+from .runtime import exitcodes
+from .runtime.distributed import choose_device
 from .tasks import TaskContext, TaskError, load_task
-from .trainer import to_device
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,8 +22,9 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from . import exitcodes, fsdp, resume
-from .checkpoint import (
+from .checkpoint import resume
+from .checkpoint.policy import SavePolicy
+from .checkpoint.store import (
     Checkpointer,
     CheckpointStore,
     CorruptCheckpoint,
@@ -31,14 +32,15 @@ from .checkpoint import (
     open_uri,
 )
 from .config import Config, ConfigError, load_config
-from .control import StopControl, StopSignals
-from .data import DataError, fetch_remote_data_dir, fingerprint
-from .distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
-from .exitcodes import InputError
-from .memory import PeakRss
-from .monitor import Monitor, say_error, setup_logging, wants_json
-from .numerics import numeric_environment
-from .saving import SavePolicy
+from .core.control import StopControl, StopSignals
+from .core.loop import SEEDS_DOC, Parts, Trainer, TrainState, init_seed, seed_all
+from .data.items import DataError, fetch_remote_data_dir, fingerprint
+from .runtime import exitcodes, fsdp
+from .runtime.distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
+from .runtime.exitcodes import InputError
+from .runtime.memory import PeakRss
+from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
+from .runtime.numerics import numeric_environment
 from .storage import Storage, StorageAccessError, StorageError, redact
 from .tasks import (
     BUILTIN,
@@ -50,7 +52,6 @@ from .tasks import (
     load_task,
     task_ref,
 )
-from .trainer import SEEDS_DOC, Parts, Trainer, TrainState, init_seed, seed_all
 
 log = logging.getLogger("ftrain.train")
 

@@ -29,10 +29,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .data import mix_seed
+from ..data.items import mix_seed
+from ..tasks import Task
 from .distributed import DistInfo
 from .exitcodes import InputError
-from .tasks import Task
 
 log = logging.getLogger(__name__)
 
@@ -170,14 +170,14 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from .sharded import (
+    from ..checkpoint.dcp import (
         SafeLoadPlanner,
         ShardedCheckpointError,
         ShardReader,
         describe_failure,
         first_failure,
     )
-    from .storage import StorageError
+    from ..storage import StorageError
 
     # The templates: this rank's shards, keyed by parameter name (get_state_dict creates the
     # optimizer's state first, by a step with zero gradients and lr 0, so its keys exist).
@@ -234,7 +234,12 @@ def load_full_model(loaded, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
-    from .sharded import SafeLoadPlanner, ShardedCheckpointError, ShardReader, describe_failure
+    from ..checkpoint.dcp import (
+        SafeLoadPlanner,
+        ShardedCheckpointError,
+        ShardReader,
+        describe_failure,
+    )
 
     state = {"model": model.state_dict()}
     try:

@@ -47,8 +47,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from .memory import PeakRss
-from .storage import CHECKSUM, CHECKSUM_NAMES, Storage, StorageError, checksum, redact
+from ..runtime.memory import PeakRss
+from ..storage import CHECKSUM, CHECKSUM_NAMES, Storage, StorageError, checksum, redact
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +136,7 @@ class Loaded:
         checkpoint's chunks are assembled in this process (no model, no process group)."""
         if not self.sharded:
             return self.state["model"]
-        from .sharded import read_full_tensors
+        from .dcp import read_full_tensors
 
         return read_full_tensors(self.storage, self.name, self.dcp, "model.")
 
@@ -301,7 +301,7 @@ class CheckpointStore:
         except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"train state unreadable: {e}") from None
         if manifest.get("layout") == SHARDED:
-            from .sharded import decode_metadata
+            from .dcp import decode_metadata
 
             if not isinstance(state, dict):
                 raise CorruptCheckpoint("state file holds no state")
@@ -852,7 +852,7 @@ class ShardedCheckpointer(Checkpointer):
         # Imported here, not first in the persister thread while the loop snapshots.
         import torch.distributed.checkpoint  # noqa: F401
 
-        from . import sharded  # noqa: F401
+        from . import dcp  # noqa: F401
 
         self.group = group  # None: one process, nobody to agree with
         self.world_size = world_size
@@ -889,7 +889,7 @@ class ShardedCheckpointer(Checkpointer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint import CheckpointException, DefaultSavePlanner
 
-        from .sharded import ShardedCheckpointError, ShardWriter, describe_failure, first_failure
+        from .dcp import ShardedCheckpointError, ShardWriter, describe_failure, first_failure
 
         name = step_dirname(req.step)
         committed = [False]

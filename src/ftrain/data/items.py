@@ -279,7 +279,7 @@ def fetch_remote_data_dir(url: str, cache_root: str, storage_options: dict) -> s
     import hashlib
     import shutil
 
-    from .storage import Storage
+    from ..storage import Storage
 
     local = os.path.join(cache_root, hashlib.sha256(url.encode()).hexdigest()[:16])
     marker = os.path.join(local, ".complete")

@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.planner import (
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from .storage import CHECKSUM, Storage
+from ..storage import CHECKSUM, Storage
 
 log = logging.getLogger(__name__)
 

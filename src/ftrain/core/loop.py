@@ -18,10 +18,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
 
-from . import exitcodes
-from .config import Config
-from .control import StopControl, hard_exit, ignore_stop_signals
-from .data import (
+from ..checkpoint.policy import SavePolicy
+from ..config import Config
+from ..data.items import (
     EpochTagged,
     EvalShardSampler,
     ResumableDistributedSampler,
@@ -29,10 +28,11 @@ from .data import (
     TensorItems,
     mix_seed,
 )
-from .distributed import Collectives, DistInfo
-from .monitor import Monitor
-from .saving import SavePolicy
-from .tasks import Task
+from ..runtime import exitcodes
+from ..runtime.distributed import Collectives, DistInfo
+from ..runtime.monitor import Monitor
+from ..tasks import Task
+from .control import StopControl, hard_exit, ignore_stop_signals
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, SaveTimeout, warn_saves_outpace_storage
-from .config import Config
-from .distributed import Collectives, DistInfo
-from .tasks import Task
+from ..config import Config
+from ..runtime.distributed import Collectives, DistInfo
+from ..tasks import Task
+from .store import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 
 log = logging.getLogger(__name__)
 

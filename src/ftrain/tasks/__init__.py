@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 BUILTIN = "ftrain.tasks:ImageClassification"
 
@@ -235,8 +235,8 @@ class ImageClassification(Task):
     def __init__(self, dataset: str = "synthetic", model: str = "cnn", width: int = 256,
                  depth: int = 2, synthetic_train_size: int = 12288,
                  synthetic_test_size: int = 2048) -> None:
-        from .data import SPECS
-        from .models import model_args
+        from ..data.items import SPECS
+        from .builtin.models import model_args
 
         if dataset not in SPECS:
             raise TaskError(f"--dataset {dataset!r} is not one of {', '.join(SPECS)}")
@@ -247,7 +247,7 @@ class ImageClassification(Task):
                                      width, depth)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         if dataset == "cifar10":
-            from .data import AUGMENTATION_VERSION
+            from ..data.items import AUGMENTATION_VERSION
 
             self.augmentation = AUGMENTATION_VERSION
 
@@ -262,7 +262,7 @@ class ImageClassification(Task):
         return args
 
     def build_model(self) -> nn.Module:
-        from .models import build_model
+        from .builtin.models import build_model
 
         return build_model(self.model_args)
 
@@ -271,7 +271,7 @@ class ImageClassification(Task):
             self.datasets(ctx)
 
     def datasets(self, ctx: TaskContext) -> tuple[Dataset, Dataset]:
-        from .data import build_datasets
+        from ..data.items import build_datasets
 
         return build_datasets(self.dataset, ctx.data_dir, ctx.download, ctx.seed, *self.sizes)
 

@@ -17,7 +17,7 @@ import sys
 import time
 from typing import Any
 
-from .config import Config
+from ..config import Config
 from .distributed import DistInfo
 from .exitcodes import InputError
 

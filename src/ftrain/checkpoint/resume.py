@@ -3,7 +3,7 @@
 Every checkpoint records the facts of its run (``run_facts``): the task and its arguments, the
 seed, the global batch, fingerprints of the data, the optimisation settings. On resume each
 fact is compared with this run's under ``RULES``, the one table read by the check and by the
-docs (``python -m ftrain.resume`` prints it as Markdown; the README carries that output):
+docs (``python -m ftrain.checkpoint.resume`` prints it as Markdown; the README carries that output):
 
 - refuse: the run could not continue the same sample sequence or the same model; exit 2 with
   every difference listed.
@@ -22,11 +22,11 @@ from typing import Any
 
 import torch
 
-from .checkpoint import CheckpointStore, CorruptCheckpoint, Loaded, open_uri
-from .config import BUILTIN_TASK, BUILTIN_TASK_FIELDS, Config, flag
-from .exitcodes import InputError
-from .numerics import differences
-from .tasks import Task, TaskRef
+from ..config import BUILTIN_TASK, BUILTIN_TASK_FIELDS, Config, flag
+from ..runtime.exitcodes import InputError
+from ..runtime.numerics import differences
+from ..tasks import Task, TaskRef
+from .store import CheckpointStore, CorruptCheckpoint, Loaded, open_uri
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +347,11 @@ def load_state(cfg: Config, loaded: Loaded, model: torch.nn.Module, optimizer, s
     st = loaded.state
     try:
         if loaded.sharded:  # every rank reads its chunks (collective), sharded model or not
-            from .fsdp import load_sharded
+            from ..runtime.fsdp import load_sharded
 
             load_sharded(loaded, model, optimizer)
         elif cfg.parallel == "fsdp":  # a ddp checkpoint: each rank keeps its slices
-            from .fsdp import load_whole
+            from ..runtime.fsdp import load_whole
 
             load_whole(loaded, model, optimizer)
         else:
@@ -382,7 +382,7 @@ def _own_memory(optimizer: torch.optim.Optimizer) -> None:
 
 
 def main() -> None:
-    """``python -m ftrain.resume``: print the rules as the README's Markdown table."""
+    """``python -m ftrain.checkpoint.resume``: print the rules as the README's Markdown table."""
     print(markdown_table())
 
 
