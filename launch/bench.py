@@ -274,7 +274,7 @@ def p6(work: Path, quick: bool) -> list[tuple]:
         os.kill(pid, signal.SIGKILL)
     again.wait()
     floor = launcher_floor(work)
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
 
     t0 = time.perf_counter()
     load_uri(str(ckpt))

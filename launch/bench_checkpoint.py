@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from ftrain.checkpoint.store import Checkpointer, CheckpointStore, _Snapshot, step_dirname
+from ftrain.checkpoint import Checkpointer, CheckpointStore, step_dirname
+from ftrain.checkpoint.staging import HostBuffers
 from ftrain.runtime.distributed import choose_device
 from ftrain.storage import Storage
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device {device} ({name}), torch {torch.__version__}, state {nbytes / 2**20:.0f} MiB")
 
     # Snapshot floor: copy into preallocated (pinned on GPU) host buffers.
-    snap = _Snapshot()
+    snap = HostBuffers()
     snap.copy(state)
     _sync(device)
 

@@ -25,13 +25,13 @@ import torch.distributed as dist
 from torch import nn
 
 from ftrain import Task
-from ftrain.checkpoint.store import (
+from ftrain.checkpoint import (
     Checkpointer,
     CheckpointStore,
     ShardedCheckpointer,
-    _Snapshot,
     step_dirname,
 )
+from ftrain.checkpoint.staging import HostBuffers
 from ftrain.runtime.distributed import DistInfo, choose_device
 from ftrain.storage import Storage
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
              for k, v in {**dict(model.state_dict()),
                           **{f"o{i}{n}": t for i, s in enumerate(opt.state.values())
                              for n, t in s.items()}}.items()}
-    snap = _Snapshot()
+    snap = HostBuffers()
     snap.copy(local)
     floors, stalls, persists = [], [], []
     for _ in range(args.repeats):

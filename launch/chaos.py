@@ -469,7 +469,7 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
     """Reuse the reference run in ``folder`` when it ran the same command; else run it."""
     import torch
 
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
 
     want = Reference(str(folder), nproc, list(train_args), torch.__version__)
     meta_path = Path(folder, "reference.json")
@@ -511,7 +511,7 @@ def compare_runs(ref: Reference, ckpt_dir: Path | str, trace_dirs: list[Path],
     """
     import torch
 
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
 
     out: dict[str, Any] = {"problems": []}
     problems = out["problems"]

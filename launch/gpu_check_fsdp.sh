@@ -22,7 +22,7 @@ $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/cut --ma
 $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/cut 2>&1 | grep -E "done|rror|resumed"
 $PY - "$W" <<'PYEOF'
 import sys
-from ftrain.checkpoint.store import load_uri
+from ftrain.checkpoint import load_uri
 import torch
 a, b = load_uri(f"{sys.argv[1]}/ref"), load_uri(f"{sys.argv[1]}/cut")
 print("sharded:", a.sharded, "bitwise equal weights:",
@@ -33,7 +33,7 @@ cat > $W/dtensor_cuda.py <<'PYEOF'
 import torch, torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.checkpoint.state_dict import get_state_dict
-from ftrain.checkpoint.store import CheckpointStore, ShardedCheckpointer
+from ftrain.checkpoint import CheckpointStore, ShardedCheckpointer
 from ftrain.storage import Storage
 from ftrain.runtime.fsdp import load_sharded
 import sys

@@ -206,7 +206,7 @@ def cut_and_resume(args: list[str], tmp_path: Path, cut_at: int, nproc: int = 2,
     ``tmp_path/cut`` stopped at step ``cut_at``, then rerun the same command. Asserts that every
     run succeeded, that the rerun resumed, and that both end with bitwise-equal weights.
     Returns (the reference's newest checkpoint, the resumed run's, the rerun's stderr)."""
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     for folder, extra in ((ref, [*ref_args]), (cut, ["--max-steps", str(cut_at)]),

@@ -193,7 +193,7 @@ def save_checkpoint(uri: str, step: int, epochs_done: int = 0) -> dict:
     (snapshot, serialize, create-only commit) and return its model weights."""
     import torch
 
-    from ftrain.checkpoint.store import Checkpointer, CheckpointStore
+    from ftrain.checkpoint import Checkpointer, CheckpointStore
     from ftrain.storage import Storage
     from tests.toytask import ToyTask
 

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from ftrain import ckpt as ckpt_tool
-from ftrain.checkpoint.store import MANIFEST, CheckpointStore, step_dirname
+from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.data.items import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
@@ -103,7 +103,7 @@ def test_manifest_naming_a_path_outside_its_folder_is_invalid(tmp_path, bad, cap
     (folder / MANIFEST).write_text(json.dumps(manifest))
     uri = str(root)
 
-    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
         got = CheckpointStore(Storage(uri)).latest()
     assert got is not None and got.name == D10  # the one before
     warning = next(r.getMessage() for r in caplog.records if "SKIPPING" in r.getMessage())
@@ -134,7 +134,7 @@ def test_manifest_entry_without_a_size_is_invalid_not_a_crash(tmp_path, caplog):
     manifest = json.loads(path.read_text())
     manifest["files"][manifest["state_file"]] = 54477
     path.write_text(json.dumps(manifest))
-    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
         assert CheckpointStore(Storage(uri)).latest().name == D10
     assert (f"SKIPPING checkpoint {uri}/{D20}: {MANIFEST}: the entry of "
             f"{manifest['state_file']!r} has no size") in caplog.text

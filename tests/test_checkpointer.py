@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from ftrain.checkpoint.store import Checkpointer, CheckpointStore
+from ftrain.checkpoint import Checkpointer, CheckpointStore
 from ftrain.storage import Storage
 from tests.helpers import committed_steps
 
@@ -28,7 +28,7 @@ def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, mon
                             {"epoch": 0}, **kw)
         return result, time.perf_counter() - t0
 
-    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
         stalls = [save(1)[1]]
         time.sleep(0.2)  # its persist has started
         stalls += [save(step)[1] for step in (2, 3, 4)]
@@ -57,7 +57,7 @@ def test_a_job_skips_snapshots_while_storage_is_busy(tmp_path):
     accounted for: committed, or counted in saves_dropped."""
     import re
 
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
     from tests.helpers import SMALL, run_train
 
     d = tmp_path / "ckpt"

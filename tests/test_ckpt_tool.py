@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ftrain import ckpt as ckpt_tool
-from ftrain.checkpoint.store import step_dirname
+from ftrain.checkpoint import step_dirname
 from tests.helpers import assert_bitwise_equal, ckpt
 from tests.s3server import CORRUPTIONS, history_rows, save_checkpoint
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from ftrain.checkpoint.resume import RULES, check, markdown_table, run_facts
-from ftrain.checkpoint.store import Loaded
+from ftrain.checkpoint import Loaded
+from ftrain.checkpoint.rules import RULES, check, markdown_table, run_facts
 from ftrain.config import load_config
 from ftrain.tasks import Task, task_ref
 from tests.helpers import ROOT, SMALL, committed_steps, run_train
@@ -99,7 +99,7 @@ def _loaded(argv: list[str], world_size: int) -> Loaded:
 
 def test_rules_table_is_the_one_in_the_readme():
     readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate with: python -m ftrain.checkpoint.resume"
+    assert markdown_table() in readme, "regenerate with: python -m ftrain.checkpoint.rules"
     assert {r.action for r in RULES} == {"refuse", "apply"}
 
 
@@ -181,7 +181,7 @@ def test_lr_change_on_resume_warns_and_shows_in_the_next_checkpoint(cnn_sgd, tmp
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resume: applying --lr 0.05 -> 0.1" in r.stderr
     assert "no longer bitwise-equal to an uninterrupted one" in r.stderr
-    from ftrain.checkpoint.store import load_uri
+    from ftrain.checkpoint import load_uri
 
     group = load_uri(str(d)).state["optimizer"]["param_groups"][0]
     assert group["initial_lr"] == 0.1

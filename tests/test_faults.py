@@ -11,7 +11,7 @@ import re
 import pytest
 
 from ftrain import ckpt as ckpt_tool
-from ftrain.checkpoint.store import load_uri, open_uri, step_dirname
+from ftrain.checkpoint import load_uri, open_uri, step_dirname
 from ftrain.runtime import exitcodes
 from tests.helpers import SMALL, assert_bitwise_equal, ckpt, run_train
 from tests.s3server import CORRUPTIONS, Fault, save_checkpoint

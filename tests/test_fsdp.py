@@ -31,7 +31,7 @@ import pytest
 import torch
 from torch import nn
 
-from ftrain.checkpoint.store import CheckpointStore, load_uri, step_dirname
+from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
 from ftrain.config import load_config
 from ftrain.storage import Storage
 from tests.helpers import (
@@ -290,7 +290,7 @@ def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from ftrain.checkpoint.store import ShardedCheckpointer
+    from ftrain.checkpoint import ShardedCheckpointer
 
     os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)

@@ -79,7 +79,7 @@ def test_new_checkpoints_record_the_checksum_algorithm_per_file(tmp_path):
     and an entry naming an algorithm this build does not know is reported as such."""
     import json
 
-    from ftrain.checkpoint.store import FORMAT_VERSION, CheckpointStore, CorruptCheckpoint
+    from ftrain.checkpoint import FORMAT_VERSION, CheckpointStore, CorruptCheckpoint
     from ftrain.storage import Storage
     from tests.s3server import save_checkpoint
 

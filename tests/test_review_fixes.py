@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from ftrain.checkpoint.store import MANIFEST, CheckpointStore, step_dirname
+from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.config import ConfigError, load_config
 from ftrain.storage import Storage
 from tests.helpers import SMALL, run_train

@@ -15,7 +15,7 @@ import uuid
 import pytest
 import torch
 
-from ftrain.checkpoint.store import load_uri, step_dirname
+from ftrain.checkpoint import load_uri, step_dirname
 from launch import chaos
 from tests.helpers import assert_bitwise_equal, run_train, start_train, strip_timing, wait_for
 

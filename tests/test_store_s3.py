@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from ftrain import ckpt as ckpt_tool
-from ftrain.checkpoint.store import (
+from ftrain.checkpoint import (
     FORMAT_VERSION,
     MANIFEST,
     Checkpointer,
@@ -62,7 +62,7 @@ def test_damaged_newest_falls_back_to_the_one_before(backend, damage, caplog, ca
     want = save_checkpoint(uri, 10)
     save_checkpoint(uri, 20)
     damage.apply(backend, f"run/{D20}")
-    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
         got = store_at(backend).latest()
     assert got.name == D10
     assert_bitwise_equal(got.state["model"], want)
@@ -108,7 +108,7 @@ def _commit(store: CheckpointStore, step: int, writer: str) -> bool:
 def test_second_writer_of_a_step_fails_cleanly(backend, caplog):
     store = store_at(backend)
     assert _commit(store, 10, "oldpod") is True
-    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
         assert _commit(store, 10, "newpod") is False
     assert "already committed by writer oldpod" in caplog.text and "newpod" in caplog.text
     assert json.loads(backend.read(f"run/{D10}/{MANIFEST}"))["writer"] == "oldpod"
@@ -239,7 +239,7 @@ def test_a_failed_save_is_retried_at_the_same_step(s3, fault_proxy, monkeypatch,
     model = torch.nn.Linear(4, 2)
     args = (10, {"model": model.state_dict()}, {"epoch": 0, "step": 10}, {"epoch": 0})
     fault_proxy.set_faults(Fault("503", method="PUT", path=r"manifest\.json"))
-    with caplog.at_level(logging.ERROR, logger="ftrain.checkpoint.store"):
+    with caplog.at_level(logging.ERROR, logger="ftrain.checkpoint"):
         assert saver.save(*args, blocking=True) is False
     assert "SAVE FAILED" in caplog.text and saver.consecutive_failures == 1
     assert [k for k in s3.keys("run/") if "state-" in k]  # the data files got there

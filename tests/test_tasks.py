@@ -12,7 +12,7 @@ import zipfile
 import pytest
 import torch
 
-from ftrain.checkpoint.store import load_uri
+from ftrain.checkpoint import load_uri
 from ftrain.tasks import TaskError, TaskRef, load_task
 from tests.helpers import (
     PY,

@@ -12,7 +12,7 @@ import subprocess
 
 import pytest
 
-from ftrain.checkpoint.store import CheckpointStore
+from ftrain.checkpoint import CheckpointStore
 from ftrain.storage import Storage
 from tests.helpers import ROOT, SMALL, base_env, committed_steps, run_train
 from tests.tracing import (

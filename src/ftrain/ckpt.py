@@ -19,8 +19,8 @@ import os
 import sys
 from typing import Any
 
-from .checkpoint.resume import checkpoint_task
-from .checkpoint.store import CorruptCheckpoint, Loaded, load_uri, open_uri
+from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
+from .checkpoint.rules import checkpoint_task
 from .config import json_object
 from .runtime import exitcodes
 from .storage import StorageError

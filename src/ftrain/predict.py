@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from .checkpoint.resume import checkpoint_task
-from .checkpoint.store import CorruptCheckpoint, load_uri
+from .checkpoint import CorruptCheckpoint, load_uri
+from .checkpoint.rules import checkpoint_task
 from .ckpt import load_weights
 from .config import json_object
 from .core.loop import to_device

@@ -5,8 +5,9 @@
     ftrain.fit(task, config)                                # from Python
 
 It wires the parts together and holds no policy: the task builds the model, data and loss
-(tasks.py), the resume policy is resume.py's, the save policy saving.py's, stopping control.py's
-and the loop trainer.py's.
+(tasks/), which checkpoint to resume and what may change is checkpoint/resume.py's and
+rules.py's, the save policy checkpoint/policy.py's, stopping core/control.py's and the loop
+core/loop.py's.
 """
 
 from __future__ import annotations
@@ -22,15 +23,8 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from .checkpoint import resume
+from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.policy import SavePolicy
-from .checkpoint.store import (
-    Checkpointer,
-    CheckpointStore,
-    CorruptCheckpoint,
-    ShardedCheckpointer,
-    open_uri,
-)
 from .config import Config, ConfigError, load_config
 from .core.control import StopControl, StopSignals
 from .core.loop import SEEDS_DOC, Parts, Trainer, TrainState, init_seed, seed_all
@@ -41,7 +35,7 @@ from .runtime.exitcodes import InputError
 from .runtime.memory import PeakRss
 from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
 from .runtime.numerics import numeric_environment
-from .storage import Storage, StorageAccessError, StorageError, redact
+from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
     BUILTIN,
     ImageClassification,
@@ -95,87 +89,6 @@ def _datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
     return train_set, test_set
 
 
-def _resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointStore,
-            options: dict[str, Any], facts: dict[str, Any] | None
-            ) -> tuple[dict[str, Any], Any]:
-    """Rank 0 picks and checks the checkpoint; every rank loads the same one.
-    Returns (the choice every rank agreed on, the loaded checkpoint or None).
-
-    A sharded checkpoint's shard files are verified by all ranks together (each checks its
-    share of the files' checksums; they agree on the result): one with a missing or corrupt
-    shard is skipped as a whole, with a warning naming the file, and the choice is made again
-    without it. On remote storage each rank keeps the bytes it verified for the load: at the
-    same world size a rank verifies the very shard file it loads, downloaded once."""
-    skip: set[str] = set()
-    while True:
-        choice, loaded = _choose(cfg, info, coll, store, options, facts, skip)
-        if loaded is None or not loaded.sharded:
-            return choice, loaded
-        files = sorted(loaded.manifest["shards"])
-        problem = CheckpointStore(loaded.storage).verify_files(
-            loaded.name, loaded.manifest, files[info.rank::info.world_size],
-            keep=loaded.verified)
-        problems = [p for p in coll.gather_objects(problem or None) if p]
-        if not problems:
-            return choice, loaded
-        if info.is_main:
-            log.warning("SKIPPING checkpoint %s: %s", choice["uri"], problems[0])
-        if choice["explicit"]:
-            raise InputError(f"--resume {cfg.resume}: invalid checkpoint: {problems[0]}")
-        skip.add(choice["uri"])
-
-
-def _choose(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointStore,
-            options: dict[str, Any], facts: dict[str, Any] | None, skip: set[str]
-            ) -> tuple[dict[str, Any], Any]:
-    choice: dict[str, Any] = {"name": None, "uri": None, "error": None, "applied": {},
-                              "explicit": False, "numerics": []}
-    loaded = None
-    if info.is_main:
-        try:
-            try:
-                store.probe_writable()
-            except StorageAccessError:
-                raise
-            except StorageError as e:
-                # Transient trouble is the saves' business (retried, counted, exit 140); only
-                # a folder we may never write to is bad input.
-                log.warning("--checkpoint-dir %s: write probe failed (%s); continuing",
-                            cfg.checkpoint_dir, e)
-            loaded = resume.choose_checkpoint(cfg, store, options, skip)
-            if loaded is not None:
-                verdict = resume.check(loaded, facts, cfg)
-                resume.refuse_or_log(loaded, verdict, cfg.batch_size)
-                choice.update(name=loaded.name, uri=loaded.uri, applied=verdict.applied,
-                              numerics=verdict.numerics,
-                              explicit=loaded.uri.rstrip("/") == cfg.resume.rstrip("/"))
-        except InputError as e:
-            choice["error"] = str(e)
-        except (PermissionError, NotADirectoryError, IsADirectoryError, FileExistsError) as e:
-            choice["error"] = (f"--checkpoint-dir {cfg.checkpoint_dir}: cannot write there "
-                               f"({type(e).__name__}: {redact(str(e))[:200]}); fix the "
-                               "permissions or pick another folder")
-        except StorageAccessError as e:  # no such bucket, access denied: bad input
-            where = (f"--checkpoint-dir {cfg.checkpoint_dir}" if e.root == store.uri
-                     else f"--resume {cfg.resume}")
-            choice["error"] = f"{where}: {e}"
-        except StorageError as e:  # unreachable is not invalid: retryable, not exit 2
-            choice["error"], choice["storage"] = f"checkpoint storage failed: {e}", True
-    choice = coll.broadcast_object(choice)
-    if choice["error"]:
-        raise (StorageError if choice.get("storage") else InputError)(choice["error"])
-    if choice["uri"] and not info.is_main:
-        try:
-            loaded = open_uri(choice["uri"], options)[0].load(choice["name"], shards="size")
-        except CorruptCheckpoint as e:
-            raise InputError(f"rank {info.rank} cannot load {choice['uri']}: {e}") from None
-        except StorageAccessError as e:
-            raise InputError(f"rank {info.rank} cannot read {choice['uri']}: {e}") from None
-        except StorageError as e:  # unreachable is not invalid: retryable
-            raise StorageError(f"rank {info.rank} cannot read {choice['uri']}: {e}") from None
-    return choice, loaded
-
-
 def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = None) -> int:
     """Train ``cfg`` on an initialised process group (or a single process). ``task``: an
     already built task (``ftrain.fit``); otherwise it is imported from ``cfg.task``."""
@@ -200,7 +113,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     facts = None
     if info.is_main:
         data = {"train": fingerprint(train_set, cfg.seed), "eval": fingerprint(test_set, cfg.seed)}
-        facts = resume.run_facts(cfg, ref, task, info.world_size, data,
+        facts = rules.run_facts(cfg, ref, task, info.world_size, data,
                                  numeric_environment(info.device))
 
     # ---- model, optimizer, scheduler (seeded before the model exists)
@@ -229,7 +142,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     store = CheckpointStore(Storage(cfg.checkpoint_dir, options))
     memory = PeakRss(log.isEnabledFor(logging.DEBUG))  # the resume's peak RSS, at DEBUG
     memory.start("resume")
-    choice, loaded = _resume(cfg, info, coll, store, options, facts)
+    choice, loaded = resume.resume(cfg, info, coll, store, options, facts)
     state = TrainState()
     resume_rng = None
     resumed = loaded is not None

@@ -20,7 +20,7 @@ from torch import nn
 from ..config import Config
 from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
-from .store import Checkpointer, SaveTimeout, warn_saves_outpace_storage
+from .persister import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 
 log = logging.getLogger(__name__)
 

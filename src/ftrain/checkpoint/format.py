@@ -1,0 +1,141 @@
+"""The checkpoint format: layout, names, versions, what makes a checkpoint valid.
+
+Layout below the checkpoint root (local folder or s3://bucket/prefix)::
+
+    step_0000000480/
+        state-<writer>.pt          model, optimizer, scheduler (torch.save; loaded weights_only)
+        train_state-<writer>.json  epoch, step, position in epoch, metric history, seeds, config
+        manifest.json              written last, create-only: its presence is the commit
+
+Data files carry the writer's token in their names, so two writers of the same step never touch
+each other's files and the create-only manifest decides which one committed. A checkpoint is
+valid when its manifest parses and every file it lists has the recorded size and checksum
+(format 2: XXH3-128, the algorithm named per file; format 1 checkpoints carry SHA-256 and still
+verify and load).
+
+A sharded checkpoint (``--parallel fsdp``, format 3, ``layout: "sharded"``) holds the model and
+optimizer as DCP shard files, one per rank that wrote it (dcp.py), next to rank 0's files::
+
+    step_0000000480/
+        shard-<rank>-<writer>.distcp   this rank's chunks of the model and optimizer state
+        dcp-<writer>.json              DCP's metadata (global shapes, chunks, where they are)
+        state-<writer>.pt              schedule, gradient scaler, RNG states, the task's state
+        train_state-<writer>.json
+        manifest.json                  lists every file above, written last by rank 0
+
+Every rank writes its own shard; rank 0 receives every rank's file table (name, size,
+checksum), writes its own files and publishes the manifest create-only after all finished.
+A missing or corrupt shard makes the whole checkpoint invalid. Format 2 readers refuse
+format 3 ("format version 3") rather than misread it.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import torch
+
+from ..storage import CHECKSUM_NAMES, Storage, checksum
+
+# Writes one file's bytes into the binary file object it is given.
+Producer = Callable[[BinaryIO], object]
+
+FORMAT_VERSION = 2  # 2: per-file checksum algorithm (XXH3-128); 1: SHA-256
+SHARDED_FORMAT = 3  # 3: layout "sharded" (DCP shard files, one per rank that wrote it)
+READABLE_FORMATS = (1, 2, 3)
+SHARDED = "sharded"
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step_(\d{10})$")
+
+
+def step_dirname(step: int) -> str:
+    return f"step_{step:010d}"
+
+
+def library_versions() -> dict[str, str]:
+    import fsspec
+
+    v = {"torch": torch.__version__, "python": platform.python_version(),
+         "fsspec": fsspec.__version__}
+    try:
+        import torchvision
+
+        v["torchvision"] = torchvision.__version__
+    except ImportError:
+        pass
+    return v
+
+
+def inside_folder(fname: object) -> bool:
+    """Whether a manifest's file name stays inside its checkpoint folder: a relative path of
+    plain parts ("state-ab.pt", "shards/rank1.pt"), without "..", ".", empty parts, backslashes
+    or a leading "/"."""
+    if not isinstance(fname, str) or not fname or "\\" in fname or "\0" in fname:
+        return False
+    return all(part not in ("", ".", "..") for part in fname.split("/"))
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint that is not committed, or whose files do not match its manifest."""
+
+
+def verify_checksum(fname: str, meta: dict[str, Any], data: bytes | memoryview) -> None:
+    """Raise CorruptCheckpoint unless ``data`` has the checksum the manifest entry records
+    (``algorithm`` + ``digest``; format 1 entries: ``sha256``)."""
+    algorithm = "sha256" if "sha256" in meta else str(meta.get("algorithm"))
+    expected = meta.get("sha256") if algorithm == "sha256" else meta.get("digest")
+    try:
+        actual = checksum(data, algorithm)
+    except ValueError as e:
+        raise CorruptCheckpoint(f"{fname}: {e}") from None
+    if actual != expected:
+        raise CorruptCheckpoint(f"{fname} fails its {CHECKSUM_NAMES[algorithm]} check "
+                                "(corrupted bytes)")
+
+
+
+@dataclass
+class Loaded:
+    name: str
+    uri: str
+    manifest: dict[str, Any]
+    # model / optimizer / scheduler state dicts (CPU tensors); a sharded checkpoint's holds no
+    # model and optimizer: they are in its shards (``dcp``).
+    state: dict[str, Any]
+    train_state: dict[str, Any]
+    dcp: Any = None  # sharded: DCP's Metadata (the shard files' index)
+    storage: Storage | None = None  # sharded: the storage its folder ``name`` is in
+    # sharded, remote storage: shard files this process has downloaded and verified already,
+    # by name; the load takes them from here instead of downloading them again.
+    verified: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sharded(self) -> bool:
+        return self.manifest.get("layout") == SHARDED
+
+    def model_state(self) -> dict[str, Any]:
+        """The model's whole state dict (CPU tensors), whatever the layout: a sharded
+        checkpoint's chunks are assembled in this process (no model, no process group)."""
+        if not self.sharded:
+            return self.state["model"]
+        from .dcp import read_full_tensors
+
+        return read_full_tensors(self.storage, self.name, self.dcp, "model.")
+
+
+@dataclass
+class Entry:
+    """One folder below the root as ``ckpt ls`` reports it."""
+
+    name: str
+    uri: str
+    step: int
+    valid: bool
+    reason: str = ""
+    manifest: dict[str, Any] | None = None
+    size: int = 0
+    created: float | None = None
