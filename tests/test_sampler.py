@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftrain.core.loop import epoch_seed
+from ftrain.core.rng import epoch_seed
 from ftrain.data.items import (
     EvalShardSampler,
     ResumableDistributedSampler,

@@ -20,7 +20,7 @@ from .checkpoint import CorruptCheckpoint, load_uri
 from .checkpoint.rules import checkpoint_task
 from .ckpt import load_weights
 from .config import json_object
-from .core.loop import to_device
+from .core.batching import to_device
 from .data.items import DataError, SeededItems
 from .runtime import exitcodes
 from .runtime.distributed import choose_device

@@ -24,10 +24,12 @@ import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
+from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
 from .config import Config, ConfigError, load_config
 from .core.control import StopControl, StopSignals
-from .core.loop import SEEDS_DOC, Parts, Trainer, TrainState, init_seed, seed_all
+from .core.loop import Parts, Trainer
+from .core.rng import SEEDS_DOC, init_seed, seed_all
 from .data.items import DataError, fetch_remote_data_dir, fingerprint
 from .runtime import exitcodes, fsdp
 from .runtime.distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown

@@ -139,3 +139,42 @@ class Entry:
     manifest: dict[str, Any] | None = None
     size: int = 0
     created: float | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint must carry besides the tensors."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # global optimizer steps completed
+    batch_in_epoch: int = 0  # global batches of epoch ``epoch`` already trained
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Metric sums of the unfinished epoch (each global batch's sum over ranks, added in batch
+    # order), carried across a restart so that the epoch's metrics come out exactly as in an
+    # uninterrupted run.
+    sums: dict[str, float] = field(default_factory=dict)
+    seen: int = 0
+    elapsed: float = 0.0
+    resumes: int = 0  # times the run was resumed from a checkpoint (a fact, not progress)
+    # Why this epoch is no longer bitwise equal to an uninterrupted run (a resume on another
+    # numeric environment); recorded in its history entry as "not_bitwise".
+    not_bitwise: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+                "history": self.history, "resumes": self.resumes,
+                "epoch_progress": {"sums": self.sums, "seen": self.seen,
+                                   "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainState:
+        p = d.get("epoch_progress", {})
+        if "sums" in p:
+            sums = {str(k): float(v) for k, v in p["sums"].items()}
+        else:  # written before tasks: the built-in task's per-batch loss sums and correct count
+            sums = {"loss": sum(float(x) for x in p.get("loss_steps", [])),
+                    "acc": float(p.get("correct", 0))} if p.get("seen") else {}
+        return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
+                   list(d.get("history", [])), sums, int(p.get("seen", 0)),
+                   float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)),
+                   [str(x) for x in p.get("not_bitwise", [])])

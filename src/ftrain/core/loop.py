@@ -1,6 +1,7 @@
 """The training loop. Owns epoch, step, position in the epoch, the running metric sums and the
-metric history; reseeds. When to save is the SavePolicy's business, when to stop the
-StopControl's; the loop asks them at every step boundary."""
+metric history; reseeds. Batches come from batching.py, evaluation from evaluate.py. When to
+save is the SavePolicy's business, when to stop the StopControl's; the loop asks them at every
+step boundary."""
 
 from __future__ import annotations
 
@@ -8,129 +9,28 @@ import contextlib
 import json
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset, default_collate
+from torch.utils.data import Dataset
 
+from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
-from ..data.items import (
-    EpochTagged,
-    EvalShardSampler,
-    ResumableDistributedSampler,
-    SeededItems,
-    TensorItems,
-    mix_seed,
-)
 from ..runtime import exitcodes
 from ..runtime.distributed import Collectives, DistInfo
 from ..runtime.monitor import Monitor
 from ..tasks import Task
-from .control import StopControl, hard_exit, ignore_stop_signals
+from .batching import Batches, autocast, split_batch, to_device
+from .control import StopControl, hard_exit
+from .evaluate import evaluate
+from .rng import epoch_seed, restore_rng, resume_seed, rng_state, seed_all
+from .sums import MetricSums
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------- seeding
-def seed_all(seed: int) -> None:
-    """Seed python, numpy and torch (CPU and every CUDA device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def init_seed(seed: int) -> int:
-    """Seed used to build the model: the same on every rank, before the model exists."""
-    return mix_seed(seed, 0x1417)
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    return mix_seed(seed, epoch, rank)
-
-
-def resume_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
-    """Seed of a mid-epoch resume that has no saved RNG states for this rank (another world
-    size, or a checkpoint without them)."""
-    return mix_seed(seed, epoch, batch, rank, 0x57E9)
-
-
-SEEDS_DOC = {"epoch": "mix_seed(seed, epoch, rank), once per epoch; a mid-epoch resume "
-                      "restores each rank's saved RNG states",
-             "resume_other_world": "mix_seed(seed, epoch, batch, rank, 0x57E9)",
-             "data_order": "mix_seed(seed, epoch)",
-             "item": "mix_seed(seed, epoch, sample_index)"}
-
-
-def rng_state(device: torch.device) -> dict[str, Any]:
-    """This process's python, numpy, torch (and this GPU's) RNG states, as checkpointable
-    values (tensors, ints, lists)."""
-    version, internal, gauss = random.getstate()
-    _name, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": [version, list(internal), gauss],
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def restore_rng(state: dict[str, Any], device: torch.device) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
-                         n["has_gauss"], n["cached_gaussian"]))
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# ---------------------------------------------------------------------------- state
-@dataclass
-class TrainState:
-    """Everything about progress that a checkpoint must carry besides the tensors."""
-
-    epoch: int = 0  # epochs completed
-    step: int = 0  # global optimizer steps completed
-    batch_in_epoch: int = 0  # global batches of epoch ``epoch`` already trained
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # Metric sums of the unfinished epoch (each global batch's sum over ranks, added in batch
-    # order), carried across a restart so that the epoch's metrics come out exactly as in an
-    # uninterrupted run.
-    sums: dict[str, float] = field(default_factory=dict)
-    seen: int = 0
-    elapsed: float = 0.0
-    resumes: int = 0  # times the run was resumed from a checkpoint (a fact, not progress)
-    # Why this epoch is no longer bitwise equal to an uninterrupted run (a resume on another
-    # numeric environment); recorded in its history entry as "not_bitwise".
-    not_bitwise: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "history": self.history, "resumes": self.resumes,
-                "epoch_progress": {"sums": self.sums, "seen": self.seen,
-                                   "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainState:
-        p = d.get("epoch_progress", {})
-        if "sums" in p:
-            sums = {str(k): float(v) for k, v in p["sums"].items()}
-        else:  # written before tasks: the built-in task's per-batch loss sums and correct count
-            sums = {"loss": sum(float(x) for x in p.get("loss_steps", [])),
-                    "acc": float(p.get("correct", 0))} if p.get("seen") else {}
-        return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
-                   list(d.get("history", [])), sums, int(p.get("seen", 0)),
-                   float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)),
-                   [str(x) for x in p.get("not_bitwise", [])])
 
 
 @dataclass
@@ -144,65 +44,6 @@ class Parts:
     scaler: torch.amp.GradScaler | None = None  # --precision fp16 only
 
 
-AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(precision: str, device: torch.device) -> Any:
-    """The autocast context of ``--precision`` (a no-op for fp32)."""
-    dtype = AUTOCAST[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def to_device(obj: Any, device: torch.device) -> Any:
-    """A batch's inputs or targets (tensor, or dict/tuple/list of them) on ``device``."""
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, dict):
-        return {k: to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_device(v, device) for v in obj)
-    return obj
-
-
-def split_batch(obj: Any, n: int) -> list[Any]:
-    """``obj`` cut into ``n`` micro-batches along the first dimension."""
-    if n == 1:
-        return [obj]
-    if isinstance(obj, torch.Tensor):
-        return list(obj.tensor_split(n))
-    if isinstance(obj, dict):
-        parts = {k: split_batch(v, n) for k, v in obj.items()}
-        return [{k: parts[k][i] for k in obj} for i in range(n)]
-    if isinstance(obj, (list, tuple)):
-        parts = [split_batch(v, n) for v in obj]
-        return [type(obj)(p[i] for p in parts) for i in range(n)]
-    return [obj] * n
-
-
-def device_tensors(data: Dataset, device: torch.device, mode: str
-                   ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(inputs, targets) of an in-memory tensor dataset whose items are plain rows of them
-    (TensorItems, or a TensorDataset of two tensors), moved to ``device`` when they fit (on a
-    GPU: within a quarter of its free memory); None otherwise, or with --data-on-device off."""
-    if mode == "off":
-        return None
-    if isinstance(data, TensorItems):
-        x, y = data.x, data.y
-    elif isinstance(data, TensorDataset) and len(data.tensors) == 2:
-        x, y = data.tensors
-    else:
-        return None
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        if (x.nbytes + y.nbytes) > free // 4:
-            log.info("the training set (%.0f MiB) does not fit on %s: using a DataLoader",
-                     (x.nbytes + y.nbytes) / 2**20, device)
-            return None
-    return x.to(device), y.to(device)
-
-
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
                  state: TrainState, saver: SavePolicy, control: StopControl,
@@ -213,20 +54,11 @@ class Trainer:
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
         self.control = control
-        self.train_items = SeededItems(parts.train_set, cfg.seed)
-        self.sampler = ResumableDistributedSampler(self.train_items, info.world_size, info.rank,
-                                                   cfg.batch_size, cfg.seed)
-        self.eval_items = SeededItems(parts.test_set, cfg.seed)
-        self.eval_sampler = EvalShardSampler(len(self.eval_items), info.world_size, info.rank)
-        self.steps_per_epoch = self.sampler.batches_per_epoch
-        self.per_rank_batch = cfg.batch_size // info.world_size
-        self.metric_names: list[str] = list(state.sums)
-        self.on_device = device_tensors(parts.train_set, info.device, cfg.data_on_device)
-        # Built by fit(); with --num-workers their workers live as long as the run.
-        self._train_loader: DataLoader | None = None
-        self._eval_loader: DataLoader | None = None
+        self.batches = Batches(cfg, info, parts.train_set, parts.test_set)
+        self.steps_per_epoch = self.batches.steps_per_epoch
+        self.per_rank_batch = self.batches.per_rank_batch
         # This run's per-step metric sums on this rank, not yet folded into the state.
-        self._local: list[torch.Tensor] = []
+        self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__)
         self._trace = None
         if cfg.trace_samples:
             os.makedirs(cfg.trace_samples, exist_ok=True)
@@ -237,12 +69,11 @@ class Trainer:
     def fit(self) -> int:
         """Train to ``--epochs`` (or ``--max-steps``); returns the process exit code."""
         try:
-            self._start_loaders()
+            self.batches.start()
             return self._fit()
         finally:
             self.monitor.end_epoch()
-            # The last reference to each loader: its iterator stops the workers.
-            self._train_loader = self._eval_loader = None
+            self.batches.stop()
             if self._trace:
                 self._trace.close()
 
@@ -260,88 +91,7 @@ class Trainer:
             log.info("training complete: %d epochs, %d steps", st.epoch, st.step)
         return exitcodes.OK
 
-    # ------------------------------------------------------------------ loaders
-    def _start_loaders(self) -> None:
-        """Build the train and eval loaders and, with --num-workers, fork their workers now,
-        once for the run, while no other thread of this process does anything: no save is
-        being persisted and no background collective is in flight yet.
-
-        A fork copies every lock as it is at that instant, and the child has only the forking
-        thread: a lock another thread held then stays held in the child. Loaders built per
-        epoch forked while the checkpoint persister wrote the epoch-end save and the stop
-        agreement's all-reduce ran on a gloo thread; persistent workers fork once, at the
-        quiet start. (Their copy of the dataset never sees a later ``set_epoch``, so each
-        index carries its epoch: ``EpochTagged``.)
-
-        The eval loader goes first and does not pin memory: a loader that pins starts a
-        thread right after forking its workers (torch.set_num_threads and CUDA set-up in it:
-        pytorch/pytorch#130610 is a worker forked during that), so the only one that does,
-        the train loader's, starts after the last fork.
-        """
-        cuda = self.info.device.type == "cuda"
-        self._eval_loader = self._new_loader(self.eval_items, self.eval_sampler,
-                                             max(self.per_rank_batch, 256), False, 0xE7A1,
-                                             pin_memory=False)
-        if self.on_device is None:
-            self._train_loader = self._new_loader(self.train_items, self.sampler,
-                                                  self.per_rank_batch, True, 0x10AD,
-                                                  pin_memory=cuda)
-        if not self.cfg.num_workers:
-            return
-        for loader in (self._eval_loader, self._train_loader):
-            if loader is None:
-                continue
-            tagged = loader.sampler
-            assert isinstance(tagged, EpochTagged)
-            tagged.idle = True
-            try:
-                iter(loader)  # forks the workers, gives them nothing to do yet
-            finally:
-                tagged.idle = False
-
-    def _new_loader(self, items: SeededItems, sampler: Sampler, batch_size: int,
-                    drop_last: bool, salt: int, pin_memory: bool) -> DataLoader:
-        workers = self.cfg.num_workers
-        return DataLoader(items, batch_size=batch_size, sampler=EpochTagged(sampler, items),
-                          num_workers=workers, drop_last=drop_last,
-                          worker_init_fn=ignore_stop_signals, pin_memory=pin_memory,
-                          persistent_workers=workers > 0,
-                          # The loader's base seed (for its workers, whose items SeededItems
-                          # seeds anyway) comes from here, not from the global torch RNG.
-                          generator=torch.Generator().manual_seed(
-                              mix_seed(self.cfg.seed, self.info.rank, salt)))
-
     # ------------------------------------------------------------------ epoch
-    def _batches(self):
-        """This rank's batches of the rest of the epoch: ``((inputs, targets), indices)``.
-        Neither way draws from the global RNGs: a model's randomness does not depend on
-        --data-on-device or --num-workers."""
-        if self.on_device is None:
-            return iter(self._loader())
-        return self._gathered()
-
-    def _gathered(self):
-        """Batches gathered from tensors already on the device, by the sampler's indices: no
-        DataLoader, no per-item Python, no host-to-device copy per step."""
-        st = self.state
-        self.sampler.set_epoch(st.epoch)
-        self.sampler.set_start(st.batch_in_epoch)
-        order = torch.tensor(list(self.sampler), dtype=torch.int64)
-        x, y = self.on_device
-        on_dev = order.to(self.info.device)
-        for b in range(len(order) // self.per_rank_batch):
-            cut = slice(b * self.per_rank_batch, (b + 1) * self.per_rank_batch)
-            yield (x[on_dev[cut]], y[on_dev[cut]]), order[cut]
-
-    def _loader(self) -> DataLoader:
-        """The train loader, set to the rest of the current epoch."""
-        st = self.state
-        self.sampler.set_epoch(st.epoch)
-        self.sampler.set_start(st.batch_in_epoch)
-        self.train_items.set_epoch(st.epoch)
-        assert self._train_loader is not None, "fit() builds the loaders"
-        return self._train_loader
-
     def _run_epoch(self) -> int | str | None:
         """Train the rest of the current epoch. Returns an exit code to stop mid-epoch, or, at
         the epoch's end, the stop agreed during it ("preempt", "max" or None)."""
@@ -357,10 +107,10 @@ class Trainer:
         self.p.model.train()
         t_start = time.perf_counter()
         t_log, n_log = t_start, 0
-        self._local = []
+        self.sums.clear()
         self.control.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
-        batches = self._batches()
+        batches = self.batches.train(st.epoch, st.batch_in_epoch)
         if self.resume_rng is not None:
             if st.batch_in_epoch:
                 restore_rng(self.resume_rng, info.device)
@@ -416,8 +166,7 @@ class Trainer:
         metrics (a host sync, only on logging steps), to the log (or the progress bar) and
         the monitor's outlets."""
         st, cfg = self.state, self.cfg
-        sums = dict(zip(self.metric_names, self._local[-1].tolist(), strict=True))
-        metrics = self.task.metrics(sums, self.per_rank_batch)
+        metrics = self.task.metrics(self.sums.newest(), self.per_rank_batch)
         lr = self.p.scheduler.get_last_lr()[0]
         self.monitor.logged(st.step, metrics, lr, samples_per_s)
         if not self.monitor.bar_active:
@@ -446,7 +195,7 @@ class Trainer:
                     loss_sum, sums = task.loss(out, y)
                 loss = loss_sum / self.per_rank_batch
                 (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
-            row = self._sum_row(sums)
+            row = self.sums.row(sums)
             step_sums = row if step_sums is None else step_sums + row
         if p.scaler is not None:
             p.scaler.unscale_(p.optimizer)  # clip the true gradients
@@ -460,41 +209,14 @@ class Trainer:
         p.optimizer.zero_grad(set_to_none=True)
         p.scheduler.step()
         task.after_step(p.model)
-        self._local.append(step_sums)
-
-    def _sum_row(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The metric sums of one batch as a float64 vector, in a fixed order of names."""
-        if not self.metric_names:
-            self.metric_names = list(sums)
-        if set(sums) != set(self.metric_names):
-            raise ValueError(f"{type(self.task).__name__}.loss returned the metric sums "
-                             f"{sorted(sums)}; earlier batches returned {sorted(self.metric_names)}"
-                             ": return the same names every time")
-        return torch.stack([torch.as_tensor(sums[k]).detach().to(self.info.device,
-                                                                  torch.float64).reshape(())
-                            for k in self.metric_names])
-
-    # ------------------------------------------------------------------ running sums
-    def _global_sums(self) -> tuple[dict[str, float], int]:
-        """This run's part of the epoch: the metric sums over ranks, each batch's sum taken in
-        rank order and the batches added in order, and the number of batches; collective."""
-        k = len(self.metric_names)
-        local = torch.stack(self._local) if self._local else torch.zeros(
-            (0, k), dtype=torch.float64, device=self.info.device)
-        rows = self.coll.gather_rows(local)  # (world, batches, metrics)
-        per_batch = rows.sum(dim=0).cpu().tolist()
-        totals = dict(self.state.sums)
-        for row in per_batch:
-            for name, value in zip(self.metric_names, row, strict=True):
-                totals[name] = totals.get(name, 0.0) + value
-        return totals, len(per_batch)
+        self.sums.append(step_sums)
 
     def _fold_sums(self) -> None:
         """Move this run's running sums into the state (collective)."""
         st = self.state
-        st.sums, batches = self._global_sums()
+        st.sums, batches = self.sums.totals(st.sums)
         st.seen += batches * self.cfg.batch_size
-        self._local = []
+        self.sums.clear()
 
     def _progress(self) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """The state with the unfinished epoch's sums folded in, without consuming them, and
@@ -502,7 +224,7 @@ class Trainer:
         st = self.state
         if not st.batch_in_epoch:
             return st.to_dict(), None
-        sums, batches = self._global_sums()
+        sums, batches = self.sums.totals(st.sums)
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
                           st.seen + batches * self.cfg.batch_size, st.elapsed, st.resumes,
@@ -513,7 +235,9 @@ class Trainer:
         st, cfg = self.state, self.cfg
         self.monitor.end_epoch()
         train = self.task.metrics(st.sums, st.seen)
-        evaluated = self.evaluate()
+        evaluated = evaluate(self.task, self.p.model, self.batches.evaluation(st.epoch),
+                             self.batches.eval_items, self.info, self.coll, cfg.precision,
+                             cfg.parallel == "fsdp", self.sums.names, self.monitor.beat)
         entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step}
         entry.update({f"train_{k}": v for k, v in train.items()})
         entry.update({f"eval_{k}": v for k, v in evaluated.items()})
@@ -533,54 +257,6 @@ class Trainer:
                      entry["samples_per_s"], entry["seconds"],
                      extra={"fields": {"event": "epoch", **entry}})
             self.monitor.epoch_done(entry)
-
-    @torch.no_grad()
-    def evaluate(self) -> dict[str, float]:
-        """The task's metrics over the whole eval set, each item once, sharded over ranks."""
-        info, model = self.info, self.p.model
-        if info.is_distributed:
-            # BatchNorm running stats drift apart per rank after the last forward; rank 0's
-            # are the model's (they are what is checkpointed).
-            for b in model.buffers():
-                torch.distributed.broadcast(b, src=0)
-        model.eval()
-        items = self.eval_items
-        items.set_epoch(self.state.epoch)
-        loader = self._eval_loader
-        assert loader is not None, "fit() builds the loaders"
-        names: list[str] = []
-        totals: torch.Tensor | None = None
-        # Under fsdp every forward is collective (each unit gathers its parameters): a rank
-        # with fewer eval batches than rank 0 runs its last batch again, discarded.
-        batch = loader.batch_size or 1
-        padding = -(-len(range(0, len(items), info.world_size)) // batch) - len(loader) \
-            if self.cfg.parallel == "fsdp" and info.world_size > 1 else 0
-        inputs = None
-        for (inputs, targets), idx in loader:
-            self.monitor.beat()  # an evaluation may take longer than a liveness probe waits
-            with autocast(self.cfg.precision, info.device):
-                out = self.task.forward(model, to_device(inputs, info.device))
-                _, sums = self.task.loss(out, to_device(targets, info.device))
-            if totals is None:
-                names = list(sums)
-                totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=info.device)
-            for i, name in enumerate(names):
-                totals[i] += torch.as_tensor(sums[name]).to(torch.float64)
-            totals[-1] += len(idx)
-        if padding and inputs is None:  # no eval item of its own: rank 0's first one
-            (inputs, _targets), _ = default_collate([items[0]])
-        for _ in range(padding):
-            with autocast(self.cfg.precision, info.device):
-                self.task.forward(model, to_device(inputs, info.device))
-        # Every rank takes part in the reduction, even one with no eval item (names from the
-        # training sums then, which are the same names).
-        if totals is None:
-            names = list(self.metric_names)
-            totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=info.device)
-        self.coll.sum_(totals)
-        model.train()
-        values = totals.cpu().tolist()
-        return self.task.metrics(dict(zip(names, values[:-1], strict=True)), int(values[-1]))
 
     def _after_epoch(self, stop: str | None) -> int | None:
         cfg, st = self.cfg, self.state
