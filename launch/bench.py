@@ -75,7 +75,7 @@ def plain_loop_rate(train_size: int, batch: int, seed: int = 0, device: str = "c
     import torch
     from torch.utils.data import DataLoader, TensorDataset
 
-    from ftrain.data.items import make_synthetic
+    from ftrain.tasks.builtin.datasets import make_synthetic
     from ftrain.tasks.builtin.models import SmallCNN
 
     dev = torch.device(device)

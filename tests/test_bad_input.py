@@ -35,7 +35,7 @@ import torch
 
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
-from ftrain.data.items import fetch_remote_data_dir
+from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main

@@ -18,8 +18,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
-from ftrain.data.items import SeededItems, VisionItems
+from ftrain.data.items import SeededItems
 from ftrain.runtime.distributed import Collectives, DistInfo
+from ftrain.tasks.builtin.datasets import VisionItems
 from launch import chaos
 
 NPROC = 2

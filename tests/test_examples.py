@@ -134,7 +134,7 @@ def test_chaos_sigkills_the_language_model(lm_reference, tmp_path):
 def test_lm_data_fingerprint_is_recorded():
     ctx_args = dict(TINY_LM)
     task = CharLM(**ctx_args)
-    from ftrain.data.items import fingerprint
+    from ftrain.data.fingerprint import fingerprint
     from ftrain.tasks import TaskContext
 
     train, _ = task.datasets(TaskContext(0, "./data", False, 0, 1, 0))

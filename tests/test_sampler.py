@@ -6,12 +6,9 @@ import pytest
 import torch
 
 from ftrain.core.rng import epoch_seed
-from ftrain.data.items import (
-    EvalShardSampler,
-    ResumableDistributedSampler,
-    make_synthetic,
-    mix_seed,
-)
+from ftrain.data.items import mix_seed
+from ftrain.data.sampler import EvalShardSampler, ResumableDistributedSampler
+from ftrain.tasks.builtin.datasets import make_synthetic
 
 
 class Dummy(torch.utils.data.Dataset):

@@ -15,7 +15,8 @@ import pytest
 import torch
 import xxhash
 
-from ftrain.data.items import DataError, fetch_remote_data_dir
+from ftrain.data.items import DataError
+from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.storage import Storage, StorageAccessError, StorageError, is_transient, redact
 from tests.s3server import Fault
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ftrain.checkpoint import CheckpointStore, Loaded
-from ftrain.data.items import ResumableDistributedSampler
+from ftrain.data.sampler import ResumableDistributedSampler
 from ftrain.storage import Storage
 from tests.helpers import PY, ROOT, base_env, free_port, processes_matching
 

@@ -30,7 +30,9 @@ from .config import Config, ConfigError, load_config
 from .core.control import StopControl, StopSignals
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
-from .data.items import DataError, fetch_remote_data_dir, fingerprint
+from .data.fingerprint import fingerprint
+from .data.items import DataError
+from .data.remote import fetch_remote_data_dir
 from .runtime import exitcodes, fsdp
 from .runtime.distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
 from .runtime.exitcodes import InputError

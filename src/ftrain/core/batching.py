@@ -13,14 +13,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from ..config import Config
-from ..data.items import (
-    EpochTagged,
-    EvalShardSampler,
-    ResumableDistributedSampler,
-    SeededItems,
-    TensorItems,
-    mix_seed,
-)
+from ..data.items import EpochTagged, SeededItems, TensorItems, mix_seed
+from ..data.sampler import EvalShardSampler, ResumableDistributedSampler
 from ..runtime.distributed import DistInfo
 from .control import ignore_stop_signals
 

@@ -235,7 +235,7 @@ class ImageClassification(Task):
     def __init__(self, dataset: str = "synthetic", model: str = "cnn", width: int = 256,
                  depth: int = 2, synthetic_train_size: int = 12288,
                  synthetic_test_size: int = 2048) -> None:
-        from ..data.items import SPECS
+        from .builtin.datasets import SPECS
         from .builtin.models import model_args
 
         if dataset not in SPECS:
@@ -247,7 +247,7 @@ class ImageClassification(Task):
                                      width, depth)
         self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
         if dataset == "cifar10":
-            from ..data.items import AUGMENTATION_VERSION
+            from .builtin.datasets import AUGMENTATION_VERSION
 
             self.augmentation = AUGMENTATION_VERSION
 
@@ -271,7 +271,7 @@ class ImageClassification(Task):
             self.datasets(ctx)
 
     def datasets(self, ctx: TaskContext) -> tuple[Dataset, Dataset]:
-        from ..data.items import build_datasets
+        from .builtin.datasets import build_datasets
 
         return build_datasets(self.dataset, ctx.data_dir, ctx.download, ctx.seed, *self.sizes)
 
