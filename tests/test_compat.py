@@ -56,12 +56,14 @@ def test_legacy_cifar_checkpoint_refuses_the_new_augmentation():
     """Checkpoints written before the torchvision v2 augmentation recorded none; for CIFAR-10
     they count as the old hand-written one, and a resume would change the samples."""
     cfg = config("--dataset", "cifar10", "--model", "resnet18")
-    ts = {"config": cfg.to_dict(), "world_size": 1, "global_batch_size": 256, "seed": 0}
+    # Before tasks, the built-in task's flags were recorded at the configuration's top level.
+    ts = {"config": {**cfg.to_dict(), "dataset": "cifar10", "model": "resnet18"},
+          "world_size": 1, "global_batch_size": 256, "seed": 0}
     loaded = Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
     from ftrain.tasks import ImageClassification
 
     facts = run_facts(cfg, task_ref(cfg), ImageClassification("cifar10", "resnet18"), 1,
-                      {"train": None, "eval": None})
+                      {"train": None, "eval": None}, NUMERICS)
     v = check(loaded, facts, cfg)
     assert len(v.refusals) == 1 and v.refusals[0].startswith(
         "augmentation version: checkpoint 'seeded crop/flip/1', now 'torchvision-v2")
@@ -81,13 +83,17 @@ def test_allowed_changes_are_logged(cnn_sgd):
 
 
 # ---------------------------------------------------------------------------- in-process
+NUMERICS = {"torch": "2.14.1", "device_type": "cpu", "deterministic": False,
+            "cpu_capability": "AVX2", "intra_op_threads": 1}
+
+
 def config(*argv: str):
     return load_config(list(argv), environ={})
 
 
 def _facts(cfg, world_size: int) -> dict:
     data = {"train": {"len": 2048, "digest": "aa"}, "eval": {"len": 512, "digest": "bb"}}
-    return run_facts(cfg, task_ref(cfg), Task(), world_size, data)
+    return run_facts(cfg, task_ref(cfg), Task(), world_size, data, NUMERICS)
 
 
 def _loaded(argv: list[str], world_size: int) -> Loaded:

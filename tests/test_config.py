@@ -7,13 +7,17 @@ import subprocess
 import pytest
 
 from ftrain.config import Config, ConfigError, build_parser, load_config
+from ftrain.tasks import task_ref
 from tests.helpers import PY, ROOT, base_env
 
 
 def test_defaults():
     cfg = load_config([], environ={})
     assert cfg == Config()
-    assert cfg.dataset == "synthetic" and cfg.checkpoint_dir == "./checkpoints"
+    assert cfg.checkpoint_dir == "./checkpoints" and cfg.task_options == {}
+    # The default task's own options, at their defaults, are its arguments.
+    assert task_ref(cfg).args == {"dataset": "synthetic", "model": "cnn",
+                                  "synthetic_train_size": 12288, "synthetic_test_size": 2048}
 
 
 def test_precedence_cli_over_yaml_over_env(tmp_path):
@@ -60,13 +64,18 @@ def test_resnet_needs_cifar():
 def test_help_lists_every_option_with_default():
     text = build_parser().format_help()
     for f in Config.__dataclass_fields__.values():
-        assert "--" + f.name.replace("_", "-") in text
-    assert "(default: 'synthetic')" in text
+        if f.name != "task_options":  # not a flag: each of the task's options is
+            assert "--" + f.name.replace("_", "-") in text
+    # The default task's own options, in a group of their own.
+    assert "the task's own options (ftrain.tasks:ImageClassification)" in text
+    assert "--model" in text and "(default: 'synthetic')" in text
+    for section in ("optimization options", "checkpoint options", "monitor options"):
+        assert section in text
 
 
 def test_secret_options_redacted():
     cfg = load_config(["--storage-options", '{"secret": "hunter2"}'], environ={})
-    assert cfg.storage_options_dict() == {"secret": "hunter2"}
+    assert cfg.storage_options == {"secret": "hunter2"}
     assert "hunter2" not in str(cfg.to_dict())
 
 
@@ -87,9 +96,9 @@ def test_yaml_task_section_names_the_task_and_its_arguments(tmp_path):
                         "lr: 0.003\n")
     cfg = load_config(["--config", str(cfg_file)], environ={})
     assert cfg.task == "examples.charlm:CharLM" and cfg.lr == 0.003
-    assert cfg.task_args_dict() == {"d_model": 32, "layers": 1}
+    assert cfg.task_args == {"d_model": 32, "layers": 1}
     cfg = load_config(["--config", str(cfg_file), "--task-args", '{"layers": 3}'], environ={})
-    assert cfg.task_args_dict() == {"layers": 3}
+    assert cfg.task_args == {"layers": 3}
     with pytest.raises(ConfigError) as e:
         load_config(["--task", "no_colon", "--task-args", "[1]"], environ={})
     assert any(p.startswith("--task: 'no_colon' is not an import string") for p in e.value.problems)

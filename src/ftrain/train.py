@@ -12,7 +12,9 @@ core/loop.py's.
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -26,7 +28,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
-from .config import Config, ConfigError, load_config
+from .config import Config, ConfigError, config_from, load_config, options_of
 from .core.control import StopControl, StopSignals
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
@@ -41,8 +43,6 @@ from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
 from .runtime.numerics import numeric_environment
 from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
-    BUILTIN,
-    ImageClassification,
     Task,
     TaskContext,
     TaskError,
@@ -106,7 +106,7 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
 
 def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
          task: Task | None, monitor: Monitor) -> int:
-    options = cfg.storage_options_dict()
+    options = dict(cfg.storage_options)
     ref = task_ref(cfg)
     if task is None:
         try:
@@ -220,9 +220,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
 
 
 def _describe(ref: TaskRef) -> str:
-    if ref.target == BUILTIN:
-        return f"{ref.args.get('model')}/{ref.args.get('dataset')}"
-    return f"{ref.target} {ref.args}" if ref.args else ref.target
+    return f"{ref.target} {json.dumps(ref.args, sort_keys=True)}" if ref.args else ref.target
 
 
 def _checkpoint_meta(cfg: Config, info: DistInfo, ref: TaskRef, task: Task,
@@ -233,8 +231,9 @@ def _checkpoint_meta(cfg: Config, info: DistInfo, ref: TaskRef, task: Task,
         "steps_per_epoch": steps_per_epoch, "config": cfg.to_dict(),
         "config_digest": cfg.digest(), "task": ref.to_dict(), "run": facts,
         "seeds": {"base": cfg.seed, "init": init_seed(cfg.seed), **SEEDS_DOC}}
-    if isinstance(task, ImageClassification):  # the built-in task's, for ckpt inspect
-        meta["model_args"] = task.model_args
+    described = task.describe_model()
+    if described:  # for ckpt inspect
+        meta["model_args"] = described
     return meta
 
 
@@ -251,8 +250,6 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
     ``config``: a Config, or a dict of its fields (``{"epochs": 3, "checkpoint_dir": ...}``).
     Raises ConfigError for an invalid configuration.
     """
-    import json
-
     instance = task if isinstance(task, Task) else None
     if isinstance(task, str):
         target = task
@@ -261,12 +258,16 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
         target = f"{obj.__module__}:{obj.__qualname__}"
     if instance is not None and task_args:
         raise TypeError("fit(): task_args go with a task class or factory, not an instance")
-    values = config.to_dict() if isinstance(config, Config) else dict(config or {})
     if isinstance(config, Config):
-        values["storage_options"] = config.storage_options
-    values.update(task=target, task_args=json.dumps(task_args) if task_args else
-                  values.get("task_args", ""))
-    cfg = Config(**values)
+        values = dataclasses.asdict(config)
+        values["task_options"] = dict(config.task_options)
+    else:
+        values = dict(config or {})
+    values["task"] = target
+    if task_args:
+        values["task_args"] = task_args
+    options = type(instance).options if instance is not None else options_of(target)[0]
+    cfg = config_from(values, options)
     rank = env_rank()
     setup_logging(rank, cfg.log_format)
     if target.startswith("__main__:") and rank == 0:

@@ -17,13 +17,13 @@ docs (``python -m ftrain.checkpoint.rules`` prints it as Markdown; the README ca
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
-from ..config import BUILTIN_TASK, BUILTIN_TASK_FIELDS, Config, flag
+from ..config import DEFAULT_TASK, Config, flag
 from ..runtime.exitcodes import InputError
 from ..runtime.numerics import differences
-from ..tasks import Task, TaskRef
+from ..tasks import Task, TaskError, TaskRef, options_class
 from .format import Loaded
 
 log = logging.getLogger(__name__)
@@ -39,8 +39,9 @@ class Rule:
 
 RULES: tuple[Rule, ...] = (
     Rule("task", "--task", "refuse", "another task trains another model on other data"),
-    Rule("task_args", "--task-args (built-in task: --dataset, --model, --width, --depth, "
-         "--synthetic-*-size)", "refuse", "the model or the data would differ"),
+    Rule("task_args", "--task-args and the task's own options (the built-in task's: "
+         "--dataset, --model, --width, --depth, --synthetic-*-size)", "refuse",
+         "the model or the data would differ"),
     Rule("seed", "--seed", "refuse", "the data order, the initial weights and the synthetic data "
          "derive from it: the rest of the epoch would repeat and skip samples"),
     Rule("global_batch_size", "--batch-size", "refuse", "global batch k would hold other samples"),
@@ -73,6 +74,8 @@ RULES: tuple[Rule, ...] = (
     Rule("epochs", "--epochs", "apply", "the LR schedule stretches to the new end"),
 )
 _BY_FACT = {r.fact: r for r in RULES}
+# The built-in task's CIFAR-10 augmentation before tasks existed (a hand-written crop/flip).
+LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
 # Applied changes that alter the arithmetic of the steps to come.
 NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision",
                "parallel")
@@ -80,8 +83,7 @@ NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm",
 _NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler",
              "lr_step_epochs", "lr_gamma", "lr", "momentum", "weight_decay", "grad_accum",
              "clip_grad_norm", "precision", "epochs", "config", "resume", "storage_options",
-             "parallel", *BUILTIN_TASK_FIELDS}
-LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
+             "parallel", "task_options"}
 
 
 def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
@@ -106,17 +108,10 @@ def checkpoint_task(train_state: dict[str, Any], manifest: dict[str, Any]) -> Ta
     rec = manifest.get("task") or train_state.get("task")
     if rec:
         return TaskRef.from_dict(rec)
-    old = train_state.get("config", {})
+    from ..tasks import builtin
+
     margs = manifest.get("model_args") or train_state.get("model_args") or {}
-    args: dict[str, Any] = {"dataset": old.get("dataset", "synthetic"),
-                            "model": margs.get("name", old.get("model", "cnn"))}
-    if args["model"] == "mlp":
-        args.update(width=margs.get("width", old.get("width")),
-                    depth=margs.get("depth", old.get("depth")))
-    if args["dataset"] == "synthetic":
-        args.update(synthetic_train_size=old.get("synthetic_train_size", 12288),
-                    synthetic_test_size=old.get("synthetic_test_size", 2048))
-    return TaskRef(BUILTIN_TASK, args)
+    return TaskRef(DEFAULT_TASK, builtin.legacy_task_args(train_state.get("config", {}), margs))
 
 
 def checkpoint_facts(loaded: Loaded) -> dict[str, Any]:
@@ -135,7 +130,7 @@ def checkpoint_facts(loaded: Loaded) -> dict[str, Any]:
              "world_size": ts.get("world_size"), "grad_accum": 1, "clip_grad_norm": 0.0,
              "precision": "fp32", "parallel": "ddp",
              "augmentation": LEGACY_CIFAR_AUGMENTATION if ref.args.get("dataset") == "cifar10"
-             else "none"}
+             else "none"}  # before tasks, the built-in task's CIFAR-10 crop and flip
     for key in ("optimizer", "scheduler", "lr_step_epochs", "lr_gamma", "lr", "momentum",
                 "weight_decay", "epochs"):
         if key in old:
@@ -180,13 +175,23 @@ def check(loaded: Loaded, new: dict[str, Any], cfg: Config) -> Verdict:
 
 
 def _args_differences(target: str, before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    own = _option_names(target)
     out = []
     for key in sorted({*before, *after}):
         if before.get(key) != after.get(key):
-            name = flag(key) if target == BUILTIN_TASK else f"--task-args {key}"
+            name = flag(key) if key in own else f"--task-args {key}"
             out.append(f"{name}: checkpoint {before.get(key)!r}, now {after.get(key)!r} (the "
                        "model or the data would differ)")
     return out
+
+
+def _option_names(target: str) -> set[str]:
+    """The task's own options, named by their flags in a refusal."""
+    try:
+        options = options_class(target)
+    except TaskError:
+        return set()
+    return {f.name for f in fields(options)} if options is not None else set()
 
 
 def _fp(fp: Any) -> str:

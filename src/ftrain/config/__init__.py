@@ -1,5 +1,19 @@
-"""The job's configuration: one typed schema (schema.py) and its sources (load.py): flags > a
-YAML --config file > FTT_* environment variables > defaults."""
+"""The job's configuration: one typed schema in sections (schema.py) and where its values
+come from (load.py): flags > a YAML --config file > FTT_* environment variables > defaults, or
+a mapping from Python."""
 
-from .schema import *  # noqa: F403
-from .schema import BUILTIN_TASK, BUILTIN_TASK_FIELDS, _coerce, _read_yaml  # noqa: F401
+from .load import build_parser, config_from, load_config, option_problems, options_of
+from .schema import (
+    DEFAULT_TASK,
+    ENV_PREFIX,
+    SECTIONS,
+    Config,
+    ConfigError,
+    flag,
+    json_object,
+    option,
+)
+
+__all__ = ["DEFAULT_TASK", "ENV_PREFIX", "SECTIONS", "Config", "ConfigError", "build_parser",
+           "config_from", "flag", "json_object", "load_config", "option", "option_problems",
+           "options_of"]

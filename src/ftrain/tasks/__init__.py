@@ -6,16 +6,18 @@ task's arguments (``--task-args JSON`` or the YAML config's ``task:`` section) a
 Checkpoints record the import string and the arguments, so ``ckpt export``, ``ckpt inspect``
 and ``predict`` rebuild the same model given the same code on the path.
 
-The built-in jobs (``--model``, ``--dataset`` and their flags) are the task
-``ftrain.tasks:ImageClassification``. docs/tasks.md shows how to write one.
+A task may declare options of its own (``Task.options``): flat options like the service's,
+passed to it as arguments. The built-in image classification task (tasks/builtin/, the
+default --task) is one task among others. docs/tasks.md shows how to write one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,9 +25,6 @@ from torch.utils.data import Dataset
 
 if TYPE_CHECKING:
     from ..config import Config
-
-BUILTIN = "ftrain.tasks:ImageClassification"
-
 
 class TaskError(Exception):
     """The task cannot be imported or built; the message names the import string or argument."""
@@ -57,6 +56,12 @@ class Task:
     #: Recorded in checkpoints and compared on resume: bump it when the data augmentation
     #: changes, so that a run cannot silently continue on different samples.
     augmentation: str = "none"
+
+    #: The task's own options: a dataclass (subclass of TaskOptions) whose fields, made with
+    #: ``ftrain.config.option``, are flat options like the service's own (``--name``, ``name:``
+    #: in a YAML file, ``FTT_NAME``); their values become the task class's keyword arguments
+    #: (``TaskOptions.args``), and ``--help`` lists them. None: ``--task-args`` only.
+    options: ClassVar[type[TaskOptions] | None] = None
 
     # ------------------------------------------------------------------ required
     def build_model(self) -> nn.Module:
@@ -118,6 +123,25 @@ class Task:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what ``state_dict`` returned."""
 
+    def describe_model(self) -> dict[str, Any]:
+        """Plain facts about the model (JSON values), recorded in every checkpoint's manifest
+        as ``model_args``, which ``ckpt inspect`` shows."""
+        return {}
+
+
+@dataclass
+class TaskOptions:
+    """Base of a task's own options (``Task.options``): a dataclass of ``option`` fields."""
+
+    def problems(self) -> list[str]:
+        """Every invalid combination of values, each naming its flag and what to do."""
+        return []
+
+    def args(self) -> dict[str, Any]:
+        """The task's keyword arguments for these values (recorded in checkpoints and compared
+        on resume). Default: every field."""
+        return dataclasses.asdict(self)
+
 
 # ---------------------------------------------------------------------------- loading
 @dataclass(frozen=True)
@@ -135,15 +159,15 @@ class TaskRef:
         return cls(str(d["import"]), dict(d.get("args") or {}))
 
 
-def load_task(ref: TaskRef) -> Task:
-    """Import ``ref.target`` and build the task. Raises TaskError naming what failed."""
-    module_name, _, attr = ref.target.partition(":")
+def _import(target: str) -> Any:
+    """The object an import string names. Raises TaskError naming what failed."""
+    module_name, _, attr = target.partition(":")
     if not module_name or not attr:
-        raise TaskError(f"--task {ref.target!r}: give an import string 'package.module:attr'")
+        raise TaskError(f"--task {target!r}: give an import string 'package.module:attr'")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise TaskError(f"--task {ref.target}: cannot import module {module_name!r} "
+        raise TaskError(f"--task {target}: cannot import module {module_name!r} "
                         f"({type(e).__name__}: {e}). Install the package that provides it, or "
                         "run from the folder that holds it (or add that folder to PYTHONPATH)"
                         ) from None
@@ -152,8 +176,22 @@ def load_task(ref: TaskRef) -> Task:
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise TaskError(f"--task {ref.target}: module {module_name!r} has no attribute "
+            raise TaskError(f"--task {target}: module {module_name!r} has no attribute "
                             f"{attr!r}") from None
+    return obj
+
+
+def options_class(target: str) -> type[TaskOptions] | None:
+    """The options class of the task ``target`` names (a Task class or instance; a factory
+    has none). Raises TaskError when it cannot be imported."""
+    obj = _import(target)
+    cls = type(obj) if isinstance(obj, Task) else obj
+    return cls.options if isinstance(cls, type) and issubclass(cls, Task) else None
+
+
+def load_task(ref: TaskRef) -> Task:
+    """Import ``ref.target`` and build the task. Raises TaskError naming what failed."""
+    obj = _import(ref.target)
     if isinstance(obj, Task):
         if ref.args:
             raise TaskError(f"--task {ref.target} is a Task instance and takes no arguments; "
@@ -174,12 +212,11 @@ def load_task(ref: TaskRef) -> Task:
 
 
 def task_ref(cfg: Config) -> TaskRef:
-    """The task this configuration trains. The built-in task takes its arguments from the
-    historical flags (--dataset, --model, ...), updated by --task-args."""
-    args = cfg.task_args_dict()
-    if cfg.task == BUILTIN:
-        args = {**ImageClassification.args_from_config(cfg), **args}
-    return TaskRef(cfg.task, args)
+    """The task this configuration trains and its arguments: its own options' values
+    (``TaskOptions.args``), updated by --task-args."""
+    options = options_class(cfg.task)
+    args = options(**cfg.task_options).args() if options is not None else {}
+    return TaskRef(cfg.task, {**args, **cfg.task_args})
 
 
 # ---------------------------------------------------------------------------- defaults
@@ -227,56 +264,11 @@ def default_shard_units(model: nn.Module) -> list[nn.Module]:
     return units
 
 
-# ---------------------------------------------------------------------------- built-in task
-class ImageClassification(Task):
-    """The built-in jobs: a small BatchNorm CNN, an MLP or resnet18 on the embedded synthetic
-    data, FashionMNIST, MNIST or CIFAR-10; cross-entropy, accuracy."""
+def __getattr__(name: str) -> Any:
+    # The built-in task lives in tasks/builtin/; checkpoints it wrote record it under this
+    # package's name (the default --task), which must keep resolving.
+    if name == "ImageClassification":
+        from . import builtin
 
-    def __init__(self, dataset: str = "synthetic", model: str = "cnn", width: int = 256,
-                 depth: int = 2, synthetic_train_size: int = 12288,
-                 synthetic_test_size: int = 2048) -> None:
-        from .builtin.datasets import SPECS
-        from .builtin.models import model_args
-
-        if dataset not in SPECS:
-            raise TaskError(f"--dataset {dataset!r} is not one of {', '.join(SPECS)}")
-        spec = SPECS[dataset]
-        self.dataset = dataset
-        self.sizes = (synthetic_train_size, synthetic_test_size)
-        self.model_args = model_args(model, spec.in_channels, spec.image_size, spec.num_classes,
-                                     width, depth)
-        self.loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        if dataset == "cifar10":
-            from .builtin.datasets import AUGMENTATION_VERSION
-
-            self.augmentation = AUGMENTATION_VERSION
-
-    @staticmethod
-    def args_from_config(cfg: Config) -> dict[str, Any]:
-        args: dict[str, Any] = {"dataset": cfg.dataset, "model": cfg.model}
-        if cfg.model == "mlp":
-            args.update(width=cfg.width, depth=cfg.depth)
-        if cfg.dataset == "synthetic":
-            args.update(synthetic_train_size=cfg.synthetic_train_size,
-                        synthetic_test_size=cfg.synthetic_test_size)
-        return args
-
-    def build_model(self) -> nn.Module:
-        from .builtin.models import build_model
-
-        return build_model(self.model_args)
-
-    def prepare_data(self, ctx: TaskContext) -> None:
-        if ctx.download and self.dataset != "synthetic":
-            self.datasets(ctx)
-
-    def datasets(self, ctx: TaskContext) -> tuple[Dataset, Dataset]:
-        from .builtin.datasets import build_datasets
-
-        return build_datasets(self.dataset, ctx.data_dir, ctx.download, ctx.seed, *self.sizes)
-
-    def loss(self, outputs: torch.Tensor, targets: torch.Tensor
-             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        loss_sum = self.loss_fn(outputs, targets)
-        return loss_sum, {"loss": loss_sum.detach(), "acc": (outputs.argmax(1) == targets).sum()}
-
+        return builtin.ImageClassification
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
