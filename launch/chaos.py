@@ -91,8 +91,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Small and fast: 32 steps per epoch, each restart costs little more than torchrun's start-up.
 # A test set as large as the training set makes evaluation long enough to be hit by kills.
-DEFAULT_TRAIN_ARGS = ["--synthetic-train-size", "2048", "--synthetic-test-size", "2048",
-                      "--batch-size", "64", "--save-every-steps", "3",
+# The built-in task's data flags: another --task has options of its own (they would be refused).
+BUILTIN_DATA_ARGS = ["--synthetic-train-size", "2048", "--synthetic-test-size", "2048"]
+DEFAULT_TRAIN_ARGS = [*BUILTIN_DATA_ARGS, "--batch-size", "64", "--save-every-steps", "3",
                       "--save-every-seconds", "0", "--log-every-steps", "0"]
 STEPS_PER_KILL = 12  # --epochs, when not given, leaves about this many steps to each kill
 TIMING_FIELDS = ("samples_per_s", "seconds", "saves_dropped")  # differ between runs
@@ -278,8 +279,11 @@ def flag_value(args: list[str], name: str, default: str) -> str:
 def effective_train_args(extra: list[str], kills: int) -> list[str]:
     """DEFAULT_TRAIN_ARGS, the user's flags, and --epochs sized to leave room for the kills."""
     args = [*DEFAULT_TRAIN_ARGS, *extra]
+    if "--task" in extra:
+        args = args[len(BUILTIN_DATA_ARGS):]
     if not any(a == "--epochs" or a.startswith("--epochs=") for a in extra):
-        steps = (int(flag_value(args, "--synthetic-train-size", "12288"))
+        # Another task's epoch length is not known here: sized as the built-in default's.
+        steps = (int(flag_value([*BUILTIN_DATA_ARGS, *args], "--synthetic-train-size", "12288"))
                  // int(flag_value(args, "--batch-size", "256")))
         args += ["--epochs", str(max(2, math.ceil((kills + 1) * STEPS_PER_KILL / max(steps, 1))))]
     return args
