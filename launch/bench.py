@@ -1,7 +1,7 @@
 """The PERFORMANCE.md measures, each against its reference measured in the same run.
 
     python -m launch.bench [--quick] [--out docs/benchmarks.md]
-    python -m launch.bench --device cuda --repeats 2 --out docs/benchmarks-gpu.md   # on a GPU
+    python -m launch.bench --device cuda --repeats 2 --out docs/development/benchmarks-gpu.md
 
 P1  default job throughput (one process, epoch 2)      vs a plain loop, same model/data/batch
     (on a GPU: vs a plain DataLoader loop, and P9 vs a plain loop over data on the GPU)

@@ -392,8 +392,9 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_disk):
     assert exitcodes.is_retryable(r.returncode)
     assert f"resumed from {d}/{D4}" in r.stderr
     # Reported, naming the folder and what to do; a periodic save's failure does not stop the
-    # run, the max-failed-saves-th in a row does (README: exit 140, retryable). (Which steps
-    # fail depends on timing: a save due while one persists may be superseded.)
+    # run, the max-failed-saves-th in a row does (exit 140, retryable:
+    # docs/operations/preemption.md). (Which steps fail depends on timing: a save due while one
+    # persists may be superseded.)
     full = (rf"StorageError: write {re.escape(str(d))}/step_\d{{10}}/state-\w+\.pt: the disk "
             rf"holding {re.escape(str(d))} is full \(No space left on device\): free space "
             r"there, or use another folder")

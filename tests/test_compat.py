@@ -103,9 +103,10 @@ def _loaded(argv: list[str], world_size: int) -> Loaded:
     return Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
 
 
-def test_rules_table_is_the_one_in_the_readme():
-    readme = (ROOT / "README.md").read_text()
-    assert markdown_table() in readme, "regenerate with: python -m ftrain.checkpoint.rules"
+def test_rules_table_is_the_one_in_the_resume_rules_doc():
+    page = (ROOT / "docs" / "design" / "resume-rules.md").read_text()
+    assert markdown_table() in page, ("docs/design/resume-rules.md: replace its table with the "
+                                      "output of python -m ftrain.checkpoint.rules")
     assert {r.action for r in RULES} == {"refuse", "apply"}
 
 

@@ -35,13 +35,13 @@ KUBERNETES_VERSION = "1.31.0"
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 # Documents whose command lines we own; each must show at least one training command.
-COMMAND_DOCS = [DOCKER / "README.md", ROOT / "docs" / "kubernetes.md"]
+COMMAND_DOCS = [DOCKER / "README.md", ROOT / "docs" / "operations" / "kubernetes.md"]
 
 LAUNCHER = ["python", "-m", "launch.run"]
 TRAIN_MODULES = ("ftrain.train", "src.train")
 HEARTBEAT_AGE = re.compile(r"-lt (\d+)")
 # Seconds between one step + --preemption-deadline, torchrun's --shutdown-timeout and the pod's
-# terminationGracePeriodSeconds (docs/preemption.md, "Time budget").
+# terminationGracePeriodSeconds (docs/operations/preemption.md, "Time budget").
 MARGIN_S = 10
 
 

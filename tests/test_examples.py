@@ -4,7 +4,7 @@ weights and equal history; 4 -> 2 workers -> every sample exactly once; SIGTERM 
 checkpoint, exit 143), and the image classifier trained, resumed, exported, predicted.
 
 The language model is made tiny here (32 steps of 64 windows per epoch); its default size is
-the README's run.
+the run in docs/development/benchmarks-cpu.md.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """ftrain: fault-tolerant distributed training for PyTorch.
 
 The public API: ``Task`` (what a user supplies), ``TaskContext``, ``Config`` and ``fit``.
-docs/tasks.md shows how to write a task.
+docs/guide/tasks.md shows how to write a task.
 """
 
 from typing import Any

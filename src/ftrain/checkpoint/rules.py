@@ -3,7 +3,8 @@
 Every checkpoint records the facts of its run (``run_facts``): the task and its arguments, the
 seed, the global batch, fingerprints of the data, the optimisation settings. On resume each
 fact is compared with this run's under ``RULES``, the one table read by the check and by the
-docs (``python -m ftrain.checkpoint.rules`` prints it as Markdown; the README carries it):
+docs (``python -m ftrain.checkpoint.rules`` prints it as Markdown; docs/design/resume-rules.md
+carries it):
 
 - refuse: the run could not continue the same sample sequence or the same model; exit 2 with
   every difference listed.
@@ -201,7 +202,7 @@ def _fp(fp: Any) -> str:
 
 
 def markdown_table() -> str:
-    """RULES as the Markdown table in the README."""
+    """RULES as the Markdown table of docs/design/resume-rules.md."""
     lines = ["| what | on resume | why |", "|---|---|---|"]
     for r in RULES:
         action = "refused (exit 2)" if r.action == "refuse" else (
@@ -240,7 +241,7 @@ def refuse_or_log(loaded: Loaded, verdict: Verdict, global_batch: int) -> None:
 
 
 def main() -> None:
-    """``python -m ftrain.checkpoint.rules``: print the rules as the README's Markdown table."""
+    """``python -m ftrain.checkpoint.rules``: print the rules as a Markdown table."""
     print(markdown_table())
 
 

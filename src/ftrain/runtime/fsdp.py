@@ -94,7 +94,7 @@ def check_initialisable(model: nn.Module) -> None:
                          "have none: " + "; ".join(missing) + ". Add to each a "
                          "reset_parameters(self) that initialises the tensors listed (its "
                          "own; its children have theirs), or use --parallel ddp (see "
-                         "docs/tasks.md, 'Under --parallel fsdp')")
+                         "docs/guide/tasks.md, 'Under --parallel fsdp')")
 
 
 @torch.no_grad()

@@ -8,7 +8,7 @@ and ``predict`` rebuild the same model given the same code on the path.
 
 A task may declare options of its own (``Task.options``): flat options like the service's,
 passed to it as arguments. The built-in image classification task (tasks/builtin/, the
-default --task) is one task among others. docs/tasks.md shows how to write one.
+default --task) is one task among others. docs/guide/tasks.md shows how to write one.
 """
 
 from __future__ import annotations
