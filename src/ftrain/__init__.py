@@ -15,7 +15,7 @@ __all__ = ["Config", "ConfigError", "Task", "TaskContext", "fit"]
 
 def __getattr__(name: str) -> Any:
     # Imported on first use: importing ftrain.train here would make `python -m ftrain.train`
-    # (and -m ftrain.ckpt / ftrain.resume) find the module half-imported already.
+    # (and -m ftrain.ckpt, -m ftrain.checkpoint.rules) find the module half-imported already.
     if name == "fit":
         from .train import fit
 

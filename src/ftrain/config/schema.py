@@ -38,7 +38,7 @@ def option(default: Any, help: str, choices: tuple[str, ...] | None = None,
 SECTIONS = {
     "task": "what to train",
     "data": "how the task's data is read",
-    "optimization": "the arithmetic of training: every one of these is in the resume rules",
+    "optimization": "the arithmetic of training (docs/design/resume-rules.md says which may change on resume)",
     "run": "devices and the process group",
     "parallel": "how the workers share the model",
     "checkpoint": "where and when checkpoints are written, and how many are kept",
