@@ -20,6 +20,7 @@ from torch import nn
 from ..config import Config
 from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
+from .format import step_dirname
 from .persister import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 
 log = logging.getLogger(__name__)
@@ -89,6 +90,11 @@ class SavePolicy:
         """Due saves that storage never took: skipped while it was busy, or snapshots
         superseded by newer ones before their persist started."""
         return self.skipped + (self.ckpt.dropped if self.ckpt is not None else 0)
+
+    def checkpoint_uri(self, step: int) -> str:
+        """The URI of this run's checkpoint of ``step`` (committed or not)."""
+        root = self.cfg.checkpoint_dir.rstrip("/") or self.cfg.checkpoint_dir
+        return f"{root}/{step_dirname(step)}"
 
     @property
     def last_committed_step(self) -> int | None:
