@@ -291,11 +291,12 @@ def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from ftrain.checkpoint import ShardedCheckpointer
+    from tests.harness.stores import HeldStorage
 
-    os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     group = dist.new_group(backend="gloo")
-    saver = ShardedCheckpointer(CheckpointStore(Storage(folder)), keep_last=10,
+    # Rank 0's commit takes 0.8 s.
+    saver = ShardedCheckpointer(CheckpointStore(HeldStorage(folder, pause=0.8)), keep_last=10,
                                 orphan_grace_s=3600, group=group, is_main=rank == 0,
                                 world_size=2)
     weight = torch.zeros(1000)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -273,9 +272,6 @@ class CheckpointStore:
                 size, digest = put(f"{name}/{fname}", data)
             table[fname] = {"size": size, "algorithm": CHECKSUM, "digest": digest}
         self.last_commit_bytes = sum(meta["size"] for meta in table.values())
-        # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint
-        # half-written for this many seconds so that a kill lands inside the save.
-        time.sleep(float(os.environ.get("FTT_TEST_PAUSE_IN_SAVE") or 0))
         manifest = dict(manifest, files=table, writer=writer, created_unix=time.time())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
