@@ -32,7 +32,6 @@ from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resu
 from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
 from .config import Config, ConfigError, config_from, load_config, options_of
-from .core.control import StopControl, StopSignals, hard_exit
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
 from .data.fingerprint import fingerprint
@@ -40,6 +39,7 @@ from .data.items import DataError
 from .data.remote import fetch_remote_data_dir
 from .errors import InputError, Interrupted, PeerFailed, Preempted
 from .runtime import exitcodes, fsdp
+from .runtime.control import StopSignals, hard_exit
 from .runtime.distributed import (
     Collectives,
     DistInfo,
@@ -214,9 +214,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds)
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
-                       scaler)
-    control = StopControl(coll, signals, saver.timed_due, saver.saves_failing,
-                          saver.storage_busy)
+                       signals, scaler)
     if info.is_main:
         log.info("training %s on %d x %s (%s), global batch %d, %d steps/epoch, checkpoints "
                  "in %s", _describe(ref), info.world_size, info.device.type,
@@ -224,7 +222,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                  cfg.checkpoint_dir)
     monitor.attach(saver, state.resumes, state.step if resumed else None)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
-    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control, monitor, resume_rng)
+    trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor, resume_rng)
     try:
         trainer.fit()  # a peer failure propagates to _train(): PeerFailed
     finally:

@@ -27,7 +27,6 @@ from ..runtime.monitor import Monitor
 from ..storage import StorageError
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
-from .control import StopControl
 from .evaluate import evaluate
 from .rng import epoch_seed, restore_rng, resume_seed, rng_state, seed_all
 from .sums import MetricSums
@@ -48,14 +47,13 @@ class Parts:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
-                 state: TrainState, saver: SavePolicy, control: StopControl,
-                 monitor: Monitor, resume_rng: dict[str, Any] | None = None) -> None:
+                 state: TrainState, saver: SavePolicy, monitor: Monitor,
+                 resume_rng: dict[str, Any] | None = None) -> None:
         self.cfg, self.info, self.coll, self.task, self.p = cfg, info, coll, task, parts
         self.monitor = monitor
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
-        self.control = control
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
@@ -111,7 +109,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_log, n_log = t_start, 0
         self.sums.clear()
-        self.control.start_epoch()
+        self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
         if self.resume_rng is not None:
@@ -132,34 +130,20 @@ class Trainer:
                 self._log_step(n_log * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9))
                 t_log, n_log = time.perf_counter(), 0
 
-            last_batch = st.batch_in_epoch == self.steps_per_epoch
-            decision = self.control.after_step()
-            if decision.storage_failed:
-                self.control.drain()
+            decision = self.saver.after_step(
+                st.step, st.batch_in_epoch == self.steps_per_epoch,
+                lambda: self._progress(time.perf_counter() - t_start))
+            if decision.stop is None:
+                continue
+            st.elapsed += time.perf_counter() - t_start
+            if decision.stop == "storage":
                 self._storage_failed()
-            hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
-            if last_batch:
-                # The epoch end saves after evaluation; a stop request is honoured there.
-                self.control.drain()
-                st.elapsed += time.perf_counter() - t_start
+            if decision.epoch_end:
                 self._fold_sums()
-                return "preempt" if decision.preempt else ("max" if hit_max else None)
-            if decision.preempt or hit_max:
-                self.control.drain()
-                st.elapsed += time.perf_counter() - t_start
-                return self._stop_mid_epoch("preempt" if decision.preempt else "max")
-            if decision.timed_save or self.saver.step_due(st.step):
-                self.saver.due()
-                if decision.storage_busy:
-                    self.saver.skip(st.step)
-                    continue
-                elapsed = st.elapsed
-                st.elapsed += time.perf_counter() - t_start
-                self.saver.save(*self._progress(), st.step, blocking=False,
-                                reason="timed" if decision.timed_save else "step")
-                st.elapsed = elapsed
+                return decision.stop
+            return self._stop_mid_epoch(decision.stop)
         # Only reached when the loader had nothing left (a resume at the epoch's last batch).
-        self.control.drain()
+        self.saver.end_epoch()
         self._fold_sums()
         st.elapsed += time.perf_counter() - t_start
         return None
@@ -221,17 +205,19 @@ class Trainer:
         st.seen += batches * self.cfg.batch_size
         self.sums.clear()
 
-    def _progress(self) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    def _progress(self, running_s: float = 0.0
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """The state with the unfinished epoch's sums folded in, without consuming them, and
-        mid-epoch every rank's RNG states in rank order (collective)."""
+        mid-epoch every rank's RNG states in rank order (collective). ``running_s``: the time
+        trained since the epoch's part in ``elapsed`` was last added up."""
         st = self.state
         if not st.batch_in_epoch:
             return st.to_dict(), None
         sums, batches = self.sums.totals(st.sums)
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
-                          st.seen + batches * self.cfg.batch_size, st.elapsed, st.resumes,
-                          st.not_bitwise).to_dict(), rng
+                          st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
+                          st.resumes, st.not_bitwise).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -265,7 +251,7 @@ class Trainer:
         """The epoch end's save; True when training stops here (--max-steps)."""
         cfg, st = self.cfg, self.state
         # A signal may have reached any rank during evaluation: agree before deciding.
-        decision = self.control.agree_now()
+        decision = self.saver.agree_now()
         if decision.storage_failed:
             self._storage_failed()
         if decision.preempt:
@@ -287,11 +273,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ stopping
     def _emergency_save(self, reason: str) -> bool:
-        """No retries when preempted: the grace period is short, and a failed emergency
-        checkpoint costs only the steps since the last committed one."""
-        timeout = self.control.emergency_timeout(self.cfg.preemption_deadline)
-        return self.saver.save(*self._progress(), self.state.step, blocking=True, reason=reason,
-                               timeout=timeout)
+        return self.saver.emergency_save(self._progress, self.state.step, reason)
 
     def _stop_mid_epoch(self, why: str) -> str:
         st = self.state
@@ -306,7 +288,7 @@ class Trainer:
     def _stop_on_signal(self, saved: bool) -> NoReturn:
         """Raise Preempted (SIGTERM) or Interrupted (SIGINT), after the emergency checkpoint
         (``saved``) or without it."""
-        code = self.control.exit_code()
+        code = self.saver.signal_exit_code()
         stop = Interrupted if code == exitcodes.INTERRUPTED else Preempted
         step = self.state.step
         if saved:
@@ -329,8 +311,7 @@ class Trainer:
                    abandoned, self.saver.checkpoint_uri(last) if last is not None else None)
 
     def _storage_failed(self) -> NoReturn:
-        ckpt = self.saver.ckpt
-        failed = ckpt.consecutive_failures if ckpt is not None else self.cfg.max_failed_saves
+        failed = self.saver.failed_in_a_row
         text = (f"checkpoints failed {failed} times in a row (--max-failed-saves "
                 f"{self.cfg.max_failed_saves})")
         if self.info.is_main:

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..runtime import exitcodes
-from ..runtime.distributed import Collectives
+from . import exitcodes
+from .distributed import Collectives
 
 log = logging.getLogger(__name__)
 
