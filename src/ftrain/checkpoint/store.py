@@ -1,5 +1,5 @@
 """The checkpoints below one root: list, read and verify, commit (create-only manifest),
-retain. Everything about the format itself is in format.py; bytes move through storage.py."""
+retain. Everything about the format itself is in format.py; bytes move through storage/."""
 
 from __future__ import annotations
 
