@@ -35,8 +35,7 @@ from .config import Config, ConfigError, config_from, load_config, options_of
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
 from .data.fingerprint import fingerprint
-from .data.items import DataError
-from .data.remote import fetch_remote_data_dir
+from .data.prepare import task_datasets
 from .errors import InputError, Interrupted, PeerFailed, Preempted
 from .runtime import exitcodes, fsdp
 from .runtime.control import StopSignals, hard_exit
@@ -55,7 +54,6 @@ from .runtime.numerics import numeric_environment
 from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
     Task,
-    TaskContext,
     TaskError,
     TaskRef,
     load_task,
@@ -63,45 +61,6 @@ from .tasks import (
 )
 
 log = logging.getLogger("ftrain.train")
-
-
-def _datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
-              options: dict[str, Any]) -> tuple[Any, Any]:
-    """The task's datasets on every rank. Bad input: exit 2 on every rank; storage outage: 140."""
-    error: tuple[str, str] | None = None
-    try:
-        data_dir = cfg.data_dir
-        if "://" in data_dir:
-            data_dir = _node_local_copy(cfg.data_dir, info, coll, options)
-        ctx = TaskContext(cfg.seed, data_dir, cfg.download, info.rank, info.world_size,
-                          info.local_rank)
-        if info.is_distributed:
-            # One download per node; the others read what it fetched. The barrier is reached
-            # whatever happens, so a failed download cannot leave the ranks in other collectives.
-            prepare_error = None
-            if info.local_rank == 0:
-                try:
-                    task.prepare_data(ctx)
-                except (DataError, OSError) as e:
-                    prepare_error = e
-            coll.barrier()
-            if prepare_error is not None:
-                raise prepare_error
-        else:
-            task.prepare_data(ctx)
-        train_set, test_set = task.datasets(ctx)
-    except StorageAccessError as e:  # no such bucket, access denied: fix the input
-        error = ("input", f"--data-dir {cfg.data_dir}: {e}")
-    except StorageError as e:
-        error = ("storage", f"--data-dir {cfg.data_dir}: {e}")
-    except (DataError, OSError, TaskError) as e:
-        error = ("input", str(e))
-    errors = coll.gather_objects(error) if info.is_distributed else [error]
-    found = [e for e in errors if e is not None]
-    if found:
-        kind, text = next((e for e in found if e[0] == "input"), found[0])
-        raise (StorageError if kind == "storage" else InputError)(text)
-    return train_set, test_set
 
 
 def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = None
@@ -125,7 +84,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
             task = load_task(ref)
         except TaskError as e:
             raise InputError(str(e)) from None
-    train_set, test_set = _datasets(cfg, info, coll, task, options)
+    train_set, test_set = task_datasets(cfg, info, coll, task, options)
     facts = None
     if info.is_main:
         data = {"train": fingerprint(train_set, cfg.seed), "eval": fingerprint(test_set, cfg.seed)}
@@ -405,21 +364,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.warning("interrupted twice: exiting without a checkpoint")
         return exitcodes.INTERRUPTED
-
-
-def _node_local_copy(url: str, info: DistInfo, coll: Collectives, options: dict[str, Any]) -> str:
-    """Local rank 0 fetches a remote --data-dir into the node's cache; the others wait."""
-    cache = os.path.abspath(os.environ.get("FTT_DATA_CACHE", ".data-cache"))
-    error = None
-    if info.local_rank == 0:
-        try:
-            fetch_remote_data_dir(url, cache, options)
-        except (DataError, StorageError, OSError) as e:
-            error = e
-    coll.barrier()
-    if error is not None:
-        raise error
-    return fetch_remote_data_dir(url, cache, options)  # cached now: returns at once
 
 
 def cli() -> None:
