@@ -1,4 +1,4 @@
-"""Launch and test tools run from a checkout: python -m launch.chaos, launch.run, launch.bench_checkpoint."""
+"""Launch and test tools run from a checkout: python -m launch.chaos, launch.bench, launch.bench_checkpoint (launch.run: the old name of ftrain-run)."""
 
 import os
 import sys

@@ -37,6 +37,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tests.harness.stores import PAUSE_ENV, slow_store_env
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -45,6 +47,8 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTT_", "TORCHELASTIC_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "src")])
     env.update(extra or {})
+    if env.get(PAUSE_ENV):  # storage slower than the saves: the harness's slow store
+        env = slow_store_env(float(env[PAUSE_ENV]), env)
     return env
 
 
@@ -179,7 +183,7 @@ def p2(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[t
               "--keep-last", "2", "--device", device]
     runs = {"none": ([], {}), "4": (["--save-every-steps", "4"], {}),
             "50": (["--save-every-steps", "50"], {}),
-            "slow": (["--save-every-steps", "4"], {"FTT_TEST_PAUSE_IN_SAVE": "1"})}
+            "slow": (["--save-every-steps", "4"], {PAUSE_ENV: "1"})}
     if device == "cuda":  # 409 MiB every 4 steps is already far faster than the disk
         del runs["slow"]
     rates: dict[str, list[float]] = {k: [] for k in ("none", "4", "50", "slow")}

@@ -86,6 +86,7 @@ from launch.s3lab import (
     RandomFaults,
     s3_env,
 )
+from tests.harness.stores import PAUSE_ENV, slow_store_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -97,7 +98,6 @@ DEFAULT_TRAIN_ARGS = [*BUILTIN_DATA_ARGS, "--batch-size", "64", "--save-every-st
                       "--save-every-seconds", "0", "--log-every-steps", "0"]
 STEPS_PER_KILL = 12  # --epochs, when not given, leaves about this many steps to each kill
 TIMING_FIELDS = ("samples_per_s", "seconds", "saves_dropped")  # differ between runs
-PAUSE_ENV = "FTT_TEST_PAUSE_IN_SAVE"
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 TARGETS = ("worker", "launcher")
 # Planned moment -> weight. The labels reported are what was observed at the kill.
@@ -315,6 +315,8 @@ class Job:
                 self.env.pop(key, None)
             else:
                 self.env[key] = value
+        if self.env.get(PAUSE_ENV):  # commits held: the harness's slow store, injected
+            self.env = slow_store_env(float(self.env[PAUSE_ENV]), self.env)
         self.proc: subprocess.Popen | None = None
         self.t0 = 0.0
         self.startup_s = 0.0  # set by run_to_end

@@ -35,8 +35,12 @@ def free_port() -> int:
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FTT_", "TORCHELASTIC_"))
            and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "src")])})
-    env.update(extra or {})
+    extra = dict(extra or {})
+    # A PYTHONPATH in ``extra`` (a sitecustomize of the harness) goes first, the checkout after.
+    front = [extra.pop("PYTHONPATH")] if extra.get("PYTHONPATH") else []
+    env.update({"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join([*front, str(ROOT), str(ROOT / "src")])})
+    env.update(extra)
     return env
 
 

@@ -5,34 +5,36 @@ logged once with the numbers); what is persisted is always the state at the time
 from __future__ import annotations
 
 import logging
-import time
 
 import torch
 
 from ftrain.checkpoint import Checkpointer, CheckpointStore
-from ftrain.storage import Storage
+from tests.harness.stores import HeldStorage
 from tests.helpers import committed_steps
 
 
-def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("FTT_TEST_PAUSE_IN_SAVE", "0.8")  # storage takes 0.8 s per save
-    store = CheckpointStore(Storage(str(tmp_path)))
+def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, caplog):
+    """Storage held: the persist of step 1 cannot commit until the test releases it. Saves 2,
+    3 and 4 come due meanwhile and return (a save that waited for the persist would never
+    return); 2 and 3 are dropped for the newer 4, which persists once storage is free."""
+    storage = HeldStorage(str(tmp_path), held=True)
+    store = CheckpointStore(storage)
     saver = Checkpointer(store, keep_last=10, orphan_grace_s=3600)
     model = torch.nn.Linear(64, 64)
 
     def save(step: int, **kw):
         with torch.no_grad():
             model.weight.fill_(step)
-        t0 = time.perf_counter()
-        result = saver.save(step, {"model": model.state_dict()}, {"epoch": 0, "step": step},
-                            {"epoch": 0}, **kw)
-        return result, time.perf_counter() - t0
+        return saver.save(step, {"model": model.state_dict()}, {"epoch": 0, "step": step},
+                          {"epoch": 0}, **kw)
 
     with caplog.at_level(logging.WARNING, logger="ftrain.checkpoint"):
-        stalls = [save(1)[1]]
-        time.sleep(0.2)  # its persist has started
-        stalls += [save(step)[1] for step in (2, 3, 4)]
-        assert max(stalls) < 0.4, stalls  # none waited for the 0.8 s persist
+        save(1)
+        assert storage.committing.wait(60)  # step 1's files are written, its commit held
+        for step in (2, 3, 4):
+            assert save(step) is None  # returned at once: a background save
+        assert committed_steps(tmp_path) == []  # so none of them waited for step 1
+        storage.release()
         assert saver.wait() is True
     assert committed_steps(tmp_path) == [1, 4]
     assert saver.dropped == 2
@@ -42,10 +44,10 @@ def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, mon
         loaded = store.load(f"step_{step:010d}")
         assert torch.all(loaded.state["model"]["weight"] == step)
     # A blocking save waits for its own commit, also behind a persist in flight.
+    storage.committing.clear()
     save(5)
-    time.sleep(0.2)  # its persist has started
-    result, waited = save(6, blocking=True)
-    assert result is True and waited > 0.8
+    assert storage.committing.wait(60)  # step 5 persists: 6 does not replace it
+    assert save(6, blocking=True) is True
     assert committed_steps(tmp_path)[-1] == 6 and saver.dropped == 2
     saver.close()
 
@@ -58,12 +60,13 @@ def test_a_job_skips_snapshots_while_storage_is_busy(tmp_path):
     import re
 
     from ftrain.checkpoint import load_uri
+    from tests.harness.stores import slow_store_env
     from tests.helpers import SMALL, run_train
 
     d = tmp_path / "ckpt"
     r = run_train([*SMALL, "--batch-size", "8", "--epochs", "1", "--save-every-steps", "1",
                    "--keep-last", "1000", "--checkpoint-dir", str(d)],
-                  env={"FTT_TEST_PAUSE_IN_SAVE": "0.2", "FTT_LOG_LEVEL": "DEBUG"})
+                  env=slow_store_env(0.2, {"FTT_LOG_LEVEL": "DEBUG"}))
     assert r.returncode == 0, r.stderr[-3000:]
     steps = 2048 // 8
     assert r.stderr.count("is skipped while storage is busy") == 1

@@ -37,7 +37,7 @@ DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 # Documents whose command lines we own; each must show at least one training command.
 COMMAND_DOCS = [DOCKER / "README.md", ROOT / "docs" / "operations" / "kubernetes.md"]
 
-LAUNCHER = ["python", "-m", "launch.run"]
+LAUNCHER = ["ftrain-run"]
 TRAIN_MODULES = ("ftrain.train", "src.train")
 HEARTBEAT_AGE = re.compile(r"-lt (\d+)")
 # Seconds between one step + --preemption-deadline, torchrun's --shutdown-timeout and the pod's
@@ -48,7 +48,7 @@ MARGIN_S = 10
 # ------------------------------------------------------------------ helpers: commands
 def split_training_command(argv: list[str]) -> tuple[list[str], list[str]]:
     """(torchrun's arguments, the trainer's arguments) of a command that runs a training
-    module: ``python -m launch.run A... -m ftrain.train B...``, ``torchrun A... -m src.train
+    module: ``ftrain-run A... -m ftrain.train B...``, ``torchrun A... -m src.train
     B...`` or ``python -m ftrain.train B...`` (no torchrun: A is empty)."""
     for i in range(len(argv) - 1):
         if argv[i] == "-m" and argv[i + 1] in TRAIN_MODULES:
@@ -140,7 +140,7 @@ def container_config(path: Path, spec: dict[str, Any], container: dict[str, Any]
                      tmp_path: Path) -> tuple[Any, Config]:
     """(torchrun's parsed arguments, the trainer's Config) of a manifest's container, with the
     ConfigMap that its --config names written to ``tmp_path`` and read from there."""
-    assert container["command"] == LAUNCHER, f"{path.name}: PID 1 must be launch.run, exec form"
+    assert container["command"] == LAUNCHER, f"{path.name}: PID 1 must be ftrain-run, exec form"
     torchrun_args, train_args = split_training_command(container["command"] + container["args"])
     config_path = option(train_args, "--config")
     assert config_path, f"{path.name}: no --config: the options belong in the ConfigMap"
@@ -251,7 +251,7 @@ def test_dockerfile_structure(path):
     users = [args for word, args in steps if word == "USER"]
     assert users, f"{path.name}: no USER: the image would run as root"
     assert users[-1].split(":")[0] not in ("root", "0"), f"{path.name}: USER {users[-1]}"
-    assert entrypoint(path)[:3] == LAUNCHER, f"{path.name}: PID 1 must be launch.run"
+    assert entrypoint(path)[:1] == LAUNCHER, f"{path.name}: PID 1 must be ftrain-run"
     # Dependencies before sources: a source change must not reinstall the dependencies.
     order = [(word, args) for word, args in steps if word in ("COPY", "RUN")]
     first_src = next(i for i, (w, a) in enumerate(order) if w == "COPY" and a.startswith("src"))

@@ -90,7 +90,7 @@ def test_two_agents_one_dies_the_other_finishes_alone(tmp_path, loss):
     d, trace = tmp_path / "ckpt", tmp_path / "trace"
     args = [*SMALL, "--checkpoint-dir", str(d), "--save-every-steps", "4",
             "--trace-samples", str(trace)]
-    # The survivor must not need TORCH_DISABLE_SHARE_RDZV_TCP_STORE (launch/run.py sets it).
+    # The survivor must not need TORCH_DISABLE_SHARE_RDZV_TCP_STORE (ftrain-run sets it).
     env = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "0"}
     port = free_port()
     a = start_logged(agent_cmd(port, True, args), tmp_path / "a.log", env=env)

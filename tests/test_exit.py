@@ -47,13 +47,14 @@ def test_a_run_past_its_timeout_fails_with_every_workers_stacks(tmp_path):
     meanwhile), then the run is killed, workers included, and the test fails with the stacks."""
     import pytest
 
+    from tests.harness.stores import slow_store_env
     from tests.helpers import SMALL, run_train
     from tests.tracing import processes_matching
 
     d = tmp_path / "ckpt"
     with pytest.raises(AssertionError) as failed:
         run_train([*SMALL, "--save-every-steps", "2", "--checkpoint-dir", str(d)], nproc=2,
-                  timeout=20, env={"FTT_TEST_PAUSE_IN_SAVE": "60"})
+                  timeout=20, env=slow_store_env(60, {}))
     text = str(failed.value)
     assert text.startswith("still running after 20s, killed: "), text[:300]
     assert text.count("Current thread 0x") == 2, text[-6000:]  # each worker's main thread

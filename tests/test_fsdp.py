@@ -57,7 +57,8 @@ def _roundtrip(tmp_path: Path, state: dict, template: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import DefaultSavePlanner
 
-    from ftrain.checkpoint.dcp import SafeLoadPlanner, ShardReader, ShardWriter, decode_metadata
+    from ftrain.checkpoint.dcp import ShardWriter, decode_metadata
+    from ftrain.checkpoint.dcp_read import SafeLoadPlanner, ShardReader
 
     storage = Storage(str(tmp_path))
     got: dict = {}
@@ -107,7 +108,7 @@ def test_shards_roundtrip_without_pickle(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_a_hostile_pickle_in_a_shard_is_refused():
-    from ftrain.checkpoint.dcp import SafeLoadPlanner
+    from ftrain.checkpoint.dcp_read import SafeLoadPlanner
 
     class Evil:
         def __reduce__(self):
@@ -119,7 +120,8 @@ def test_a_hostile_pickle_in_a_shard_is_refused():
 
 
 def test_ranged_reads_group_nearby_items():
-    from ftrain.checkpoint.dcp import SPAN_GAP, Location, ShardFileError, _cut, _spans
+    from ftrain.checkpoint.dcp import Location, ShardFileError
+    from ftrain.checkpoint.dcp_read import SPAN_GAP, _cut, _spans
 
     def at(offset: int, length: int) -> tuple[str, Location]:
         return f"{offset}", Location("f", offset, length, ())
@@ -291,11 +293,12 @@ def _persist_on_ranks(rank: int, folder: str, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from ftrain.checkpoint import ShardedCheckpointer
+    from tests.harness.stores import HeldStorage
 
-    os.environ["FTT_TEST_PAUSE_IN_SAVE"] = "0.8"  # rank 0's commit takes 0.8 s
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     group = dist.new_group(backend="gloo")
-    saver = ShardedCheckpointer(CheckpointStore(Storage(folder)), keep_last=10,
+    # Rank 0's commit takes 0.8 s.
+    saver = ShardedCheckpointer(CheckpointStore(HeldStorage(folder, pause=0.8)), keep_last=10,
                                 orphan_grace_s=3600, group=group, is_main=rank == 0,
                                 world_size=2)
     weight = torch.zeros(1000)

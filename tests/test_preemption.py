@@ -9,7 +9,7 @@ import signal
 
 import pytest
 
-from launch.run import choose_exit, read_records
+from ftrain.launcher import choose_exit, read_records
 from tests.helpers import (
     SMALL,
     committed_steps,
@@ -126,7 +126,7 @@ def test_emergency_checkpoint_respects_the_deadline(tmp_path, s3, fault_proxy):
     assert f"run/step_{stopped_at:010d}/manifest.json" not in s3.keys("run/")
 
 
-# ---------------------------------------------------------------------------- launch/run.py
+# ---------------------------------------------------------------------------- ftrain-run
 @pytest.mark.parametrize("torchrun, records, forwarded, want", [
     (0, {0: 143}, None, 0),  # torchrun finished: done
     (1, {0: 143, 1: 143}, signal.SIGTERM, 143),  # preempted after the emergency checkpoint

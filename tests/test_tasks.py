@@ -75,9 +75,10 @@ def test_unknown_task_exits_2_with_the_import_string(tmp_path):
 @pytest.mark.slow
 def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
     d = tmp_path / "ckpt"
-    code = ("import sys, ftrain\nfrom tests.toytask import ToyTask\n"
-            f"sys.exit(ftrain.fit(ToyTask, {{'epochs': 2, 'batch_size': 16, "
-            f"'checkpoint_dir': {str(d)!r}, 'log_every_steps': 0}}))")
+    code = ("import ftrain\nfrom tests.toytask import ToyTask\n"
+            f"result = ftrain.fit(ToyTask, {{'epochs': 2, 'batch_size': 16, "
+            f"'checkpoint_dir': {str(d)!r}, 'log_every_steps': 0}})\n"
+            "assert result.step == 8 and result.checkpoint.endswith('step_0000000008')")
     r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -113,11 +114,11 @@ def test_loader_workers_are_forked_once_when_training_starts(tmp_path):
     locks that other threads hold at that instant, and a worker forked mid-persist could
     inherit one held for ever. (Loaders built per epoch forked at every epoch start, while
     the epoch-end save was being written.)"""
-    code = ("import os, sys, ftrain\nfrom tests.toytask import PidTask\nprint(os.getpid())\n"
-            f"sys.exit(ftrain.fit(PidTask, {{'epochs': 2, 'batch_size': 16, 'num_workers': 1, "
+    code = ("import os, ftrain\nfrom tests.toytask import PidTask\nprint(os.getpid())\n"
+            f"ftrain.fit(PidTask, {{'epochs': 2, 'batch_size': 16, 'num_workers': 1, "
             f"'data_on_device': 'off', 'data_dir': {str(tmp_path)!r}, "
             f"'checkpoint_dir': {str(tmp_path / 'ckpt')!r}, 'log_every_steps': 0, "
-            "'save_every_seconds': 0}))")
+            "'save_every_seconds': 0})")
     r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -80,3 +80,22 @@ class BuggyTask(ToyTask):
 
     def loss(self, outputs, targets):
         raise ZeroDivisionError("a bug in the task's loss")
+
+
+class SignalTask(ToyTask):
+    """Sends ``SignalTask.signum`` to its own process after the ``SignalTask.at``-th optimizer
+    step of each run (0: never): a Ctrl-C or a preemption that lands at a known step inside
+    ``ftrain.fit``. Class attributes, not arguments: the arguments are compared on resume."""
+
+    signum = 2
+    at = 0
+
+    def __init__(self) -> None:
+        self.steps = 0
+
+    def after_step(self, model) -> None:
+        import os
+
+        self.steps += 1
+        if self.steps == type(self).at:
+            os.kill(os.getpid(), type(self).signum)

@@ -130,8 +130,8 @@ def torchrun_failures(log: str) -> dict[int, int]:
 
 def launch_run_cmd(train_args: list[str], nproc: int,
                    torchrun_args: list[str] | None = None) -> list[str]:
-    """The container entrypoint (launch/run.py) around torchrun around ``src.train``."""
-    return [PY, "-m", "launch.run", "--nproc_per_node", str(nproc), "--master_addr",
+    """The container entry point (ftrain-run) around torchrun around ``src.train``."""
+    return [PY, "-m", "ftrain.launcher", "--nproc_per_node", str(nproc), "--master_addr",
             "127.0.0.1", "--master_port", str(free_port()), *(torchrun_args or []), "-m",
             "src.train", *train_args]
 

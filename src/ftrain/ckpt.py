@@ -19,9 +19,12 @@ import os
 import sys
 from typing import Any
 
+import torch
+
 from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
 from .checkpoint.rules import checkpoint_task
 from .config import json_object
+from .errors import InputError
 from .runtime import exitcodes
 from .storage import StorageError
 from .tasks import TaskError, load_task
@@ -167,6 +170,24 @@ def rebuild_model(loaded: Loaded):
         raise TaskError(f"the weights of {loaded.uri} do not fit the model of its task "
                         f"({str(e)[:300]}); is this the same version of the task's code?") from None
     return model
+
+
+def load_model(uri: str, device: str | torch.device = "cpu",
+               storage_options: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The model of checkpoint ``uri`` (a checkpoint folder, or the newest valid checkpoint
+    below a root; local or s3://), rebuilt from the task it records and loaded with its
+    weights, in eval mode on ``device``. The task's code must be importable here. Raises
+    InputError: no valid checkpoint there, a task that cannot be imported or built, weights
+    that do not fit; StorageError when storage fails."""
+    try:
+        loaded = load_uri(uri, storage_options)
+    except (CorruptCheckpoint, FileNotFoundError) as e:
+        raise InputError(f"{uri}: {e}") from None
+    try:
+        model = rebuild_model(loaded)
+    except TaskError as e:
+        raise InputError(str(e)) from None
+    return model.to(device).eval()
 
 
 def load_weights(loaded: Loaded, model) -> None:

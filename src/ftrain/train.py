@@ -12,14 +12,17 @@ core/loop.py's.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import faulthandler
 import json
 import logging
 import os
 import signal
+import threading
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,22 +32,28 @@ from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resu
 from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
 from .config import Config, ConfigError, config_from, load_config, options_of
-from .core.control import StopControl, StopSignals
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
 from .data.fingerprint import fingerprint
-from .data.items import DataError
-from .data.remote import fetch_remote_data_dir
+from .data.prepare import task_datasets
+from .errors import InputError, Interrupted, PeerFailed, Preempted
 from .runtime import exitcodes, fsdp
-from .runtime.distributed import Collectives, DistInfo, env_rank, ordered_mean_hook, setup, teardown
-from .runtime.exitcodes import InputError
+from .runtime.control import StopSignals, hard_exit
+from .runtime.distributed import (
+    Collectives,
+    DistInfo,
+    env_rank,
+    launched_by_torchrun,
+    ordered_mean_hook,
+    setup,
+    teardown,
+)
 from .runtime.memory import PeakRss
 from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
 from .runtime.numerics import numeric_environment
 from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
     Task,
-    TaskContext,
     TaskError,
     TaskRef,
     load_task,
@@ -54,46 +63,8 @@ from .tasks import (
 log = logging.getLogger("ftrain.train")
 
 
-def _datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
-              options: dict[str, Any]) -> tuple[Any, Any]:
-    """The task's datasets on every rank. Bad input: exit 2 on every rank; storage outage: 140."""
-    error: tuple[str, str] | None = None
-    try:
-        data_dir = cfg.data_dir
-        if "://" in data_dir:
-            data_dir = _node_local_copy(cfg.data_dir, info, coll, options)
-        ctx = TaskContext(cfg.seed, data_dir, cfg.download, info.rank, info.world_size,
-                          info.local_rank)
-        if info.is_distributed:
-            # One download per node; the others read what it fetched. The barrier is reached
-            # whatever happens, so a failed download cannot leave the ranks in other collectives.
-            prepare_error = None
-            if info.local_rank == 0:
-                try:
-                    task.prepare_data(ctx)
-                except (DataError, OSError) as e:
-                    prepare_error = e
-            coll.barrier()
-            if prepare_error is not None:
-                raise prepare_error
-        else:
-            task.prepare_data(ctx)
-        train_set, test_set = task.datasets(ctx)
-    except StorageAccessError as e:  # no such bucket, access denied: fix the input
-        error = ("input", f"--data-dir {cfg.data_dir}: {e}")
-    except StorageError as e:
-        error = ("storage", f"--data-dir {cfg.data_dir}: {e}")
-    except (DataError, OSError, TaskError) as e:
-        error = ("input", str(e))
-    errors = coll.gather_objects(error) if info.is_distributed else [error]
-    found = [e for e in errors if e is not None]
-    if found:
-        kind, text = next((e for e in found if e[0] == "input"), found[0])
-        raise (StorageError if kind == "storage" else InputError)(text)
-    return train_set, test_set
-
-
-def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = None) -> int:
+def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = None
+        ) -> FitResult:
     """Train ``cfg`` on an initialised process group (or a single process). ``task``: an
     already built task (``ftrain.fit``); otherwise it is imported from ``cfg.task``."""
     coll = Collectives(info)
@@ -105,7 +76,7 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
 
 
 def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
-         task: Task | None, monitor: Monitor) -> int:
+         task: Task | None, monitor: Monitor) -> FitResult:
     options = dict(cfg.storage_options)
     ref = task_ref(cfg)
     if task is None:
@@ -113,7 +84,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
             task = load_task(ref)
         except TaskError as e:
             raise InputError(str(e)) from None
-    train_set, test_set = _datasets(cfg, info, coll, task, options)
+    train_set, test_set = task_datasets(cfg, info, coll, task, options)
     facts = None
     if info.is_main:
         data = {"train": fingerprint(train_set, cfg.seed), "eval": fingerprint(test_set, cfg.seed)}
@@ -175,12 +146,12 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
             print(f"training already complete: {state.epoch}/{cfg.epochs} epochs, step "
                   f"{state.step} ({choice['uri']}); nothing to do. Raise --epochs to continue.",
                   flush=True)
-        return exitcodes.OK
+        return FitResult(state.step, state.epoch, state.history, choice["uri"], state)
     if cfg.max_steps and state.step >= cfg.max_steps:
         if info.is_main:
             print(f"already at step {state.step} >= --max-steps {cfg.max_steps}; nothing to do",
                   flush=True)
-        return exitcodes.OK
+        return FitResult(state.step, state.epoch, state.history, choice["uri"], state)
 
     ddp: torch.nn.Module = model
     # At world size 1 there is nothing to all-reduce: DDP's hooks would only cost time (47% of
@@ -202,9 +173,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds)
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
-                       scaler)
-    control = StopControl(coll, signals, saver.timed_due, saver.saves_failing,
-                          saver.storage_busy)
+                       signals, scaler)
     if info.is_main:
         log.info("training %s on %d x %s (%s), global batch %d, %d steps/epoch, checkpoints "
                  "in %s", _describe(ref), info.world_size, info.device.type,
@@ -212,11 +181,13 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                  cfg.checkpoint_dir)
     monitor.attach(saver, state.resumes, state.step if resumed else None)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
-    trainer = Trainer(cfg, info, coll, task, parts, state, saver, control, monitor, resume_rng)
+    trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor, resume_rng)
     try:
-        return trainer.fit()  # a peer failure propagates to main(): exit PEER_FAILED
+        trainer.fit()  # a peer failure propagates to _train(): PeerFailed
     finally:
         saver.close()
+    return FitResult(state.step, state.epoch, state.history, saver.checkpoint_uri(state.step),
+                     state)
 
 
 def _describe(ref: TaskRef) -> str:
@@ -238,17 +209,31 @@ def _checkpoint_meta(cfg: Config, info: DistInfo, ref: TaskRef, task: Task,
 
 
 # ---------------------------------------------------------------------------- from Python
+@dataclass
+class FitResult:
+    """What ``ftrain.fit`` returns: where training ended."""
+
+    step: int  # global optimizer steps done
+    epoch: int  # epochs done
+    history: list[dict[str, Any]]  # one entry per epoch: train_*, eval_*, lr, ...
+    checkpoint: str | None  # the URI of the newest committed checkpoint (None: none)
+    state: TrainState  # the whole train state (sums and position of an unfinished epoch)
+
+
 def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] | None = None,
-        **task_args: Any) -> int:
-    """Train ``task`` from Python, in this process or as one torchrun worker; returns the exit
-    code (0 finished, 2 bad input, 143 preempted after an emergency checkpoint, ...).
+        **task_args: Any) -> FitResult:
+    """Train ``task`` from Python, in this process or as one torchrun worker; returns a
+    FitResult. Raises ConfigError or InputError for bad input, Preempted (SIGTERM) or
+    Interrupted (Ctrl-C, a KeyboardInterrupt) after the emergency checkpoint, StorageError,
+    PeerFailed (ftrain.errors). The caller's signal handlers, logging and deterministic-mode
+    setting are as they were when it returns or raises, so it can be called again.
 
     ``task``: an import string ``"package.module:attr"``, a Task class or factory (called with
     ``task_args``), or a Task instance. Checkpoints record the import string and the
     arguments, so that ``ckpt export`` and ``predict`` can rebuild the model: pass a class or
     factory defined in an importable module (not ``__main__``) with its arguments.
-    ``config``: a Config, or a dict of its fields (``{"epochs": 3, "checkpoint_dir": ...}``).
-    Raises ConfigError for an invalid configuration.
+    ``config``: a Config, or a mapping of its options by their flat names (``{"epochs": 3,
+    "checkpoint_dir": ...}``, the task's own options too).
     """
     instance = task if isinstance(task, Task) else None
     if isinstance(task, str):
@@ -268,19 +253,75 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
         values["task_args"] = task_args
     options = type(instance).options if instance is not None else options_of(target)[0]
     cfg = config_from(values, options)
-    rank = env_rank()
-    setup_logging(rank, cfg.log_format)
-    if target.startswith("__main__:") and rank == 0:
-        log.warning("the task %s is defined in __main__: checkpoints record it, but ckpt "
-                    "export and predict cannot import it; define it in a module", target)
+    with _as_a_library(cfg) as signals:
+        if target.startswith("__main__:") and env_rank() == 0:
+            log.warning("the task %s is defined in __main__: checkpoints record it, but ckpt "
+                        "export and predict cannot import it; define it in a module", target)
+        return _train(cfg, signals, instance)
+
+
+@contextlib.contextmanager
+def _as_a_library(cfg: Config) -> Iterator[StopSignals]:
+    """Our logging, signal handlers and deterministic mode for the call, then the caller's."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    benchmark = torch.backends.cudnn.benchmark
+    setup_logging(env_rank(), cfg.log_format)
     signals = StopSignals()
-    signals.install(hard_deadline_s=cfg.preemption_deadline + 30.0)
-    return _main_with(cfg, signals, instance)
+    main_thread = threading.current_thread() is threading.main_thread()
+    if main_thread:  # signal handlers can only be set there
+        # No watchdog that ends the process, unless a launcher supervises it: a notebook's
+        # kernel must outlive a stuck emergency checkpoint.
+        signals.install(hard_deadline_s=cfg.preemption_deadline + 30.0
+                        if launched_by_torchrun() else None)
+    try:
+        yield signals
+    finally:
+        signals.restore()
+        for handler in list(root.handlers):
+            if handler not in handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(level)
+        torch.use_deterministic_algorithms(deterministic)
+        torch.backends.cudnn.benchmark = benchmark
 
 
-# ---------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------- training
+def _train(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
+    """Set up the process group, train, tear it down. Raises the errors fit() documents."""
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    try:
+        info = setup(cfg.device, cfg.dist_timeout)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    except RuntimeError as e:  # rendezvous/store failures: a peer or the launcher is gone
+        raise PeerFailed(f"cannot start the process group: {str(e)[:300]}") from e
+    try:
+        return run(cfg, info, signals, task)
+    except RuntimeError as e:  # torch.distributed.DistError is one
+        # A peer may die at any moment, during start-up and resume as well as in training.
+        text = str(e)
+        if not isinstance(e, torch.distributed.DistError) and not any(
+                s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
+                                    "Connection reset")):
+            raise
+        raise PeerFailed(f"a peer failed or a collective timed out: {text[:300]}") from e
+    finally:
+        teardown()
+
+
+# ---------------------------------------------------------------------------- command line
 @record
 def main(argv: list[str] | None = None) -> int:
+    """The command line: a FitResult is exit 0, each error its exit code (ftrain.errors)."""
     rank = env_rank()
     fmt = "json" if wants_json(argv) else "text"
     setup_logging(rank, fmt)
@@ -299,66 +340,30 @@ def main(argv: list[str] | None = None) -> int:
     # `kill -USR1 <worker pid>`: every thread's Python stack on stderr, and training goes on
     # (for a job that seems stuck: in a collective, a storage call, a lock).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
-    return _main_with(cfg, signals, None)
-
-
-def _main_with(cfg: Config, signals: StopSignals, task: Task | None) -> int:
-    rank = env_rank()
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
     try:
-        info = setup(cfg.device, cfg.dist_timeout)
-    except ValueError as e:
+        _train(cfg, signals, None)
+        return exitcodes.OK
+    except (Preempted, Interrupted) as e:
+        if e.abandoned:
+            # The emergency write goes on in a thread that the interpreter's shutdown would
+            # wait for; a partial checkpoint is invisible (no manifest): leave now.
+            hard_exit(e.exit_code)
+        return e.exit_code
+    except (InputError, StorageAccessError) as e:
         if rank == 0:
             say_error(str(e), cfg.log_format)
         return exitcodes.INVALID
-    except RuntimeError as e:  # rendezvous/store failures: a peer or the launcher is gone
-        log.error("cannot start the process group: %s; exiting %d (retryable)", str(e)[:300],
-                  exitcodes.PEER_FAILED)
-        return exitcodes.PEER_FAILED
-    try:
-        return run(cfg, info, signals, task)
-    except (InputError, StorageAccessError) as e:
-        if info.is_main:
-            say_error(str(e), cfg.log_format)
-        return exitcodes.INVALID
     except StorageError as e:
-        if info.is_main:
+        if rank == 0:
             say_error(f"{e}; exiting {exitcodes.STORAGE_FAILED} (retryable): rerun once "
                       "storage is reachable", cfg.log_format)
         return exitcodes.STORAGE_FAILED
+    except PeerFailed as e:
+        log.error("%s; exiting %d (retryable)", e, exitcodes.PEER_FAILED)
+        return exitcodes.PEER_FAILED
     except KeyboardInterrupt:
         log.warning("interrupted twice: exiting without a checkpoint")
         return exitcodes.INTERRUPTED
-    except RuntimeError as e:  # torch.distributed.DistError is one
-        # A peer may die at any moment, during start-up and resume as well as in training.
-        text = str(e)
-        if not isinstance(e, torch.distributed.DistError) and not any(
-                s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
-                                    "Connection reset")):
-            raise
-        log.error("a peer failed or a collective timed out: %s; exiting %d (retryable)",
-                  text[:300], exitcodes.PEER_FAILED)
-        return exitcodes.PEER_FAILED
-    finally:
-        teardown()
-
-
-def _node_local_copy(url: str, info: DistInfo, coll: Collectives, options: dict[str, Any]) -> str:
-    """Local rank 0 fetches a remote --data-dir into the node's cache; the others wait."""
-    cache = os.path.abspath(os.environ.get("FTT_DATA_CACHE", ".data-cache"))
-    error = None
-    if info.local_rank == 0:
-        try:
-            fetch_remote_data_dir(url, cache, options)
-        except (DataError, StorageError, OSError) as e:
-            error = e
-    coll.barrier()
-    if error is not None:
-        raise error
-    return fetch_remote_data_dir(url, cache, options)  # cached now: returns at once
 
 
 def cli() -> None:

@@ -122,7 +122,7 @@ class Loaded:
         checkpoint's chunks are assembled in this process (no model, no process group)."""
         if not self.sharded:
             return self.state["model"]
-        from .dcp import read_full_tensors
+        from .dcp_read import read_full_tensors
 
         return read_full_tensors(self.storage, self.name, self.dcp, "model.")
 

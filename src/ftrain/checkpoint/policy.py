@@ -1,5 +1,10 @@
 """Save policy: when to checkpoint, what goes into a checkpoint, and what a failed save means.
 
+The loop makes one call per step, ``after_step``, and gets one decision back: go on, or stop
+(a signal, --max-steps, storage failing, the epoch's end); a save that came due is taken (or
+skipped while storage is busy) inside that call. The ranks' agreement on all of it is the
+StopControl's, which the policy owns.
+
 It is handed the objects to save (model, optimizer, schedule, task) and the run's fixed facts;
 the trainer hands it the progress to record. ``save`` is collective: every rank calls it, rank
 0's Checkpointer snapshots and persists in the background, and for a blocking save every rank
@@ -12,14 +17,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..config import Config
+from ..runtime.control import StopControl, StopSignals
 from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
+from .format import step_dirname
 from .persister import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 
 log = logging.getLogger(__name__)
@@ -29,11 +38,27 @@ MANIFEST_KEYS = ("epoch", "batch_in_epoch", "world_size", "global_batch_size", "
                  "config_digest", "task")
 
 
+# What the loop passes to have its progress recorded: a function returning the train state
+# (with the unfinished epoch's sums) and, mid-epoch, every rank's RNG states. Collective.
+Progress = Callable[[], tuple[dict[str, Any], list[dict[str, Any]] | None]]
+
+
+@dataclass(frozen=True)
+class StepDecision:
+    """What every rank does after a step: go on (``stop`` None), or stop for ``"preempt"``
+    (a signal), ``"max"`` (--max-steps) or ``"storage"`` (saves keep failing). ``epoch_end``:
+    the epoch's last step (its save and a stop come after evaluation)."""
+
+    stop: str | None = None
+    epoch_end: bool = False
+
+
 class SavePolicy:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives,
                  checkpointer: Checkpointer | None, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
-                 meta: dict[str, Any], scaler: torch.amp.GradScaler | None = None) -> None:
+                 meta: dict[str, Any], signals: StopSignals,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
         self.cfg, self.info, self.coll = cfg, info, coll
         self.ckpt = checkpointer  # rank 0's (ddp), every rank's (fsdp)
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
@@ -45,6 +70,61 @@ class SavePolicy:
         self.skipped = 0  # saves not snapshotted: storage was busy for a while yet
         self._last_due: float | None = None  # monotonic time of the previous due save
         self.due_interval_s = 0.0  # time between the two newest due saves
+        self.control = StopControl(coll, signals, self.timed_due, self.saves_failing,
+                                   self.storage_busy)
+
+    # ------------------------------------------------------------------ the loop's call
+    def start_epoch(self) -> None:
+        self.control.start_epoch()
+
+    def after_step(self, step: int, last_batch: bool, progress: Progress) -> StepDecision:
+        """Collective, every rank, after every step: the one decision, and the save that came
+        due (``progress`` is called only for it)."""
+        agreed = self.control.after_step()
+        if agreed.storage_failed:
+            self.control.drain()
+            return StepDecision("storage", last_batch)
+        hit_max = bool(self.cfg.max_steps) and step >= self.cfg.max_steps
+        if last_batch:  # the epoch end saves after evaluation; a stop is honoured there
+            self.control.drain()
+            return StepDecision("preempt" if agreed.preempt else "max" if hit_max else None,
+                                True)
+        if agreed.preempt or hit_max:
+            self.control.drain()
+            return StepDecision("preempt" if agreed.preempt else "max")
+        if agreed.timed_save or self.step_due(step):
+            self.due()
+            if agreed.storage_busy:
+                self.skip(step)
+            else:
+                self.save(*progress(), step, blocking=False,
+                          reason="timed" if agreed.timed_save else "step")
+        return StepDecision()
+
+    def end_epoch(self) -> None:
+        """The epoch's batches ran out (a resume at its last batch): no exchange in flight."""
+        self.control.drain()
+
+    def agree_now(self):
+        """A blocking agreement (at the epoch end: a signal may have come in evaluation)."""
+        return self.control.agree_now()
+
+    def signal_exit_code(self) -> int:
+        return self.control.exit_code()
+
+    def emergency_save(self, progress: Progress, step: int, reason: str) -> bool:
+        """The checkpoint after a signal: no retries (the grace period is short, and a failed
+        emergency checkpoint costs only the steps since the last committed one), bounded by
+        what is left of --preemption-deadline. Whether it committed."""
+        timeout = self.control.emergency_timeout(self.cfg.preemption_deadline)
+        return self.save(*progress(), step, blocking=True, reason=reason, timeout=timeout)
+
+    @property
+    def failed_in_a_row(self) -> int:
+        """Saves that failed in a row (--max-failed-saves ends the run)."""
+        if self.ckpt is None:  # another rank's count decided: it reached the limit
+            return self.cfg.max_failed_saves
+        return self.ckpt.consecutive_failures
 
     # ------------------------------------------------------------------ when
     def step_due(self, step: int) -> bool:
@@ -89,6 +169,11 @@ class SavePolicy:
         """Due saves that storage never took: skipped while it was busy, or snapshots
         superseded by newer ones before their persist started."""
         return self.skipped + (self.ckpt.dropped if self.ckpt is not None else 0)
+
+    def checkpoint_uri(self, step: int) -> str:
+        """The URI of this run's checkpoint of ``step`` (committed or not)."""
+        root = self.cfg.checkpoint_dir.rstrip("/") or self.cfg.checkpoint_dir
+        return f"{root}/{step_dirname(step)}"
 
     @property
     def last_committed_step(self) -> int | None:

@@ -1,12 +1,11 @@
 """The checkpoints below one root: list, read and verify, commit (create-only manifest),
-retain. Everything about the format itself is in format.py; bytes move through storage.py."""
+retain. Everything about the format itself is in format.py; bytes move through storage/."""
 
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from typing import Any
@@ -273,9 +272,6 @@ class CheckpointStore:
                 size, digest = put(f"{name}/{fname}", data)
             table[fname] = {"size": size, "algorithm": CHECKSUM, "digest": digest}
         self.last_commit_bytes = sum(meta["size"] for meta in table.values())
-        # Test-only (launch/chaos.py, tests/test_exact_resume.py): hold the checkpoint
-        # half-written for this many seconds so that a kill lands inside the save.
-        time.sleep(float(os.environ.get("FTT_TEST_PAUSE_IN_SAVE") or 0))
         manifest = dict(manifest, files=table, writer=writer, created_unix=time.time())
         body = json.dumps(manifest, indent=1, sort_keys=True).encode()
         try:
@@ -346,61 +342,11 @@ class CheckpointStore:
 
     def retain(self, keep_last: int, grace_s: float, now: float | None = None,
                newest: int | None = None) -> list[str]:
-        """Delete committed checkpoints beyond the newest ``keep_last`` (manifest first, so a
-        half-deleted one never looks committed), and leftovers of crashed writers older than
-        ``grace_s``. Returns what it deleted.
+        """Delete checkpoints beyond the newest ``keep_last`` and old leftovers of crashed
+        writers (retention.py); returns what it deleted."""
+        from .retention import retain
 
-        Only checkpoints whose manifest parses count towards ``keep_last``, so a damaged
-        manifest never pushes the last good checkpoints out. ``newest``: the step just
-        committed; committed folders of later steps (corrupt ones a resume skipped, or another
-        run's) are neither counted nor deleted, so they never push this run's checkpoints out. On S3 a "folder" is a key prefix
-        without a time of its own: a leftover's age is that of its newest object.
-        """
-        keep_last = max(2, keep_last)
-        now = time.time() if now is None else now
-        deleted = []
-        kept = 0
-        for step, name in self.step_dirs():
-            files = self.storage.listdir(name)
-            if MANIFEST in files and newest is not None and step > newest:
-                continue
-            if MANIFEST not in files:
-                if self._age(name, files, now) > grace_s:
-                    log.info("removing %s: no manifest and untouched for over %.0fs (crashed "
-                             "writer)", self.storage.uri(name), grace_s)
-                    self.storage.remove_tree(name)
-                    deleted.append(name)
-                continue
-            if kept >= keep_last:
-                log.info("retention: deleting %s (keeping the newest %d)", self.storage.uri(name),
-                         keep_last)
-                self.storage.remove(f"{name}/{MANIFEST}")
-                self.storage.remove_tree(name)
-                deleted.append(name)
-                continue
-            try:
-                listed = set(self.read_manifest(name)["files"])
-            except CorruptCheckpoint:
-                continue  # does not count; deleted once keep_last good ones are newer
-            kept += 1
-            self._remove_strays(name, files, listed, grace_s, now)
-        return deleted
-
-    def _age(self, name: str, files: list[str], now: float) -> float:
-        times = [t for f in files if (t := self.storage.modified(f"{name}/{f}")) is not None]
-        if not times:
-            t = self.storage.modified(name) if self.storage.is_local else None
-            return now - t if t is not None else float("inf")
-        return now - max(times)
-
-    def _remove_strays(self, name: str, files: list[str], listed: set[str], grace_s: float,
-                       now: float) -> None:
-        """Files in a committed folder that its manifest does not list (a losing writer's, an
-        earlier failed attempt's, a quarantined manifest), once older than the grace period."""
-        for f in files:
-            if f not in listed and f != MANIFEST and self._age(name, [f], now) > grace_s:
-                log.info("removing stray %s", self.storage.uri(f"{name}/{f}"))
-                self.storage.remove(f"{name}/{f}")
+        return retain(self, keep_last, grace_s, now, newest)
 
 
 def open_uri(uri: str, options: dict[str, Any] | None = None) -> tuple[CheckpointStore, str | None]:

@@ -10,6 +10,8 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from ..errors import InputError
+
 ENV_PREFIX = "FTT_"
 EXIT_INVALID = 2
 
@@ -272,7 +274,7 @@ def _protocol_problem(uri: str) -> str | None:
     return None
 
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """Invalid configuration; ``problems`` lists every one of them."""
 
     def __init__(self, problems: list[str]) -> None:

@@ -15,8 +15,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from ..config import Config
 from ..data.items import EpochTagged, SeededItems, TensorItems, mix_seed
 from ..data.sampler import EvalShardSampler, ResumableDistributedSampler
+from ..runtime.control import ignore_stop_signals
 from ..runtime.distributed import DistInfo
-from .control import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 from torch import nn
@@ -20,12 +20,13 @@ from torch.utils.data import Dataset
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
+from ..errors import Interrupted, Preempted
 from ..runtime import exitcodes
 from ..runtime.distributed import Collectives, DistInfo
 from ..runtime.monitor import Monitor
+from ..storage import StorageError
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
-from .control import StopControl, hard_exit
 from .evaluate import evaluate
 from .rng import epoch_seed, restore_rng, resume_seed, rng_state, seed_all
 from .sums import MetricSums
@@ -46,14 +47,13 @@ class Parts:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
-                 state: TrainState, saver: SavePolicy, control: StopControl,
-                 monitor: Monitor, resume_rng: dict[str, Any] | None = None) -> None:
+                 state: TrainState, saver: SavePolicy, monitor: Monitor,
+                 resume_rng: dict[str, Any] | None = None) -> None:
         self.cfg, self.info, self.coll, self.task, self.p = cfg, info, coll, task, parts
         self.monitor = monitor
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
-        self.control = control
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
@@ -66,8 +66,10 @@ class Trainer:
             self._trace = open(path, "a", buffering=1)  # noqa: SIM115 - closed in fit()
 
     # ------------------------------------------------------------------ public
-    def fit(self) -> int:
-        """Train to ``--epochs`` (or ``--max-steps``); returns the process exit code."""
+    def fit(self) -> None:
+        """Train to ``--epochs`` (or ``--max-steps``). Raises Preempted or Interrupted after a
+        signal (with or without the emergency checkpoint), StorageError when checkpoints keep
+        failing."""
         try:
             self.batches.start()
             return self._fit()
@@ -77,24 +79,23 @@ class Trainer:
             if self._trace:
                 self._trace.close()
 
-    def _fit(self) -> int:
+    def _fit(self) -> None:
         cfg, st = self.cfg, self.state
         while st.epoch < cfg.epochs:
             outcome = self._run_epoch()
-            if isinstance(outcome, int):
-                return outcome
+            if outcome == "stopped":
+                return
             self._end_epoch()
-            code = self._after_epoch(outcome)
-            if code is not None:
-                return code
+            if self._after_epoch(outcome):
+                return
         if self.info.is_main:
             log.info("training complete: %d epochs, %d steps", st.epoch, st.step)
-        return exitcodes.OK
 
     # ------------------------------------------------------------------ epoch
-    def _run_epoch(self) -> int | str | None:
-        """Train the rest of the current epoch. Returns an exit code to stop mid-epoch, or, at
-        the epoch's end, the stop agreed during it ("preempt", "max" or None)."""
+    def _run_epoch(self) -> str | None:
+        """Train the rest of the current epoch. Returns "stopped" after a stop mid-epoch
+        (--max-steps; a signal raises), or, at the epoch's end, the stop agreed during it
+        ("preempt", "max" or None)."""
         cfg, st, info = self.cfg, self.state, self.info
         # Seeded once per epoch: a reseed per step touches every CUDA device (30% of a small
         # model's step on an H100). A mid-epoch resume restores the RNG states this rank had
@@ -108,7 +109,7 @@ class Trainer:
         t_start = time.perf_counter()
         t_log, n_log = t_start, 0
         self.sums.clear()
-        self.control.start_epoch()
+        self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
         if self.resume_rng is not None:
@@ -129,34 +130,20 @@ class Trainer:
                 self._log_step(n_log * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9))
                 t_log, n_log = time.perf_counter(), 0
 
-            last_batch = st.batch_in_epoch == self.steps_per_epoch
-            decision = self.control.after_step()
-            if decision.storage_failed:
-                self.control.drain()
-                return self._storage_failed_exit()
-            hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
-            if last_batch:
-                # The epoch end saves after evaluation; a stop request is honoured there.
-                self.control.drain()
-                st.elapsed += time.perf_counter() - t_start
+            decision = self.saver.after_step(
+                st.step, st.batch_in_epoch == self.steps_per_epoch,
+                lambda: self._progress(time.perf_counter() - t_start))
+            if decision.stop is None:
+                continue
+            st.elapsed += time.perf_counter() - t_start
+            if decision.stop == "storage":
+                self._storage_failed()
+            if decision.epoch_end:
                 self._fold_sums()
-                return "preempt" if decision.preempt else ("max" if hit_max else None)
-            if decision.preempt or hit_max:
-                self.control.drain()
-                st.elapsed += time.perf_counter() - t_start
-                return self._stop_mid_epoch("preempt" if decision.preempt else "max")
-            if decision.timed_save or self.saver.step_due(st.step):
-                self.saver.due()
-                if decision.storage_busy:
-                    self.saver.skip(st.step)
-                    continue
-                elapsed = st.elapsed
-                st.elapsed += time.perf_counter() - t_start
-                self.saver.save(*self._progress(), st.step, blocking=False,
-                                reason="timed" if decision.timed_save else "step")
-                st.elapsed = elapsed
+                return decision.stop
+            return self._stop_mid_epoch(decision.stop)
         # Only reached when the loader had nothing left (a resume at the epoch's last batch).
-        self.control.drain()
+        self.saver.end_epoch()
         self._fold_sums()
         st.elapsed += time.perf_counter() - t_start
         return None
@@ -218,17 +205,19 @@ class Trainer:
         st.seen += batches * self.cfg.batch_size
         self.sums.clear()
 
-    def _progress(self) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
+    def _progress(self, running_s: float = 0.0
+                  ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """The state with the unfinished epoch's sums folded in, without consuming them, and
-        mid-epoch every rank's RNG states in rank order (collective)."""
+        mid-epoch every rank's RNG states in rank order (collective). ``running_s``: the time
+        trained since the epoch's part in ``elapsed`` was last added up."""
         st = self.state
         if not st.batch_in_epoch:
             return st.to_dict(), None
         sums, batches = self.sums.totals(st.sums)
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
-                          st.seen + batches * self.cfg.batch_size, st.elapsed, st.resumes,
-                          st.not_bitwise).to_dict(), rng
+                          st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
+                          st.resumes, st.not_bitwise).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -258,77 +247,77 @@ class Trainer:
                      extra={"fields": {"event": "epoch", **entry}})
             self.monitor.epoch_done(entry)
 
-    def _after_epoch(self, stop: str | None) -> int | None:
+    def _after_epoch(self, stop: str | None) -> bool:
+        """The epoch end's save; True when training stops here (--max-steps)."""
         cfg, st = self.cfg, self.state
         # A signal may have reached any rank during evaluation: agree before deciding.
-        decision = self.control.agree_now()
+        decision = self.saver.agree_now()
         if decision.storage_failed:
-            return self._storage_failed_exit()
+            self._storage_failed()
         if decision.preempt:
             stop = "preempt"
         final = st.epoch >= cfg.epochs
         hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
         if stop == "preempt":
-            return self._preempt_exit(self._emergency_save("epoch"))
+            self._stop_on_signal(self._emergency_save("epoch"))
         if final or stop is not None or hit_max:
             if not self.saver.save_blocking(*self._progress(), st.step, reason="epoch"):
-                return self._storage_failed_exit()
+                self._storage_failed()
         else:
             self.saver.save(*self._progress(), st.step, blocking=False, reason="epoch")
         if hit_max and not final:
             if self.info.is_main:
                 log.info("reached --max-steps %d at step %d; stopping", cfg.max_steps, st.step)
-            return exitcodes.OK
-        return None
+            return True
+        return False
 
     # ------------------------------------------------------------------ stopping
     def _emergency_save(self, reason: str) -> bool:
-        """No retries when preempted: the grace period is short, and a failed emergency
-        checkpoint costs only the steps since the last committed one."""
-        timeout = self.control.emergency_timeout(self.cfg.preemption_deadline)
-        return self.saver.save(*self._progress(), self.state.step, blocking=True, reason=reason,
-                               timeout=timeout)
+        return self.saver.emergency_save(self._progress, self.state.step, reason)
 
-    def _stop_mid_epoch(self, why: str) -> int:
+    def _stop_mid_epoch(self, why: str) -> str:
         st = self.state
         if why == "preempt":
-            return self._preempt_exit(self._emergency_save("preempt"))
+            self._stop_on_signal(self._emergency_save("preempt"))
         if not self.saver.save_blocking(*self._progress(), st.step, reason="max_steps"):
-            return self._storage_failed_exit()
+            self._storage_failed()
         if self.info.is_main:
             log.info("reached --max-steps %d at step %d; stopping", self.cfg.max_steps, st.step)
-        return exitcodes.OK
+        return "stopped"
 
-    def _preempt_exit(self, saved: bool) -> int:
-        code = self.control.exit_code()
+    def _stop_on_signal(self, saved: bool) -> NoReturn:
+        """Raise Preempted (SIGTERM) or Interrupted (SIGINT), after the emergency checkpoint
+        (``saved``) or without it."""
+        code = self.saver.signal_exit_code()
+        stop = Interrupted if code == exitcodes.INTERRUPTED else Preempted
+        step = self.state.step
         if saved:
             if self.info.is_main:
                 log.warning("stopped at step %d after an emergency checkpoint; exit %d "
-                            "(retryable): rerun the same command to resume", self.state.step,
-                            code)
-            return code
+                            "(retryable): rerun the same command to resume", step, code)
+            raise stop(f"stopped at step {step} after an emergency checkpoint", step, True,
+                       checkpoint=self.saver.checkpoint_uri(step))
         abandoned = self.saver.abandoned
+        last = self.saver.last_committed_step
         if self.info.is_main:
-            last = self.saver.last_committed_step
             log.error("EMERGENCY CHECKPOINT AT STEP %d %s; exiting %d (retryable) without it: "
                       "the rerun resumes from the newest committed checkpoint (%s)",
-                      self.state.step, f"MISSED --preemption-deadline "
+                      step, f"MISSED --preemption-deadline "
                       f"{self.cfg.preemption_deadline:g}s" if abandoned else "FAILED", code,
                       f"step {last}" if last is not None else "from an earlier run, if any")
-        if abandoned:
-            # The write goes on in a thread that interpreter shutdown would wait for; a partial
-            # checkpoint is invisible (no manifest), so leave now.
-            hard_exit(code)
-        return code
+        # Abandoned: the write goes on in a thread; a partial checkpoint is invisible (no
+        # manifest). The command line leaves at once (hard_exit), fit() raises.
+        raise stop(f"stopped at step {step} without the emergency checkpoint", step, False,
+                   abandoned, self.saver.checkpoint_uri(last) if last is not None else None)
 
-    def _storage_failed_exit(self) -> int:
+    def _storage_failed(self) -> NoReturn:
+        failed = self.saver.failed_in_a_row
+        text = (f"checkpoints failed {failed} times in a row (--max-failed-saves "
+                f"{self.cfg.max_failed_saves})")
         if self.info.is_main:
-            ckpt = self.saver.ckpt
-            failed = ckpt.consecutive_failures if ckpt is not None else self.cfg.max_failed_saves
-            log.error("checkpoints failed %d times in a row (--max-failed-saves %d); exiting "
-                      "with %d (retryable) so the job restarts once storage is back", failed,
-                      self.cfg.max_failed_saves, exitcodes.STORAGE_FAILED)
-        return exitcodes.STORAGE_FAILED
+            log.error("%s; exiting with %d (retryable) so the job restarts once storage is back",
+                      text, exitcodes.STORAGE_FAILED)
+        raise StorageError(text)
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import NoReturn
 
+from ..errors import InputError  # noqa: F401 - raised throughout, mapped to INVALID
+
 OK = 0
 FAILED = 1  # an unexpected error (a bug or a broken environment): do not retry blindly
 INVALID = 2  # invalid configuration, input data or checkpoint: fix the input, then rerun
@@ -20,9 +22,6 @@ PEER_FAILED = 141  # another rank died or a collective timed out: restart the gr
 RETRYABLE_FLOOR = 128
 
 
-class InputError(Exception):
-    """Bad input (data, task, checkpoint, incompatible resume): exit 2 with this message."""
-
 
 def is_retryable(code: int) -> bool:
     return code >= RETRYABLE_FLOOR
@@ -32,7 +31,7 @@ EXIT_CODE_DIR_ENV = "FTT_EXIT_CODE_DIR"
 
 
 def record(code: int) -> None:
-    """Leave this worker's exit code in ``$FTT_EXIT_CODE_DIR`` (set by ``launch/run.py``):
+    """Leave this worker's exit code in ``$FTT_EXIT_CODE_DIR`` (set by ``ftrain-run``, ftrain/launcher.py):
     torchrun exits 1 whatever its workers return, so a container entrypoint takes the code
     from here. One file per restart attempt and rank; a no-op when the variable is unset."""
     folder = os.environ.get(EXIT_CODE_DIR_ENV)

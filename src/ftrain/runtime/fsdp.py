@@ -170,13 +170,8 @@ def load_sharded(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     from torch.distributed.checkpoint import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    from ..checkpoint.dcp import (
-        SafeLoadPlanner,
-        ShardedCheckpointError,
-        ShardReader,
-        describe_failure,
-        first_failure,
-    )
+    from ..checkpoint.dcp import ShardedCheckpointError, describe_failure, first_failure
+    from ..checkpoint.dcp_read import SafeLoadPlanner, ShardReader
     from ..storage import StorageError
 
     # The templates: this rank's shards, keyed by parameter name (get_state_dict creates the
@@ -234,12 +229,8 @@ def load_full_model(loaded, model: nn.Module) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import CheckpointException
 
-    from ..checkpoint.dcp import (
-        SafeLoadPlanner,
-        ShardedCheckpointError,
-        ShardReader,
-        describe_failure,
-    )
+    from ..checkpoint.dcp import ShardedCheckpointError, describe_failure
+    from ..checkpoint.dcp_read import SafeLoadPlanner, ShardReader
 
     state = {"model": model.state_dict()}
     try:

@@ -15,176 +15,35 @@ failures from the log.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import logging
 import mmap
 import os
 import random
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
-import xxhash
+
+from .checksums import HashingWriter, checksum
+from .errors import (
+    _NO_CREDENTIALS,
+    _PERMANENT,
+    RetryPolicy,
+    StorageAccessError,
+    StorageError,
+    _chain,
+    _errno_in_chain,
+    _refusal_answer,
+    is_transient,
+    redact,
+)
+from .local import local_atomic_write_stream
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-# The checksum of every file written: XXH3-128 from `xxhash` (28.8 GB/s on one core here,
-# against 2.1 GB/s for SHA-256 and 15 GB/s for CRC32C; all three release the GIL). It guards
-# against corruption, not against someone who can rewrite the manifest: a cryptographic hash
-# buys nothing (DESIGN.md), and the refusal to unpickle is the defence against hostile files.
-CHECKSUM = "xxh3-128"
-CHECKSUM_NAMES = {"xxh3-128": "XXH3-128", "sha256": "SHA-256"}
-
-
-def new_hasher(algorithm: str = CHECKSUM) -> Any:
-    """A hashlib-style object (``update``, ``hexdigest``) for ``algorithm``; ValueError for an
-    algorithm this build does not know."""
-    if algorithm == "xxh3-128":
-        return xxhash.xxh3_128()
-    if algorithm == "sha256":
-        return hashlib.sha256()
-    raise ValueError(f"unknown checksum algorithm {algorithm!r} (this build knows "
-                     f"{', '.join(CHECKSUM_NAMES)})")
-
-
-def checksum(data: bytes | bytearray | memoryview, algorithm: str = CHECKSUM) -> str:
-    h = new_hasher(algorithm)
-    h.update(data)
-    return h.hexdigest()
-
-# Not worth retrying: the answer will not change.
-_PERMANENT = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError,
-              NotADirectoryError, ValueError, TypeError, KeyError, NotImplementedError)
-_TRANSIENT_NAMES = {
-    "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
-    "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "IncompleteReadError",
-    "ResponseStreamingError", "ClientConnectorError", "ServerTimeoutError", "ProxyConnectionError",
-    "HTTPClientError", "ClientConnectionError", "TimeoutError",
-}
-# Matched against messages of errors without a structured HTTP status (aiohttp, sockets).
-_TRANSIENT_TEXT = re.compile(
-    r"\b(500|502|503|504)\b|SlowDown|ServiceUnavailable|InternalError|RequestTimeout|Throttl|"
-    r"reset by peer|Connection reset|timed out|Server disconnected|Broken pipe|TooManyRequests")
-_TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout",
-                    "Throttling", "ThrottlingException", "RequestLimitExceeded",
-                    "TooManyRequestsException", "RequestThrottled", "TooManyRequests"}
-_TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ETIMEDOUT, errno.EPIPE, errno.ECONNABORTED,
-                    errno.ECONNREFUSED, errno.EAGAIN}
-
-
-class StorageError(Exception):
-    """A storage call failed for good (permanent error, or retries exhausted)."""
-
-
-class StorageAccessError(StorageError):
-    """Storage refuses this configuration: the bucket does not exist, or the credentials may
-    not use it. Bad input (fix the URL or the credentials), not an outage; never retried."""
-
-    def __init__(self, message: str, root: str = "") -> None:
-        super().__init__(message)
-        self.root = root  # the root URI of the Storage that was refused
-
-
-@dataclass
-class RetryPolicy:
-    attempts: int = 6
-    base_delay: float = 0.2
-    max_delay: float = 5.0
-    deadline: float = 90.0
-
-    @classmethod
-    def from_env(cls) -> RetryPolicy:
-        """``FTT_STORAGE_RETRY_ATTEMPTS`` / ``_DEADLINE`` tune it (tests shorten it)."""
-        p = cls()
-        p.attempts = int(os.environ.get("FTT_STORAGE_RETRY_ATTEMPTS", p.attempts))
-        p.deadline = float(os.environ.get("FTT_STORAGE_RETRY_DEADLINE", p.deadline))
-        p.base_delay = float(os.environ.get("FTT_STORAGE_RETRY_BASE_DELAY", p.base_delay))
-        return p
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether an error from fsspec/s3fs/botocore/aiohttp looks like a transient failure.
-
-    An S3 answer is judged by its HTTP status and error code (5xx, 408, 429, SlowDown and the
-    throttling codes are transient; 4xx are not); errors without an answer (resets, timeouts,
-    refused connections) by their type, errno or message. The cause chain is followed, since
-    s3fs wraps botocore's ClientError into an OSError.
-    """
-    for e in _chain(exc):
-        if isinstance(e, _PERMANENT):
-            return False
-        answer = _s3_answer(e)
-        if answer is not None:
-            status, code = answer
-            return (status is not None and (status >= 500 or status in (408, 429))) or \
-                code in _TRANSIENT_CODES
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return True
-        if type(e).__name__ in _TRANSIENT_NAMES:
-            return True
-        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNO:
-            return True
-        if _TRANSIENT_TEXT.search(str(e)):
-            return True
-    return False
-
-
-def _chain(exc: BaseException) -> Iterator[BaseException]:
-    """``exc`` and its causes (s3fs wraps botocore's ClientError into an OSError)."""
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        yield e
-        e = e.__cause__ or e.__context__
-
-
-# botocore's errors when it has no usable credentials to sign with: bad input, never retried.
-_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "ProfileNotFound"}
-
-# S3 answers that mean "this bucket or these credentials will never work": bad input.
-_DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken",
-                 "InvalidToken", "AllAccessDisabled", "AccountProblem", "InvalidSecurity"}
-
-
-def _refusal_answer(e: BaseException) -> tuple[int | None, str] | None:
-    """(HTTP status, code) of an S3 answer in ``e``'s cause chain that refuses the bucket
-    (NoSuchBucket) or the credentials (403, the denial codes); None otherwise."""
-    for cur in _chain(e):
-        answer = _s3_answer(cur)
-        if answer is not None:
-            status, code = answer
-            if code == "NoSuchBucket" or status == 403 or code in _DENIED_CODES:
-                return answer
-            return None
-    return None
-
-
-def _errno_in_chain(e: BaseException) -> int | None:
-    """The errno of the first OSError in ``e``'s cause chain that has one."""
-    return next((cur.errno for cur in _chain(e) if isinstance(cur, OSError) and cur.errno), None)
-
-
-def _s3_answer(e: BaseException) -> tuple[int | None, str] | None:
-    """(HTTP status, error code) of a botocore ClientError; None for other errors."""
-    response = getattr(e, "response", None)
-    if not isinstance(response, dict) or "Error" not in response:
-        return None
-    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
-    return (int(status) if status else None), str((response.get("Error") or {}).get("Code", ""))
-
-
-def redact(text: str) -> str:
-    """Drop anything that looks like a credential from an error message."""
-    text = re.sub(r"(?i)(secret|token|password|key)([\"']?\s*[:=]\s*)[^\s,}&]+", r"\1\2***", text)
-    return re.sub(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=[^&\s]+",
-                  r"\1=***", text)
 
 
 class Storage:
@@ -459,7 +318,7 @@ class Storage:
         written: dict[str, Any] = {}
         if self.is_local:
             def publish() -> None:
-                self._call(f"write {self.uri(rel)}", lambda: _local_atomic_write_stream(
+                self._call(f"write {self.uri(rel)}", lambda: local_atomic_write_stream(
                     self.full(rel), produce, create_only, written))
         else:
             buf = io.BytesIO()
@@ -576,66 +435,3 @@ def _s3_defaults(opts: dict[str, Any]) -> None:
         # A custom endpoint (MinIO, moto, Ceph) rarely answers virtual-host style requests.
         config_kwargs.setdefault("s3", {"addressing_style": "path"})
     opts["config_kwargs"] = config_kwargs
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class HashingWriter:
-    """A write-only sink (what ``torch.save`` needs: ``write`` and ``flush``) that passes every
-    chunk to ``target`` and into the checksum, so that the bytes are hashed while they are
-    written, without a second pass. (Hashing big chunks in a helper thread, overlapped with the write,
-    measured twice as slow on a 2-core machine, and it takes a core from training.)"""
-
-    def __init__(self, target: BinaryIO) -> None:
-        self.target = target
-        self.size = 0
-        self._hash = new_hasher()
-
-    def write(self, chunk: Any) -> int:
-        # torch.save lends views of its own memory: used here, never kept.
-        view = memoryview(chunk).cast("B")
-        self._hash.update(view)
-        self.target.write(view)
-        self.size += len(view)
-        return len(view)
-
-    def flush(self) -> None:
-        self.target.flush()
-
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
-
-
-def _local_atomic_write_stream(path: str, produce: Callable[[BinaryIO], object],
-                               create_only: bool, written: dict[str, Any]) -> None:
-    """Temp file in the same folder, filled by ``produce``, fsync, then rename (or hard link for
-    create-only), folder fsync. The size and checksum (hex) of the bytes go into ``written``
-    before the publish, so that a caller refused with FileExistsError can compare them."""
-    folder = os.path.dirname(path) or "."
-    if not os.path.isdir(folder):
-        os.makedirs(folder, exist_ok=True)
-        _fsync_dir(os.path.dirname(folder.rstrip("/")) or ".")
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "wb") as fh:
-            sink = HashingWriter(fh)
-            produce(sink)
-            fh.flush()
-            os.fsync(fh.fileno())
-        written.update(size=sink.size, digest=sink.hexdigest())
-        if create_only:
-            # link() fails with EEXIST when the name is taken: an atomic create-only publish.
-            os.link(tmp, path)
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -17,27 +17,42 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..runtime import exitcodes
-from ..runtime.distributed import Collectives
+from . import exitcodes
+from .distributed import Collectives
 
 log = logging.getLogger(__name__)
 
 
 class StopSignals:
     """SIGTERM/SIGINT set a flag; the loop agrees on it with the other ranks at the next step
-    boundary and writes an emergency checkpoint. A second SIGINT aborts at once."""
+    boundary and writes an emergency checkpoint. A second SIGINT aborts at once.
+
+    ``install`` keeps the handlers it replaces and ``restore`` puts them back (``ftrain.fit``
+    leaves the caller's process as it found it)."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.received_at: float | None = None  # time.monotonic() of the first signal
-        self.hard_deadline_s = 60.0
+        self.hard_deadline_s: float | None = 60.0
+        self._previous: dict[int, Any] = {}
+        self._watchdog: threading.Timer | None = None
 
-    def install(self, hard_deadline_s: float = 60.0) -> None:
-        """``hard_deadline_s``: after a signal, exit no matter what once this much time has
-        passed (a peer that died mid-collective must not keep us past the grace period)."""
+    def install(self, hard_deadline_s: float | None = 60.0) -> None:
+        """``hard_deadline_s``: after a signal, exit the process no matter what once this much
+        time has passed (a peer that died mid-collective must not keep us past the grace
+        period); None: never (a notebook's kernel must survive)."""
         self.hard_deadline_s = hard_deadline_s
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def restore(self) -> None:
+        """The handlers ``install`` replaced, back; a pending watchdog cancelled."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.received == signal.SIGINT and signum == signal.SIGINT:
@@ -47,9 +62,10 @@ class StopSignals:
             self.received_at = time.monotonic()
             log.warning("received %s: checkpointing at the next step boundary, then exiting",
                         signal.Signals(signum).name)
-            watchdog = threading.Timer(self.hard_deadline_s, self._give_up)
-            watchdog.daemon = True
-            watchdog.start()
+            if self.hard_deadline_s is not None:
+                self._watchdog = threading.Timer(self.hard_deadline_s, self._give_up)
+                self._watchdog.daemon = True
+                self._watchdog.start()
 
     def _give_up(self) -> None:
         code = self.exit_code()

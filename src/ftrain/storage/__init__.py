@@ -1,0 +1,11 @@
+"""The only code that moves bytes: one fsspec code path for local folders, S3 and memory://
+(fs.py), local atomic writes (local.py), checksums computed as the bytes pass
+(checksums.py), and which failures are retried (errors.py)."""
+
+from .checksums import CHECKSUM, CHECKSUM_NAMES, HashingWriter, checksum, new_hasher
+from .errors import RetryPolicy, StorageAccessError, StorageError, is_transient, redact
+from .fs import Storage
+
+__all__ = ["CHECKSUM", "CHECKSUM_NAMES", "HashingWriter", "RetryPolicy", "Storage",
+           "StorageAccessError", "StorageError", "checksum", "is_transient", "new_hasher",
+           "redact"]

@@ -1,0 +1,52 @@
+"""Storage that is slow or held on purpose, injected where production code takes a Storage:
+in-process as a subclass, in a subprocess through ``slow_store_env`` (a sitecustomize on its
+PYTHONPATH). No test hook lives in the ftrain package itself."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from ftrain.checkpoint import MANIFEST
+from ftrain.storage import Storage
+
+PAUSE_ENV = "FTT_TEST_PAUSE_IN_SAVE"  # read by slowstore/sitecustomize.py only
+SITE = Path(__file__).resolve().parent / "slowstore"
+
+
+class HeldStorage(Storage):
+    """Every commit (the create-only manifest write) waits: ``pause`` seconds, or with
+    ``held`` until ``release()``. ``committing`` is set when a commit starts waiting: the
+    checkpoint's files are written, its manifest is not."""
+
+    def __init__(self, root: str, pause: float = 0.0, held: bool = False,
+                 options: dict[str, Any] | None = None) -> None:
+        super().__init__(root, options)
+        self.pause = pause
+        self.committing = threading.Event()
+        self._open = threading.Event()
+        if not held:
+            self._open.set()
+
+    def release(self) -> None:
+        self._open.set()
+
+    def write(self, rel: str, data: Any, create_only: bool = False) -> tuple[int, str]:
+        if create_only and rel.endswith("/" + MANIFEST):
+            self.committing.set()
+            if not self._open.wait(120):
+                raise TimeoutError("a held commit was never released")
+            time.sleep(self.pause)
+        return super().write(rel, data, create_only=create_only)
+
+
+def slow_store_env(seconds: float, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's) for a subprocess whose checkpoint commits take
+    ``seconds`` each: the sitecustomize in slowstore/ runs first in it."""
+    out = dict(os.environ if env is None else env)
+    out[PAUSE_ENV] = str(seconds)
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), out.get("PYTHONPATH", "")) if p)
+    return out
