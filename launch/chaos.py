@@ -77,7 +77,7 @@ from pathlib import Path
 from typing import Any
 
 from ftrain.runtime.exitcodes import RETRYABLE_FLOOR, STORAGE_FAILED
-from launch.s3lab import (
+from tests.harness.s3lab import (
     ACTIONS,
     INSTALL_HINT,
     FaultProxy,

@@ -1,6 +1,6 @@
 import pytest
 
-pytest_plugins = ["tests.s3server"]
+pytest_plugins = ["tests.harness.s3"]
 
 
 @pytest.fixture

@@ -39,7 +39,7 @@ from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main
-from tests.helpers import (
+from tests.harness.processes import (
     ROOT,
     assert_secret_absent,
     ckpt,
@@ -48,7 +48,7 @@ from tests.helpers import (
     run_train,
     start_train,
 )
-from tests.s3server import Fault, save_checkpoint
+from tests.harness.s3 import Fault, save_checkpoint
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
 TINY = ["--synthetic-train-size", "64", "--synthetic-test-size", "32", "--batch-size", "16",
@@ -352,7 +352,7 @@ def test_no_credentials_at_all_exit_2_at_once(s3, tmp_path):
 def small_disk(tmp_path):
     """A 1 MiB tmpfs (a real ENOSPC) where mounting is permitted (root with CAP_SYS_ADMIN);
     elsewhere, or with FTT_TEST_DISKFULL=hook, a folder whose writes a sitecustomize hook
-    (tests/diskfull/) turns into ENOSPC past a byte budget. Yields (folder, fill, env):
+    (tests/harness/diskfull/) turns into ENOSPC past a byte budget. Yields (folder, fill, env):
     fill(free_bytes) leaves that much space for a run given ``env``."""
     folder = tmp_path / "disk"
     folder.mkdir()
@@ -368,7 +368,7 @@ def small_disk(tmp_path):
                 fh.write(b"\0" * (st.f_bavail * st.f_frsize - free_bytes))
         else:
             env.update(FTT_TEST_DISK=str(folder), FTT_TEST_DISK_FREE_BYTES=str(free_bytes),
-                       PYTHONPATH=os.pathsep.join([str(Path(__file__).parent / "diskfull"),
+                       PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "harness" / "diskfull"),
                                                    str(ROOT), str(ROOT / "src")]))
 
     try:

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from launch import chaos
-from launch.s3lab import ACTIONS, RandomFaults
-from tests.helpers import FSDP_CHAOS_EXTRA
+from tests.harness.processes import FSDP_CHAOS_EXTRA
+from tests.harness.s3lab import ACTIONS, RandomFaults
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -9,8 +9,8 @@ import logging
 import torch
 
 from ftrain.checkpoint import Checkpointer, CheckpointStore
+from tests.harness.processes import committed_steps
 from tests.harness.stores import HeldStorage
-from tests.helpers import committed_steps
 
 
 def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, caplog):
@@ -60,8 +60,8 @@ def test_a_job_skips_snapshots_while_storage_is_busy(tmp_path):
     import re
 
     from ftrain.checkpoint import load_uri
+    from tests.harness.processes import SMALL, run_train
     from tests.harness.stores import slow_store_env
-    from tests.helpers import SMALL, run_train
 
     d = tmp_path / "ckpt"
     r = run_train([*SMALL, "--batch-size", "8", "--epochs", "1", "--save-every-steps", "1",

@@ -8,7 +8,7 @@ import pytest
 
 from ftrain.config import Config, ConfigError, build_parser, load_config
 from ftrain.tasks import task_ref
-from tests.helpers import PY, ROOT, base_env
+from tests.harness.processes import PY, ROOT, base_env
 
 
 def test_defaults():

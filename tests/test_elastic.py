@@ -16,7 +16,7 @@ import signal
 import pytest
 
 from ftrain.runtime import exitcodes
-from tests.helpers import (
+from tests.harness.processes import (
     PY,
     SMALL,
     assert_bitwise_equal,
@@ -28,7 +28,7 @@ from tests.helpers import (
     strip_timing,
     wait_for,
 )
-from tests.tracing import (
+from tests.harness.traces import (
     kill_leftovers,
     latest,
     read_trace,

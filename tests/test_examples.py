@@ -18,7 +18,7 @@ import torch
 
 from examples.charlm import CharLM, unigram_bpc
 from launch import chaos
-from tests.helpers import (
+from tests.harness.processes import (
     PY,
     ROOT,
     base_env,
@@ -29,7 +29,7 @@ from tests.helpers import (
     run_train,
     wait_for,
 )
-from tests.tracing import (
+from tests.harness.traces import (
     assert_epoch_exactly_once,
     kill_leftovers,
     last_step,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import subprocess
 
-from tests.helpers import PY, ROOT, base_env
+from tests.harness.processes import PY, ROOT, base_env
 
 SCRIPT = """
 import atexit, sys, threading, time
@@ -42,14 +42,14 @@ def test_exit_now_keeps_its_code_when_the_reader_of_stdout_is_gone():
 
 
 def test_a_run_past_its_timeout_fails_with_every_workers_stacks(tmp_path):
-    """tests/helpers.run_train on a run that cannot finish in time (its saves held for a
+    """tests/harness/processes.run_train on a run that cannot finish in time (its saves held for a
     minute): each worker prints its threads' stacks (SIGUSR1, faulthandler; training goes on
     meanwhile), then the run is killed, workers included, and the test fails with the stacks."""
     import pytest
 
+    from tests.harness.processes import SMALL, run_train
     from tests.harness.stores import slow_store_env
-    from tests.helpers import SMALL, run_train
-    from tests.tracing import processes_matching
+    from tests.harness.traces import processes_matching
 
     d = tmp_path / "ckpt"
     with pytest.raises(AssertionError) as failed:
@@ -76,10 +76,10 @@ def test_every_command_answers_help_with_exit_0():
 def test_a_bug_exits_1_with_its_traceback_on_every_worker(tmp_path):
     """An exception nobody expects (here a task's loss that raises) is a bug: each worker prints
     the traceback and exits 1, recorded for the launcher (exit 1: do not retry)."""
-    from tests.helpers import run_train
+    from tests.harness.processes import run_train
 
     codes = tmp_path / "codes"
-    r = run_train(["--task", "tests.toytask:BuggyTask", "--batch-size", "16",
+    r = run_train(["--task", "tests.harness.tasks:BuggyTask", "--batch-size", "16",
                    "--checkpoint-dir", str(tmp_path / "ckpt")], nproc=2, timeout=120,
                   env={"FTT_EXIT_CODE_DIR": str(codes)})
     assert r.returncode == 1, r.stderr[-3000:]

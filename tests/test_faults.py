@@ -1,4 +1,4 @@
-"""Training with S3 checkpoints while storage misbehaves (the fault proxy of tests/s3server.py):
+"""Training with S3 checkpoints while storage misbehaves (the fault proxy of tests/harness/s3.py):
 503s, 500s, connection resets before and after S3 handled a request, answers held back past the
 read timeout. Training completes and every committed checkpoint verifies; a damaged newest
 checkpoint is skipped on resume; storage that stays down ends the job with the retryable 140."""
@@ -13,8 +13,8 @@ import pytest
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import load_uri, open_uri, step_dirname
 from ftrain.runtime import exitcodes
-from tests.helpers import SMALL, assert_bitwise_equal, ckpt, run_train
-from tests.s3server import CORRUPTIONS, Fault, save_checkpoint
+from tests.harness.processes import SMALL, assert_bitwise_equal, ckpt, run_train
+from tests.harness.s3 import CORRUPTIONS, Fault, save_checkpoint
 
 pytestmark = pytest.mark.slow
 

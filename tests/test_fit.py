@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.helpers import PY, ROOT, base_env
+from tests.harness.processes import PY, ROOT, base_env
 
 pytestmark = pytest.mark.slow
 
@@ -16,7 +16,7 @@ SCRIPT = r'''
 import json, logging, signal, sys
 import torch
 import ftrain
-from tests.toytask import SignalTask
+from tests.harness.tasks import SignalTask
 
 ckpt = sys.argv[1]
 cfg = {"epochs": 2, "batch_size": 16, "checkpoint_dir": ckpt, "log_every_steps": 0,

@@ -34,7 +34,7 @@ from torch import nn
 from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
 from ftrain.config import load_config
 from ftrain.storage import Storage
-from tests.helpers import (
+from tests.harness.processes import (
     FSDP_CHAOS_EXTRA,
     SMALL,
     assert_bitwise_equal,
@@ -380,7 +380,13 @@ def cnn_ref(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
-    from tests.tracing import kill_leftovers, last_step, launch_run_cmd, read_trace, start_logged
+    from tests.harness.traces import (
+        kill_leftovers,
+        last_step,
+        launch_run_cmd,
+        read_trace,
+        start_logged,
+    )
 
     d, trace = tmp_path / "ckpt", tmp_path / "trace1"
     args = [*CNN, "--checkpoint-dir", str(d)]
@@ -434,7 +440,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     import re
 
     from launch import chaos
-    from tests.tracing import assert_epoch_exactly_once, read_trace
+    from tests.harness.traces import assert_epoch_exactly_once, read_trace
 
     args = FOUR_RANKS[job]
     ref = chaos.ensure_reference(tmp_path / "ref", 4, args)

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from launch.chaos import strip_timing
-from tests.helpers import ROOT, assert_bitwise_equal, ckpt, inspect, run_train
-from tests.tracing import latest
+from tests.harness.processes import ROOT, assert_bitwise_equal, ckpt, inspect, run_train
+from tests.harness.traces import latest
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_new_checkpoints_record_the_checksum_algorithm_per_file(tmp_path):
 
     from ftrain.checkpoint import FORMAT_VERSION, CheckpointStore, CorruptCheckpoint
     from ftrain.storage import Storage
-    from tests.s3server import save_checkpoint
+    from tests.harness.s3 import save_checkpoint
 
     save_checkpoint(str(tmp_path), 3)
     manifest_path = tmp_path / "step_0000000003" / "manifest.json"

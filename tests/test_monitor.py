@@ -15,7 +15,7 @@ import urllib.request
 
 import pytest
 
-from tests.helpers import (
+from tests.harness.processes import (
     ROOT,
     base_env,
     committed_steps,

@@ -10,15 +10,15 @@ import signal
 import pytest
 
 from ftrain.launcher import choose_exit, read_records
-from tests.helpers import (
+from tests.harness.processes import (
     SMALL,
     committed_steps,
     run_train,
     train_cmd,
     wait_for,
 )
-from tests.s3server import Fault
-from tests.tracing import (
+from tests.harness.s3 import Fault
+from tests.harness.traces import (
     kill_leftovers,
     last_step,
     latest,

@@ -10,7 +10,7 @@ import pytest
 from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
 from ftrain.config import ConfigError, load_config
 from ftrain.storage import Storage
-from tests.helpers import SMALL, run_train
+from tests.harness.processes import SMALL, run_train
 
 
 def _commit(store: CheckpointStore, step: int) -> None:

@@ -17,7 +17,13 @@ import torch
 
 from ftrain.checkpoint import load_uri, step_dirname
 from launch import chaos
-from tests.helpers import assert_bitwise_equal, run_train, start_train, strip_timing, wait_for
+from tests.harness.processes import (
+    assert_bitwise_equal,
+    run_train,
+    start_train,
+    strip_timing,
+    wait_for,
+)
 
 pytestmark = pytest.mark.slow
 

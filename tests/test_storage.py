@@ -1,6 +1,6 @@
 """src/storage.py against a real S3 endpoint (moto's server) and local disk.
 
-Faults come from the loopback proxy in tests/s3server.py: real 503s and 500s, connection resets
+Faults come from the loopback proxy in tests/harness/s3.py: real 503s and 500s, connection resets
 before and after S3 handled the request, and answers held back past the read timeout.
 """
 
@@ -18,7 +18,7 @@ import xxhash
 from ftrain.data.items import DataError
 from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.storage import Storage, StorageAccessError, StorageError, is_transient, redact
-from tests.s3server import Fault
+from tests.harness.s3 import Fault
 
 SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYSECRET"
 

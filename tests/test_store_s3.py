@@ -23,8 +23,8 @@ from ftrain.checkpoint import (
     step_dirname,
 )
 from ftrain.storage import Storage, StorageError, checksum
-from tests.helpers import assert_bitwise_equal
-from tests.s3server import CORRUPTIONS, Fault, S3Bucket, save_checkpoint
+from tests.harness.processes import assert_bitwise_equal
+from tests.harness.s3 import CORRUPTIONS, Fault, S3Bucket, save_checkpoint
 
 D10, D20, D30 = step_dirname(10), step_dirname(20), step_dirname(30)
 
@@ -253,7 +253,7 @@ def test_a_failed_save_is_retried_at_the_same_step(s3, fault_proxy, monkeypatch,
 def test_large_files_move_in_parallel_parts(s3, fault_proxy, monkeypatch):
     """A file of several parts is a multipart upload whose parts are in flight together, and a
     read of it is parallel ranged GETs; create-only holds for the multipart commit too."""
-    from tests.s3server import most_in_flight
+    from tests.harness.s3 import most_in_flight
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", fault_proxy.url)
     part = 5 * 2**20  # S3's smallest part

@@ -14,7 +14,7 @@ import torch
 
 from ftrain.checkpoint import load_uri
 from ftrain.tasks import TaskError, TaskRef, load_task
-from tests.helpers import (
+from tests.harness.processes import (
     PY,
     ROOT,
     SMALL,
@@ -27,9 +27,9 @@ from tests.helpers import (
     run_train,
     strip_timing,
 )
-from tests.tracing import latest
+from tests.harness.traces import latest
 
-TOY = ["--task", "tests.toytask:ToyTask", "--batch-size", "16", "--epochs", "2",
+TOY = ["--task", "tests.harness.tasks:ToyTask", "--batch-size", "16", "--epochs", "2",
        "--log-every-steps", "0", "--save-every-seconds", "0"]
 
 
@@ -57,9 +57,9 @@ def test_load_task_names_the_import_string_that_failed():
                                         r"'nosuch\.mod' .*Install the package"):
         load_task(TaskRef("nosuch.mod:Task", {}))
     with pytest.raises(TaskError, match="has no attribute 'Nope'"):
-        load_task(TaskRef("tests.toytask:Nope", {}))
+        load_task(TaskRef("tests.harness.tasks:Nope", {}))
     with pytest.raises(TaskError, match=r"--task-args \{\"width\": 3\} do not fit"):
-        load_task(TaskRef("tests.toytask:ToyTask", {"width": 3}))
+        load_task(TaskRef("tests.harness.tasks:ToyTask", {"width": 3}))
     with pytest.raises(TaskError, match="returned a int, not an ftrain.Task"):
         load_task(TaskRef("json:loads", {"s": "1"}))
 
@@ -75,7 +75,7 @@ def test_unknown_task_exits_2_with_the_import_string(tmp_path):
 @pytest.mark.slow
 def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
     d = tmp_path / "ckpt"
-    code = ("import ftrain\nfrom tests.toytask import ToyTask\n"
+    code = ("import ftrain\nfrom tests.harness.tasks import ToyTask\n"
             f"result = ftrain.fit(ToyTask, {{'epochs': 2, 'batch_size': 16, "
             f"'checkpoint_dir': {str(d)!r}, 'log_every_steps': 0}})\n"
             "assert result.step == 8 and result.checkpoint.endswith('step_0000000008')")
@@ -84,14 +84,14 @@ def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert committed_steps(d)[-1] == 8  # 64 items / 16, 2 epochs
     loaded = latest(d)
-    assert loaded.manifest["task"] == {"import": "tests.toytask:ToyTask", "args": {}}
+    assert loaded.manifest["task"] == {"import": "tests.harness.tasks:ToyTask", "args": {}}
     assert [sorted(h) for h in loaded.train_state["history"]][0] == sorted(
         ["epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr",
          "samples_per_s", "seconds", "saves_dropped"])
     weights = export_weights(str(d), tmp_path / "w.pth")
     assert_bitwise_equal(weights, loaded.state["model"])
     out = ckpt("inspect", str(d))
-    assert out.returncode == 0 and "task         tests.toytask:ToyTask" in out.stdout
+    assert out.returncode == 0 and "task         tests.harness.tasks:ToyTask" in out.stdout
     assert "Sequential" in out.stdout
     # The same command again: complete, nothing to do.
     r = subprocess.run([PY, "-c", code], cwd=ROOT, env=base_env(), capture_output=True,
@@ -114,7 +114,7 @@ def test_loader_workers_are_forked_once_when_training_starts(tmp_path):
     locks that other threads hold at that instant, and a worker forked mid-persist could
     inherit one held for ever. (Loaders built per epoch forked at every epoch start, while
     the epoch-end save was being written.)"""
-    code = ("import os, ftrain\nfrom tests.toytask import PidTask\nprint(os.getpid())\n"
+    code = ("import os, ftrain\nfrom tests.harness.tasks import PidTask\nprint(os.getpid())\n"
             f"ftrain.fit(PidTask, {{'epochs': 2, 'batch_size': 16, 'num_workers': 1, "
             f"'data_on_device': 'off', 'data_dir': {str(tmp_path)!r}, "
             f"'checkpoint_dir': {str(tmp_path / 'ckpt')!r}, 'log_every_steps': 0, "
@@ -131,11 +131,11 @@ def test_loader_workers_are_forked_once_when_training_starts(tmp_path):
 
 @pytest.mark.slow
 def test_changed_data_under_the_same_task_is_refused(tmp_path):
-    from tests.toytask import write_data
+    from tests.harness.tasks import write_data
 
     data, d = tmp_path / "data", tmp_path / "ckpt"
     write_data(data, 1)
-    args = ["--task", "tests.toytask:FileTask", "--data-dir", str(data), "--batch-size", "16",
+    args = ["--task", "tests.harness.tasks:FileTask", "--data-dir", str(data), "--batch-size", "16",
             "--checkpoint-dir", str(d), "--log-every-steps", "0"]
     r = run_train([*args, "--max-steps", "2"])
     assert r.returncode == 0, r.stderr[-3000:]
@@ -211,7 +211,7 @@ def test_dropout_resumes_bitwise_from_each_ranks_saved_rng_states(tmp_path):
     rank's python/numpy/torch RNG states from the checkpoint. With dropout in the model, a run
     cut at step 5 of 8 (epoch 1) and resumed ends bitwise equal; the loader path (batches
     gathered from tensors, or a DataLoader with a worker) does not touch the model's RNG."""
-    args = ["--task", "tests.toytask:DropoutTask", "--batch-size", "8", "--epochs", "2",
+    args = ["--task", "tests.harness.tasks:DropoutTask", "--batch-size", "8", "--epochs", "2",
             "--log-every-steps", "0", "--save-every-seconds", "0"]
     loader = ("--data-on-device", "off", "--num-workers", "1")
     a, b, resumed = cut_and_resume(args, tmp_path, 5, ref_args=loader, resume_args=loader)

@@ -11,7 +11,7 @@ import torch
 
 from ftrain.tasks.builtin.models import build_model
 from launch import chaos
-from tests.helpers import (
+from tests.harness.processes import (
     PY,
     ROOT,
     SMALL,

@@ -14,8 +14,8 @@ import pytest
 
 from ftrain.checkpoint import CheckpointStore
 from ftrain.storage import Storage
-from tests.helpers import ROOT, SMALL, base_env, committed_steps, run_train
-from tests.tracing import (
+from tests.harness.processes import ROOT, SMALL, base_env, committed_steps, run_train
+from tests.harness.traces import (
     assert_epoch_exactly_once,
     latest,
     launch_run_cmd,

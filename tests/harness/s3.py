@@ -11,7 +11,7 @@ Fixtures:
 Helpers: CORRUPTIONS (the kinds of damage a checkpoint suffers, applied to the raw bytes) and
 save_checkpoint (commits a real checkpoint through the production Checkpointer).
 
-The server and the proxy live in launch/s3lab.py (launch.chaos runs them too).
+The server and the proxy live in tests/harness/s3lab.py (launch.chaos runs them too).
 Nothing here mocks boto in-process: every S3 call the code under test makes is a real HTTP
 request to the moto server, possibly through the proxy.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 # Re-exported: the tests import these from here.
-from launch.s3lab import (  # noqa: F401
+from tests.harness.s3lab import (  # noqa: F401
     ACTIONS,
     CREDENTIALS,
     ERROR_BODIES,
@@ -195,7 +195,7 @@ def save_checkpoint(uri: str, step: int, epochs_done: int = 0) -> dict:
 
     from ftrain.checkpoint import Checkpointer, CheckpointStore
     from ftrain.storage import Storage
-    from tests.toytask import ToyTask
+    from tests.harness.tasks import ToyTask
 
     torch.manual_seed(step)
     model = ToyTask().build_model()
@@ -206,7 +206,7 @@ def save_checkpoint(uri: str, step: int, epochs_done: int = 0) -> dict:
     sched = torch.optim.lr_scheduler.StepLR(opt, 10)
     meta = {"epoch": epochs_done, "batch_in_epoch": 0, "world_size": 1, "global_batch_size": 32,
             "seed": 0, "config_digest": "0" * 64,
-            "task": {"import": "tests.toytask:ToyTask", "args": {}}}
+            "task": {"import": "tests.harness.tasks:ToyTask", "args": {}}}
     train_state = {**meta, "step": step, "history": history_rows(epochs_done),
                    "epoch_progress": {"loss_steps": [], "correct": 0, "seen": 0, "elapsed": 0.0}}
     # One Storage per root and endpoint: a new s3fs client costs up to a second on a busy box.

@@ -8,7 +8,7 @@ handled a request, answers held back) on a schedule.
     ...
     proxy.stop(); server.stop()
 
-tests/s3server.py wraps these in pytest fixtures; ``python -m launch.chaos --storage s3`` runs
+tests/harness/s3.py wraps these in pytest fixtures; ``python -m launch.chaos --storage s3`` runs
 them in its own process. moto is a test dependency (``pip install -e '.[test]'``); this module
 imports it only in ``MotoServer.start``.
 """

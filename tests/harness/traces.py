@@ -16,7 +16,7 @@ import torch
 from ftrain.checkpoint import CheckpointStore, Loaded
 from ftrain.data.sampler import ResumableDistributedSampler
 from ftrain.storage import Storage
-from tests.helpers import PY, ROOT, base_env, free_port, processes_matching
+from tests.harness.processes import PY, ROOT, base_env, free_port, processes_matching
 
 TRACE_NAME = re.compile(r"^rank(\d+)-pid(\d+)\.jsonl$")
 

@@ -1,4 +1,4 @@
-"""A minimal user task for tests that write checkpoints by hand (tests/s3server.py)."""
+"""A minimal user task for tests that write checkpoints by hand (tests/harness/s3.py)."""
 
 from __future__ import annotations
 
