@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import chaos
+from tests.harness import chaos
 from tests.harness.processes import FSDP_CHAOS_EXTRA
 from tests.harness.s3lab import ACTIONS, RandomFaults
 

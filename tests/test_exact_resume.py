@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ftrain.data.items import SeededItems
 from ftrain.runtime.distributed import Collectives, DistInfo
 from ftrain.tasks.builtin.datasets import VisionItems
-from launch import chaos
+from tests.harness import chaos
 
 NPROC = 2
 # launch.chaos's default training flags for a short run (2 epochs of 32 steps, a step

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from examples.charlm import CharLM, unigram_bpc
-from launch import chaos
+from tests.harness import chaos
 from tests.harness.processes import (
     PY,
     ROOT,

@@ -370,7 +370,7 @@ def cnn_ref(tmp_path_factory) -> Path:
     """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers: the same
     run as CNN's flags, run by launch.chaos's reference runner so that tests/test_chaos.py's
     fsdp chaos run reuses it (FSDP_CHAOS_EXTRA)."""
-    from launch import chaos
+    from tests.harness import chaos
 
     args = chaos.effective_train_args([*FSDP, *FSDP_CHAOS_EXTRA], kills=4)
     assert load_config(args, {}) == load_config(CNN, {})  # the same run
@@ -439,7 +439,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     model, and predict runs from it in one CPU process."""
     import re
 
-    from launch import chaos
+    from tests.harness import chaos
     from tests.harness.traces import assert_epoch_exactly_once, read_trace
 
     args = FOUR_RANKS[job]

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from launch.chaos import strip_timing
+from tests.harness.chaos import strip_timing
 from tests.harness.processes import ROOT, assert_bitwise_equal, ckpt, inspect, run_train
 from tests.harness.traces import latest
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from ftrain.checkpoint import load_uri, step_dirname
-from launch import chaos
+from tests.harness import chaos
 from tests.harness.processes import (
     assert_bitwise_equal,
     run_train,

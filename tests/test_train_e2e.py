@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ftrain.tasks.builtin.models import build_model
-from launch import chaos
+from tests.harness import chaos
 from tests.harness.processes import (
     PY,
     ROOT,

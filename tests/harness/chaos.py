@@ -34,7 +34,7 @@ that no worker exited with a permanent code
 WORKDIR/summary.json and exits 0 on PASS, 1 on FAIL. Linux only (it reads /proc).
 
 Faults together (--storage s3): the tool starts moto's S3 server and the fault proxy of
-launch/s3lab.py in its own process (moto is a test dependency: pip install -e '.[test]'), and
+tests/harness/s3lab.py in its own process (moto is a test dependency: pip install -e '.[test]'), and
 every attempt checkpoints to s3://ftrain-chaos/chaos through the proxy (AWS_ENDPOINT_URL and
 test credentials in the job's environment, none of the caller's AWS_* variables, storage
 retries short but ten deep: CHAOS_RETRIES). --storage-faults SHARE makes that share of the
@@ -88,7 +88,7 @@ from tests.harness.s3lab import (
 )
 from tests.harness.stores import PAUSE_ENV, slow_store_env
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 # Small and fast: 32 steps per epoch, each restart costs little more than torchrun's start-up.
 # A test set as large as the training set makes evaluation long enough to be hit by kills.
