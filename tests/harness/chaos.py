@@ -1091,6 +1091,3 @@ def _run(args: argparse.Namespace, extra: list[str], lab: S3Lab | None) -> int:
     print(format_summary(summary, args.seed), flush=True)
     return 0 if summary["result"] == "PASS" else 1
 
-
-if __name__ == "__main__":
-    sys.exit(main())
