@@ -39,16 +39,10 @@ from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
 from ftrain.train import main as train_main
-from tests.harness.processes import (
-    ROOT,
-    assert_secret_absent,
-    ckpt,
-    committed_steps,
-    free_port,
-    run_train,
-    start_train,
-)
+from tests.harness.checkpoints import committed_steps
+from tests.harness.processes import ROOT, ckpt, free_port, run_train, start_train
 from tests.harness.s3 import Fault, save_checkpoint
+from tests.harness.secrets import assert_secret_absent
 
 # 64 samples in global batches of 16: 4 steps per epoch, 8 in all; a 54 KiB checkpoint.
 TINY = ["--synthetic-train-size", "64", "--synthetic-test-size", "32", "--batch-size", "16",

@@ -9,7 +9,7 @@ import logging
 import torch
 
 from ftrain.checkpoint import Checkpointer, CheckpointStore
-from tests.harness.processes import committed_steps
+from tests.harness.checkpoints import committed_steps
 from tests.harness.stores import HeldStorage
 
 

@@ -10,7 +10,8 @@ import torch
 
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import step_dirname
-from tests.harness.processes import assert_bitwise_equal, ckpt
+from tests.harness.checkpoints import assert_bitwise_equal
+from tests.harness.processes import ckpt
 from tests.harness.s3 import CORRUPTIONS, history_rows, save_checkpoint
 
 D32, D64, D96 = step_dirname(32), step_dirname(64), step_dirname(96)

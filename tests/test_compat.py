@@ -10,7 +10,8 @@ from ftrain.checkpoint import Loaded
 from ftrain.checkpoint.rules import RULES, check, markdown_table, run_facts
 from ftrain.config import load_config
 from ftrain.tasks import Task, task_ref
-from tests.harness.processes import ROOT, SMALL, committed_steps, run_train
+from tests.harness.checkpoints import committed_steps
+from tests.harness.processes import ROOT, SMALL, run_train
 
 pytestmark = pytest.mark.slow
 

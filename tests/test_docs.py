@@ -28,7 +28,8 @@ from torch.utils.data import default_collate
 from ftrain.config import ConfigError, load_config
 from ftrain.config.reference import markdown
 from ftrain.tasks import Task, TaskContext
-from tests.harness.processes import assert_bitwise_equal, base_env, export_weights
+from tests.harness.checkpoints import assert_bitwise_equal
+from tests.harness.processes import base_env, export_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]

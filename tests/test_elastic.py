@@ -16,26 +16,19 @@ import signal
 import pytest
 
 from ftrain.runtime import exitcodes
+from tests.harness.checkpoints import assert_bitwise_equal, committed_steps, latest, strip_timing
 from tests.harness.processes import (
     PY,
     SMALL,
-    assert_bitwise_equal,
     children,
-    committed_steps,
     free_port,
+    kill_leftovers,
     run_train,
+    start_logged,
     start_train,
-    strip_timing,
     wait_for,
 )
-from tests.harness.traces import (
-    kill_leftovers,
-    latest,
-    read_trace,
-    start_logged,
-    steps_once_per_rank,
-    trace_pids,
-)
+from tests.harness.traces import read_trace, steps_once_per_rank, trace_pids
 
 pytestmark = pytest.mark.slow
 

@@ -22,6 +22,8 @@ from ftrain.data.items import SeededItems
 from ftrain.runtime.distributed import Collectives, DistInfo
 from ftrain.tasks.builtin.datasets import VisionItems
 from tests.harness import chaos
+from tests.harness.checkpoints import committed_steps, half_written, latest_committed
+from tests.harness.stores import PAUSE_ENV
 
 NPROC = 2
 # launch.chaos's default training flags for a short run (2 epochs of 32 steps, a step
@@ -61,11 +63,11 @@ def resume_and_compare(reference: chaos.Reference, tmp_path: Path, killed: chaos
 def test_sigkill_mid_epoch_resumes_exactly(reference, tmp_path):
     job = start_job(tmp_path, "killed")
     # At a random moment after the first step checkpoint has committed.
-    assert job.wait_until(lambda: chaos.latest_committed(tmp_path / "ckpt") > 0, 120), \
+    assert job.wait_until(lambda: latest_committed(tmp_path / "ckpt") > 0, 120), \
         job.log_text()[-3000:]
     job.sleep(random.uniform(0.0, 0.4))
     kill_whole_job(job)
-    resume_at = chaos.latest_committed(tmp_path / "ckpt")
+    resume_at = latest_committed(tmp_path / "ckpt")
     assert resume_at % reference.steps_per_epoch, "the kill should land mid-epoch"
     assert max(job.trained_steps()) >= resume_at
     resumed = resume_and_compare(reference, tmp_path, job)
@@ -80,7 +82,7 @@ def test_sigkill_during_evaluation_resumes_exactly(reference, tmp_path):
         job.log_text()[-3000:]
     kill_whole_job(job)
     assert "epoch 1/2 done" not in job.log_text(), "the kill came after the evaluation"
-    assert reference.steps_per_epoch not in chaos.committed_steps(tmp_path / "ckpt")
+    assert reference.steps_per_epoch not in committed_steps(tmp_path / "ckpt")
     resume_and_compare(reference, tmp_path, job)
 
 
@@ -89,12 +91,12 @@ def test_sigkill_inside_a_save_resumes_exactly(reference, tmp_path):
     # The test-only pause holds the first step checkpoint with its data files written and no
     # manifest: the kill leaves a half-written checkpoint and nothing committed. (The rerun
     # used to refuse to start, exit 2: "holds checkpoints but none is valid".)
-    job = start_job(tmp_path, "killed", env={chaos.PAUSE_ENV: "30"})
-    assert job.wait_until(lambda: bool(chaos.half_written(tmp_path / "ckpt")), 120), \
+    job = start_job(tmp_path, "killed", env={PAUSE_ENV: "30"})
+    assert job.wait_until(lambda: bool(half_written(tmp_path / "ckpt")), 120), \
         job.log_text()[-3000:]
     kill_whole_job(job)
-    assert chaos.half_written(tmp_path / "ckpt")
-    assert chaos.committed_steps(tmp_path / "ckpt") == []
+    assert half_written(tmp_path / "ckpt")
+    assert committed_steps(tmp_path / "ckpt") == []
     resume_and_compare(reference, tmp_path, job)
 
 

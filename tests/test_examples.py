@@ -18,25 +18,23 @@ import torch
 
 from examples.charlm import CharLM, unigram_bpc
 from tests.harness import chaos
+from tests.harness.checkpoints import committed_steps, cut_and_resume, latest, strip_timing
 from tests.harness.processes import (
     PY,
     ROOT,
     base_env,
-    committed_steps,
-    cut_and_resume,
     export_weights,
     inspect,
+    kill_leftovers,
+    launch_run_cmd,
     run_train,
+    start_logged,
     wait_for,
 )
 from tests.harness.traces import (
     assert_epoch_exactly_once,
-    kill_leftovers,
     last_step,
-    latest,
-    launch_run_cmd,
     read_trace,
-    start_logged,
     steps_once_per_rank,
 )
 
@@ -158,7 +156,7 @@ def test_image_classifier_resumes_exports_and_predicts(tmp_path):
     # The task's own state (an EMA of the weights) went through the checkpoints too.
     assert a.state["task"]["ema"] and torch.equal(a.state["task"]["ema"]["layers.8.weight"],
                                                   b.state["task"]["ema"]["layers.8.weight"])
-    strip = chaos.strip_timing
+    strip = strip_timing
     assert strip(a.train_state["history"]) == strip(b.train_state["history"])
     info = inspect(str(cut))
     assert info["task"] == {"import": "examples.image_classifier:SmallResNet",

@@ -47,9 +47,8 @@ def test_a_run_past_its_timeout_fails_with_every_workers_stacks(tmp_path):
     meanwhile), then the run is killed, workers included, and the test fails with the stacks."""
     import pytest
 
-    from tests.harness.processes import SMALL, run_train
+    from tests.harness.processes import SMALL, processes_matching, run_train
     from tests.harness.stores import slow_store_env
-    from tests.harness.traces import processes_matching
 
     d = tmp_path / "ckpt"
     with pytest.raises(AssertionError) as failed:

@@ -13,7 +13,8 @@ import pytest
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import load_uri, open_uri, step_dirname
 from ftrain.runtime import exitcodes
-from tests.harness.processes import SMALL, assert_bitwise_equal, ckpt, run_train
+from tests.harness.checkpoints import assert_bitwise_equal
+from tests.harness.processes import SMALL, ckpt, run_train
 from tests.harness.s3 import CORRUPTIONS, Fault, save_checkpoint
 
 pytestmark = pytest.mark.slow

@@ -34,15 +34,18 @@ from torch import nn
 from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
 from ftrain.config import load_config
 from ftrain.storage import Storage
+from tests.harness.checkpoints import (
+    assert_bitwise_equal,
+    committed_steps,
+    latest_committed,
+    strip_timing,
+)
 from tests.harness.processes import (
     FSDP_CHAOS_EXTRA,
     SMALL,
-    assert_bitwise_equal,
     ckpt,
-    committed_steps,
     rank_then_exit_now,
     run_train,
-    strip_timing,
     wait_for,
 )
 
@@ -380,13 +383,8 @@ def cnn_ref(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
-    from tests.harness.traces import (
-        kill_leftovers,
-        last_step,
-        launch_run_cmd,
-        read_trace,
-        start_logged,
-    )
+    from tests.harness.processes import kill_leftovers, launch_run_cmd, start_logged
+    from tests.harness.traces import last_step, read_trace
 
     d, trace = tmp_path / "ckpt", tmp_path / "trace1"
     args = [*CNN, "--checkpoint-dir", str(d)]
@@ -446,11 +444,11 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     ref = chaos.ensure_reference(tmp_path / "ref", 4, args)
     d, d2 = tmp_path / "ckpt", tmp_path / "ckpt2"
     killed = chaos.Job(4, args, d, tmp_path / "trace-killed", tmp_path / "killed.log").start()
-    assert killed.wait_until(lambda: chaos.latest_committed(d) >= 3, 300), \
+    assert killed.wait_until(lambda: latest_committed(d) >= 3, 300), \
         killed.log_text()[-3000:]
     killed.kill(signal.SIGKILL, "launcher", random.Random(0))  # torchrun and every worker
     assert killed.wait(60) is not None and killed.reap(30) == 0
-    at = chaos.latest_committed(d)
+    at = latest_committed(d)
     assert at % 8, "the kill should land mid-epoch"
     shutil.copytree(d, d2)
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from tests.harness.chaos import strip_timing
-from tests.harness.processes import ROOT, assert_bitwise_equal, ckpt, inspect, run_train
-from tests.harness.traces import latest
+from tests.harness.checkpoints import assert_bitwise_equal, latest
+from tests.harness.processes import ROOT, ckpt, inspect, run_train
 
 pytestmark = pytest.mark.slow
 

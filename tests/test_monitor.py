@@ -15,10 +15,10 @@ import urllib.request
 
 import pytest
 
+from tests.harness.checkpoints import committed_steps
 from tests.harness.processes import (
     ROOT,
     base_env,
-    committed_steps,
     free_port,
     kill_group,
     run_train,

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from ftrain.runtime.numerics import differences, numeric_environment
+from tests.harness.checkpoints import latest
 from tests.harness.processes import SMALL, inspect, run_train
-from tests.harness.traces import latest
 
 
 def test_environment_names_what_decides_the_bits():

@@ -10,25 +10,19 @@ import signal
 import pytest
 
 from ftrain.launcher import choose_exit, read_records
+from tests.harness.checkpoints import committed_steps, latest
+from tests.harness.logs import torchrun_failures
 from tests.harness.processes import (
     SMALL,
-    committed_steps,
+    kill_leftovers,
+    launch_run_cmd,
     run_train,
+    start_logged,
     train_cmd,
     wait_for,
 )
 from tests.harness.s3 import Fault
-from tests.harness.traces import (
-    kill_leftovers,
-    last_step,
-    latest,
-    launch_run_cmd,
-    read_trace,
-    start_logged,
-    steps_once_per_rank,
-    torchrun_failures,
-    trace_pids,
-)
+from tests.harness.traces import last_step, read_trace, steps_once_per_rank, trace_pids
 
 pytestmark = pytest.mark.slow
 

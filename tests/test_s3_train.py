@@ -17,13 +17,8 @@ import torch
 
 from ftrain.checkpoint import load_uri, step_dirname
 from tests.harness import chaos
-from tests.harness.processes import (
-    assert_bitwise_equal,
-    run_train,
-    start_train,
-    strip_timing,
-    wait_for,
-)
+from tests.harness.checkpoints import assert_bitwise_equal, strip_timing
+from tests.harness.processes import kill_all, processes_matching, run_train, start_train, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -47,9 +42,9 @@ def test_s3_run_sigkilled_and_resumed_is_bitwise_identical(s3, reference, tmp_pa
     finally:
         # SIGKILL torchrun's process group and every worker (each has a session of its own):
         # a node dying. Nobody gets to write an emergency checkpoint.
-        chaos.kill_all([proc.pid, *chaos.processes_with(uri)], signal.SIGKILL)
+        kill_all([proc.pid, *processes_matching(uri)], signal.SIGKILL)
         proc.wait()
-    assert wait_for(lambda: not chaos.processes_with(uri), timeout=60)
+    assert wait_for(lambda: not processes_matching(uri), timeout=60)
     before = s3.committed(uri.rsplit("/", 1)[1])
     assert before and max(before) < reference.total_steps, "finished before it was killed"
     assert "emergency" not in (tmp_path / "killed.log").read_text()

@@ -23,7 +23,7 @@ from ftrain.checkpoint import (
     step_dirname,
 )
 from ftrain.storage import Storage, StorageError, checksum
-from tests.harness.processes import assert_bitwise_equal
+from tests.harness.checkpoints import assert_bitwise_equal
 from tests.harness.s3 import CORRUPTIONS, Fault, S3Bucket, save_checkpoint
 
 D10, D20, D30 = step_dirname(10), step_dirname(20), step_dirname(30)

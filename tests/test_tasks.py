@@ -14,20 +14,14 @@ import torch
 
 from ftrain.checkpoint import load_uri
 from ftrain.tasks import TaskError, TaskRef, load_task
-from tests.harness.processes import (
-    PY,
-    ROOT,
-    SMALL,
+from tests.harness.checkpoints import (
     assert_bitwise_equal,
-    base_env,
-    ckpt,
     committed_steps,
     cut_and_resume,
-    export_weights,
-    run_train,
+    latest,
     strip_timing,
 )
-from tests.harness.traces import latest
+from tests.harness.processes import PY, ROOT, SMALL, base_env, ckpt, export_weights, run_train
 
 TOY = ["--task", "tests.harness.tasks:ToyTask", "--batch-size", "16", "--epochs", "2",
        "--log-every-steps", "0", "--save-every-seconds", "0"]

@@ -11,19 +11,17 @@ import torch
 
 from ftrain.tasks.builtin.models import build_model
 from tests.harness import chaos
+from tests.harness.checkpoints import assert_bitwise_equal, committed_steps, strip_timing
 from tests.harness.processes import (
     PY,
     ROOT,
     SMALL,
-    assert_bitwise_equal,
     base_env,
-    committed_steps,
     export_weights,
     inspect,
     kill_group,
     run_train,
     start_train,
-    strip_timing,
     wait_for,
     wait_gone,
 )

@@ -14,14 +14,9 @@ import pytest
 
 from ftrain.checkpoint import CheckpointStore
 from ftrain.storage import Storage
-from tests.harness.processes import ROOT, SMALL, base_env, committed_steps, run_train
-from tests.harness.traces import (
-    assert_epoch_exactly_once,
-    latest,
-    launch_run_cmd,
-    read_trace,
-    steps_once_per_rank,
-)
+from tests.harness.checkpoints import committed_steps, latest
+from tests.harness.processes import ROOT, SMALL, base_env, launch_run_cmd, run_train
+from tests.harness.traces import assert_epoch_exactly_once, read_trace, steps_once_per_rank
 
 pytestmark = pytest.mark.slow
 

@@ -77,6 +77,16 @@ from pathlib import Path
 from typing import Any
 
 from ftrain.runtime.exitcodes import RETRYABLE_FLOOR, STORAGE_FAILED
+from tests.harness import logs
+from tests.harness.checkpoints import (
+    TIMING_FIELDS,
+    committed_of,
+    half_written_of,
+    latest_committed,
+    local_names,
+    strip_timing,
+)
+from tests.harness.processes import kill_all, processes_matching, rank_of, wait_for
 from tests.harness.s3lab import (
     ACTIONS,
     INSTALL_HINT,
@@ -87,6 +97,7 @@ from tests.harness.s3lab import (
     s3_env,
 )
 from tests.harness.stores import PAUSE_ENV, slow_store_env
+from tests.harness.traces import read_trace
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +108,6 @@ BUILTIN_DATA_ARGS = ["--synthetic-train-size", "2048", "--synthetic-test-size", 
 DEFAULT_TRAIN_ARGS = [*BUILTIN_DATA_ARGS, "--batch-size", "64", "--save-every-steps", "3",
                       "--save-every-seconds", "0", "--log-every-steps", "0"]
 STEPS_PER_KILL = 12  # --epochs, when not given, leaves about this many steps to each kill
-TIMING_FIELDS = ("samples_per_s", "seconds", "saves_dropped")  # differ between runs
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM}
 TARGETS = ("worker", "launcher")
 # Planned moment -> weight. The labels reported are what was observed at the kill.
@@ -105,94 +115,7 @@ MOMENTS = {"start-up": 0.1, "training": 0.45, "save": 0.3, "epoch-end": 0.15}
 POLL_S = 0.01
 
 
-# ---------------------------------------------------------------------------- processes
-def _proc_stat(pid: int) -> tuple[int, int, str] | None:
-    """(ppid, pgid, state) of a live process, None when it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()
-    return int(fields[1]), int(fields[2]), fields[0]
-
-
-def processes_with(marker: str) -> dict[int, int]:
-    """Live (not zombie) processes whose command line contains ``marker``: pid -> ppid."""
-    out = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmd = Path(entry.path, "cmdline").read_bytes()
-        except OSError:
-            continue
-        if marker.encode() in cmd:
-            stat = _proc_stat(int(entry.name))
-            if stat is not None and stat[2] != "Z":
-                out[int(entry.name)] = stat[0]
-    return out
-
-
-def _rank_of(pid: int) -> int | None:
-    try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
-
-
-def kill_all(pids: list[int], sig: int) -> None:
-    """Signal every process group the processes lead or belong to, then each process."""
-    groups = {stat[1] for pid in pids if (stat := _proc_stat(pid)) is not None}
-    for group in groups:
-        try:
-            os.killpg(group, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
 # ---------------------------------------------------------------------------- checkpoints
-def _committed(names: list[str]) -> list[int]:
-    """Steps among "step_N/file" names whose manifest exists (the commit), oldest first."""
-    return sorted(int(n[5:].split("/", 1)[0]) for n in names
-                  if n.startswith("step_") and n.endswith("/manifest.json"))
-
-
-def _half_written(names: list[str]) -> set[str]:
-    """State files among "step_N/file" names whose folder has no manifest yet."""
-    committed = {n.split("/", 1)[0] for n in names if n.endswith("/manifest.json")}
-    return {n for n in names if n.startswith("step_") and n.split("/", 1)[0] not in committed
-            and n.rsplit("/", 1)[-1].startswith("state-") and n.endswith(".pt")}
-
-
-def _local_names(ckpt_dir: Path) -> list[str]:
-    return [f"{p.parent.name}/{p.name}" for p in Path(ckpt_dir).glob("step_*/*")]
-
-
-def committed_steps(ckpt_dir: Path) -> list[int]:
-    """Steps whose manifest exists (the commit), oldest first."""
-    return _committed(_local_names(ckpt_dir))
-
-
-def latest_committed(ckpt_dir: Path) -> int:
-    steps = committed_steps(ckpt_dir)
-    return steps[-1] if steps else 0
-
-
-def half_written(ckpt_dir: Path) -> set[str]:
-    """Data files of step folders that have no manifest yet: a save in progress (or the
-    leftovers of a writer that died)."""
-    return _half_written(_local_names(ckpt_dir))
-
-
 class Checkpoints:
     """The chaos run's checkpoint root as the tool watches it: ``uri`` (and the storage
     ``options`` load_uri needs to read it), the "step_N/file" names below it."""
@@ -209,11 +132,11 @@ class Checkpoints:
 
     def latest(self) -> int:
         """The newest committed step, 0 when none is."""
-        steps = _committed(self.names())
+        steps = committed_of(self.names())
         return steps[-1] if steps else 0
 
     def half_written(self) -> set[str]:
-        return _half_written(self.names())
+        return half_written_of(self.names())
 
 
 class LocalCheckpoints(Checkpoints):
@@ -226,7 +149,7 @@ class LocalCheckpoints(Checkpoints):
         self.folder.mkdir(parents=True)
 
     def names(self) -> list[str]:
-        return _local_names(self.folder)
+        return local_names(self.folder)
 
 
 class S3Checkpoints(Checkpoints):
@@ -253,16 +176,6 @@ class S3Checkpoints(Checkpoints):
             Bucket=self.bucket, Prefix=self.prefix + "/")
         return [o["Key"][len(self.prefix) + 1:] for page in pages for o in
                 page.get("Contents", [])]
-
-
-def read_trace(trace_dir: Path) -> list[dict[str, Any]]:
-    """Every complete line the ranks wrote with --trace-samples."""
-    lines = []
-    for path in sorted(Path(trace_dir).glob("rank*.jsonl")):
-        for line in path.read_text().splitlines(keepends=True):
-            if line.endswith("\n"):  # a kill may cut the last line short
-                lines.append(json.loads(line))
-    return lines
 
 
 def flag_value(args: list[str], name: str, default: str) -> str:
@@ -338,7 +251,7 @@ class Job:
 
     def processes(self) -> dict[int, int]:
         """pid -> ppid of torchrun, its workers and theirs (the marker is in every command)."""
-        return processes_with(self.marker)
+        return processes_matching(self.marker)
 
     def workers(self) -> list[int]:
         return sorted(p for p, parent in self.processes().items() if parent == self.proc.pid)
@@ -374,7 +287,7 @@ class Job:
             workers = self.workers()
             if workers:
                 pid = rng.choice(workers)
-                rank = _rank_of(pid)
+                rank = rank_of(pid)
                 try:
                     os.kill(pid, sig)
                 except ProcessLookupError:
@@ -395,7 +308,7 @@ class Job:
 
     def wait_until(self, predicate, timeout: float, interval: float = POLL_S) -> bool:
         """Poll ``predicate``; False on timeout or when the job exits first."""
-        return poll(predicate, timeout, interval, while_=self.running)
+        return wait_for(predicate, timeout, interval, while_=self.running)
 
     def sleep(self, seconds: float) -> bool:
         """Sleep while the job runs; False when it exits first."""
@@ -405,7 +318,7 @@ class Job:
     def reap(self, grace: float = 60.0) -> int:
         """After the launcher exited: wait for its processes to go; SIGKILL and count those
         that outlive ``grace``."""
-        if poll(lambda: not self.processes(), grace, 0.1):
+        if wait_for(lambda: not self.processes(), grace, 0.1):
             return 0
         strays = list(self.processes())
         kill_all(strays, signal.SIGKILL)
@@ -414,20 +327,8 @@ class Job:
     def stop(self) -> None:
         """Kill everything of this job (used on errors and Ctrl-C)."""
         if self.proc is not None:
-            kill_all([self.proc.pid, *processes_with(self.marker)], signal.SIGKILL)
+            kill_all([self.proc.pid, *processes_matching(self.marker)], signal.SIGKILL)
             self.proc.wait()
-
-
-def poll(predicate, timeout: float, interval: float, while_=lambda: True) -> bool:
-    """True as soon as ``predicate()`` is; False after ``timeout`` or once ``while_()`` is not."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        if not while_():
-            return False
-        time.sleep(interval)
-    return False
 
 
 def run_to_end(job: Job, timeout: float) -> int:
@@ -504,10 +405,6 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
 
 
 # ---------------------------------------------------------------------------- comparison
-def strip_timing(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in h.items() if k not in TIMING_FIELDS} for h in history]
-
-
 def compare_runs(ref: Reference, ckpt_dir: Path | str, trace_dirs: list[Path],
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Final weights, history and sample sequence of a run against the reference.
@@ -724,17 +621,11 @@ class Chaos:
         attempt.lost = sum(s > attempt.committed_after for s in trained)
         attempt.paused_saves = paused
         text = job.log_text()
-        attempt.slowest_save_s = max(
-            (float(x) for x in re.findall(r"checkpoint \S+ committed \([\d.]+ MiB, ([\d.]+)s\)",
-                                          text)), default=0.0)
-        # torchrun's failure report: "exitcode  : 143 (pid: 1234)", once per failed worker.
-        exits = re.findall(r"exitcode\s*:\s*(-?\d+) \(pid: (\d+)\)", text)
-        attempt.worker_exits = list({pid: int(code) for code, pid in exits}.values())
-        attempt.saves_failed = text.count("SAVE FAILED")
-        attempt.emergency_failed = bool(re.search(r"EMERGENCY CHECKPOINT AT STEP \d+ FAILED",
-                                                  text))
-        # ftrain.storage: "<what> failed (<error>); retry 1/9 in 0.02s"
-        attempt.storage_retries = len(re.findall(r"\); retry \d+/\d+ in ", text))
+        attempt.slowest_save_s = logs.slowest_save_s(text)
+        attempt.worker_exits = logs.worker_exits(text)
+        attempt.saves_failed = logs.saves_failed(text)
+        attempt.emergency_failed = logs.emergency_failed(text)
+        attempt.storage_retries = logs.storage_retries(text)
         return attempt
 
     def _kill_when_planned(self, job: Job, plan: Plan, kills_left: int) -> Kill | None:
@@ -894,7 +785,7 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
                                 f"two saves of {save_s:.2f}s at "
                                 f"{(ref.train_step_s or ref.step_s) * 1e3:.0f} ms a "
                                 "step, plus the step in progress)")
-    permanent = sorted({c for a in attempts for c in a.worker_exits if 0 < c < 128})
+    permanent = sorted({c for a in attempts for c in a.worker_exits if 0 < c < RETRYABLE_FLOOR})
     if permanent:
         problems.append(f"workers exited with permanent codes {permanent} (expected 0 or "
                         "128-255, or a signal)")
@@ -1056,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # Stopped by SIGTERM or Ctrl-C (even from a background shell, which ignores SIGINT), the
     # tool unwinds and kills the job it is running.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(args, extra, lab)

@@ -1,4 +1,5 @@
-"""Shared helpers for the tests: run the real commands as subprocesses."""
+"""Run the real commands as subprocesses (training under torchrun or alone, ftrain-run, the
+ckpt tool), and find, signal and wait for the processes they leave (from /proc; no psutil)."""
 
 from __future__ import annotations
 
@@ -96,60 +97,28 @@ def rank_then_exit_now(body, *args) -> None:
     exit_now(0)
 
 
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc; no psutil)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            out += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return out
+def launch_run_cmd(train_args: list[str], nproc: int,
+                   torchrun_args: list[str] | None = None) -> list[str]:
+    """The container entry point (ftrain-run) around torchrun around ``src.train``."""
+    return [PY, "-m", "ftrain.launcher", "--nproc_per_node", str(nproc), "--master_addr",
+            "127.0.0.1", "--master_port", str(free_port()), *(torchrun_args or []), "-m",
+            "src.train", *train_args]
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below ``pid``, children before their children."""
-    out, frontier = [], [pid]
-    while frontier:
-        frontier = [child for parent in frontier for child in children(parent)]
-        out += frontier
-    return out
-
-
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
+def start_logged(cmd: list[str], log_path: Path | None = None,
+                 env: dict | None = None) -> subprocess.Popen:
+    """Start ``cmd`` in a session of its own (so that its whole group can be killed), stdout
+    and stderr to ``log_path`` (default: nowhere)."""
+    with open(log_path or os.devnull, "w") as out:
+        return subprocess.Popen(cmd, cwd=ROOT, env=base_env(env), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def start_train(args: list[str], nproc: int = 0, env: dict | None = None,
                 torchrun_args: list[str] | None = None, log_path: Path | None = None
                 ) -> subprocess.Popen:
-    """Start in its own process group (so the whole group can be killed), output to a file."""
-    out = open(log_path, "w") if log_path else subprocess.DEVNULL  # noqa: SIM115
-    return subprocess.Popen(train_cmd(args, nproc, torchrun_args), cwd=ROOT, env=base_env(env),
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def wait_for(predicate, timeout: float, interval: float = 0.1) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return False
-
-
-def committed_steps(ckpt_dir: Path) -> list[int]:
-    return sorted(int(p.parent.name.split("_")[1]) for p in Path(ckpt_dir).glob("step_*/manifest.json"))
+    """The training command of ``train_cmd``, started as ``start_logged`` starts one."""
+    return start_logged(train_cmd(args, nproc, torchrun_args), log_path, env)
 
 
 def ckpt(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -169,110 +138,114 @@ def export_weights(uri: str, out: Path, env: dict | None = None) -> dict[str, to
     return torch.load(out, map_location="cpu", weights_only=True)
 
 
-def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape, k
-        assert torch.equal(a[k], b[k]), f"{k} differs (max abs diff {(a[k].double() - b[k].double()).abs().max()})"
+# ---------------------------------------------------------------------------- /proc
+def proc_stat(pid: int) -> tuple[int, int, str] | None:
+    """(ppid, pgid, state) of a live process, None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()
+    return int(fields[1]), int(fields[2]), fields[0]
 
 
-def strip_timing(history: list[dict]) -> list[dict]:
-    """The metric history without wall-clock fields (those legitimately differ)."""
-    return [{k: v for k, v in h.items() if k not in ("samples_per_s", "seconds", "saves_dropped")}
-            for h in history]
-
-
-def processes_matching(text: str) -> list[int]:
-    """PIDs of live processes whose command line contains ``text`` (e.g. a checkpoint dir)."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
+def processes_matching(text: str) -> dict[int, int]:
+    """Live (not zombie) processes whose command line contains ``text`` (a checkpoint folder,
+    a test's tmp_path, a chaos launch's trace folder): pid -> ppid."""
+    out = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = (p / "stat").read_text().split(") ", 1)[1][:1]
+            cmd = Path(entry.path, "cmdline").read_bytes()
         except OSError:
             continue
-        if text in cmd and state != "Z":
-            pids.append(int(p.name))
-    return pids
+        if text.encode() in cmd:
+            stat = proc_stat(int(entry.name))
+            if stat is not None and stat[2] != "Z":
+                out[int(entry.name)] = stat[0]
+    return out
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below ``pid``, children before their children."""
+    out, frontier = [], [pid]
+    while frontier:
+        frontier = [child for parent in frontier for child in children(parent)]
+        out += frontier
+    return out
+
+
+def rank_of(pid: int) -> int | None:
+    """The RANK a worker process was started with, None when it has none (or is gone)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in env:
+        if item.startswith(b"RANK="):
+            return int(item[5:])
+    return None
+
+
+# ---------------------------------------------------------------------------- signals, waits
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def kill_all(pids: list[int], sig: int) -> None:
+    """Signal every process group the processes lead or belong to, then each process."""
+    groups = {stat[1] for pid in pids if (stat := proc_stat(pid)) is not None}
+    for group in groups:
+        try:
+            os.killpg(group, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+    for pid in pids:
+        _signal(pid, sig)
+
+
+def kill_leftovers(text: str) -> None:
+    """SIGKILL, by pid, every process still running whose command line holds ``text`` (a
+    test's tmp_path): workers live in sessions of their own and outlive a killed launcher."""
+    for pid in processes_matching(text):
+        _signal(pid, signal.SIGKILL)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1, while_=lambda: True) -> bool:
+    """True as soon as ``predicate()`` is; False after ``timeout`` or once ``while_()`` is not."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        if not while_():
+            return False
+        time.sleep(interval)
+    return False
 
 
 def wait_gone(text: str, timeout: float = 90) -> bool:
     """Wait until no process mentions ``text``: torchrun workers live in sessions of their own
     and outlive a kill of torchrun by the time their emergency checkpoint takes."""
     return wait_for(lambda: not processes_matching(text), timeout, interval=0.2)
-
-
-def cut_and_resume(args: list[str], tmp_path: Path, cut_at: int, nproc: int = 2,
-                   ref_args: tuple[str, ...] = (), resume_args: tuple[str, ...] = ()):
-    """Train ``args`` uninterrupted into ``tmp_path/ref``; train them again into
-    ``tmp_path/cut`` stopped at step ``cut_at``, then rerun the same command. Asserts that every
-    run succeeded, that the rerun resumed, and that both end with bitwise-equal weights.
-    Returns (the reference's newest checkpoint, the resumed run's, the rerun's stderr)."""
-    from ftrain.checkpoint import load_uri
-
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    for folder, extra in ((ref, [*ref_args]), (cut, ["--max-steps", str(cut_at)]),
-                          (cut, [*resume_args])):
-        r = run_train([*args, *extra, "--checkpoint-dir", str(folder)], nproc=nproc)
-        assert r.returncode == 0, r.stderr[-3000:]
-    assert "resumed from" in r.stderr, r.stderr[-3000:]
-    a, b = load_uri(str(ref)), load_uri(str(cut))
-    assert_bitwise_equal(a.model_state(), b.model_state())
-    return a, b, r.stderr
-
-
-def _exception_texts(exc: BaseException) -> list[str]:
-    """str, repr and the formatted traceback of ``exc`` and of every exception in its
-    cause/context chain (what a log line or a crash report could show)."""
-    import traceback
-
-    out, seen = [], set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        out += [str(e), repr(e), *(repr(a) for a in e.args)]
-        e = e.__cause__ or e.__context__
-    out.append("".join(traceback.format_exception(exc)))
-    return out
-
-
-def assert_secret_absent(secret: str, texts=(), paths=(), blobs=None, exceptions=()) -> int:
-    """Fail if ``secret`` appears anywhere it must not: in ``texts`` (log output, messages), in
-    any file below ``paths`` (files, or folders walked recursively; read as bytes, so binary
-    files such as checkpoints and event files count), in ``blobs`` ({name: bytes}, e.g. the
-    objects of a bucket) or in the text of ``exceptions`` (with their cause chains).
-
-    The secret is also looked for as it would appear JSON-escaped and percent-encoded. Returns
-    how many texts, files, blobs and exceptions were searched, so that a caller can check it
-    searched what it meant to."""
-    import urllib.parse
-
-    assert secret, "an empty secret is found everywhere"
-    forms = {secret, json.dumps(secret)[1:-1], urllib.parse.quote(secret, safe=""),
-             urllib.parse.quote_plus(secret)}
-    needles = [f.encode() for f in forms]
-    searched = 0
-
-    def check(where: str, data: bytes) -> None:
-        for needle in needles:
-            assert needle not in data, f"secret found in {where}"
-
-    for i, text in enumerate(texts):
-        check(f"text #{i} ({text[:80]!r}...)", text.encode(errors="surrogateescape"))
-        searched += 1
-    for root in paths:
-        root = Path(root)
-        for path in [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file()):
-            check(f"file {path}", path.read_bytes())
-            searched += 1
-    for name, data in (blobs or {}).items():
-        check(f"blob {name}", bytes(data))
-        searched += 1
-    for exc in exceptions:
-        for text in _exception_texts(exc):
-            check(f"exception {type(exc).__name__}: {text[:200]!r}", text.encode(
-                errors="surrogateescape"))
-        searched += 1
-    return searched

@@ -19,11 +19,12 @@ request to the moto server, possibly through the proxy.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.harness.checkpoints import committed_of
 
 # Re-exported: the tests import these from here.
 from tests.harness.s3lab import (  # noqa: F401
@@ -77,8 +78,8 @@ class S3Bucket:
 
     def committed(self, prefix: str) -> list[int]:
         """Steps below ``prefix`` whose manifest exists (the commit), oldest first."""
-        return sorted(int(m.group(1)) for k in self.keys(prefix.rstrip("/") + "/")
-                      if (m := re.search(r"step_(\d{10})/manifest\.json$", k)))
+        prefix = prefix.rstrip("/") + "/"
+        return committed_of([k[len(prefix):] for k in self.keys(prefix)])
 
     def multipart_uploads(self) -> list[str]:
         return [u["Key"] for u in

@@ -1,32 +1,29 @@
-"""Helpers for the preemption, world-size, compatibility and elastic tests: the sample traces
-(``--trace-samples``), worker processes below a launcher, torchrun's failure report."""
+"""The sample traces that ``--trace-samples FOLDER`` makes every rank write (one JSON line per
+trained batch: epoch, step, batch, rank, world, the sample indices), read back and checked:
+no step trained twice, every sample of an epoch once, whatever the world sizes."""
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from ftrain.checkpoint import CheckpointStore, Loaded
 from ftrain.data.sampler import ResumableDistributedSampler
-from ftrain.storage import Storage
-from tests.harness.processes import PY, ROOT, base_env, free_port, processes_matching
 
 TRACE_NAME = re.compile(r"^rank(\d+)-pid(\d+)\.jsonl$")
 
 
-def read_trace(folder: Path) -> list[dict]:
-    """Every traced per-rank batch below ``folder`` (all runs, all ranks), in file order."""
+def read_trace(folder: Path) -> list[dict[str, Any]]:
+    """Every traced per-rank batch below ``folder`` (all runs, all ranks), in file order. A line
+    still being written (or cut short by a kill) is skipped, not misread."""
     out = []
-    for f in sorted(Path(folder).glob("*.jsonl")):
-        for line in f.read_text().splitlines():
-            if line.endswith("}"):  # a line being written is skipped, not misread
+    for path in sorted(Path(folder).glob("rank*.jsonl")):
+        for line in path.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):
                 out.append(json.loads(line))
     return out
 
@@ -100,44 +97,3 @@ def assert_epoch_exactly_once(lines: list[dict], n: int, global_batch: int, seed
     for b, idx in batches.items():
         assert sorted(idx) == sorted(order[b * global_batch:(b + 1) * global_batch]), (
             f"epoch {epoch} global batch {b} is not the schedule's batch")
-
-
-def latest(ckpt_dir: Path | str) -> Loaded:
-    """The newest valid checkpoint, verified and loaded in this process (faster than a
-    ``python -m src.ckpt`` subprocess)."""
-    loaded = CheckpointStore(Storage(str(ckpt_dir))).latest()
-    assert loaded is not None, f"no valid checkpoint in {ckpt_dir}"
-    return loaded
-
-
-def kill_leftovers(text: str) -> None:
-    """SIGKILL, by pid, every process still running whose command line holds ``text`` (a
-    test's tmp_path): workers live in sessions of their own and outlive a killed launcher."""
-    for pid in processes_matching(text):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-_FAILURE = re.compile(r"rank\s*:\s*(\d+) \(local_rank: \d+\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
-
-
-def torchrun_failures(log: str) -> dict[int, int]:
-    """{rank: exit code} from torchrun's ChildFailedError report."""
-    return {int(r): int(c) for r, c in _FAILURE.findall(log)}
-
-
-def launch_run_cmd(train_args: list[str], nproc: int,
-                   torchrun_args: list[str] | None = None) -> list[str]:
-    """The container entry point (ftrain-run) around torchrun around ``src.train``."""
-    return [PY, "-m", "ftrain.launcher", "--nproc_per_node", str(nproc), "--master_addr",
-            "127.0.0.1", "--master_port", str(free_port()), *(torchrun_args or []), "-m",
-            "src.train", *train_args]
-
-
-def start_logged(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
-    """Start ``cmd`` in a session of its own, stdout and stderr to ``log_path``."""
-    with open(log_path, "w") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, env=base_env(env), stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
