@@ -18,7 +18,7 @@ from tests.harness import chaos
 from tests.harness.processes import FSDP_CHAOS_EXTRA
 from tests.harness.s3lab import ACTIONS, RandomFaults
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_chaos(workdir: Path, *args: str, reference: Path | None = None,

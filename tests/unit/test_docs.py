@@ -31,7 +31,7 @@ from ftrain.tasks import Task, TaskContext
 from tests.harness.checkpoints import assert_bitwise_equal
 from tests.harness.processes import base_env, export_weights
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
 # Where commands, code and config files are the reader's to copy.
 HOW_TO = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",

@@ -22,7 +22,7 @@ import yaml
 
 from ftrain.config import Config, ConfigError, load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "launch" / "k8s"
 DOCKER = ROOT / "docker"
 FIXTURES = ROOT / "tests" / "fixtures" / "k8s"
