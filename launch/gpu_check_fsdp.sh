@@ -14,8 +14,8 @@ export PYTHONPATH="$PWD:$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 S="--synthetic-train-size 8192 --synthetic-test-size 1024 --batch-size 128 --epochs 2 --log-every-steps 0 --save-every-seconds 0 --parallel fsdp"
 $PY -c "import torch;print('torch',torch.__version__, torch.cuda.get_device_name(0))"
 echo "== 1 unit tests + 2-rank CPU cut/resume (CPU: one GPU takes one NCCL rank only)"
-CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/test_fsdp.py -m "not slow" 2>&1 | tail -3
-CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k "test_cut_and_resume_is_bitwise_exact" 2>&1 | tail -3
+CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/unit/test_fsdp.py tests/integration/test_fsdp.py -m "not slow" 2>&1 | tail -3
+CUDA_VISIBLE_DEVICES= $PY -m pytest -q -p no:cacheprovider tests/integration/test_fsdp.py -k "test_cut_and_resume_is_bitwise_exact" 2>&1 | tail -3
 echo "== 2 world 1 on cuda, deterministic exact resume"
 $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/ref 2>&1 | grep -E "done|rror"
 $TR 1 -m src.train $S --device cuda --deterministic --checkpoint-dir $W/cut --max-steps 77 2>&1 | grep -E "rror|max-steps"

@@ -21,9 +21,10 @@ PY = sys.executable
 SMALL = ["--synthetic-train-size", "2048", "--synthetic-test-size", "512", "--batch-size", "64",
          "--epochs", "2", "--log-every-steps", "0", "--save-every-seconds", "0"]
 
-# The training flags tests/test_chaos.py gives `launch.chaos --kills 4 --parallel fsdp --`: with
-# them its uninterrupted reference is the same run as tests/test_fsdp.py's CNN reference
-# (SMALL, --parallel fsdp, a checkpoint every 5 steps), so the two share it.
+# The training flags tests/system/test_chaos.py gives `launch.chaos --kills 4 --parallel fsdp
+# --`: with them its uninterrupted reference is the same run as the CNN reference of
+# tests/integration/test_fsdp.py (SMALL, --parallel fsdp, a checkpoint every 5 steps), so the two
+# share it.
 FSDP_CHAOS_EXTRA = ["--synthetic-test-size", "512", "--save-every-steps", "5"]
 
 

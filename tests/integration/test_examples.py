@@ -16,7 +16,7 @@ import subprocess
 import pytest
 import torch
 
-from examples.charlm import CharLM, unigram_bpc
+from examples.charlm import unigram_bpc
 from tests.harness import chaos
 from tests.harness.checkpoints import committed_steps, cut_and_resume, latest, strip_timing
 from tests.harness.processes import (
@@ -129,20 +129,6 @@ def test_chaos_sigkills_the_language_model(lm_reference, tmp_path):
     assert summary["history"].startswith("identical")
 
 
-def test_lm_data_fingerprint_is_recorded():
-    ctx_args = dict(TINY_LM)
-    task = CharLM(**ctx_args)
-    from ftrain.data.fingerprint import fingerprint
-    from ftrain.tasks import TaskContext
-
-    train, _ = task.datasets(TaskContext(0, "./data", False, 0, 1, 0))
-    fp = fingerprint(train, 0)
-    assert fp["len"] == WINDOWS and fp == fingerprint(train, 0)
-    bigger = CharLM(**{**ctx_args, "max_train_chars": 70000}).datasets(
-        TaskContext(0, "./data", False, 0, 1, 0))[0]
-    assert fingerprint(bigger, 0) != fp
-
-
 # ---------------------------------------------------------------------------- image classifier
 IMG = ["--task", "examples.image_classifier:SmallResNet", "--task-args",
        json.dumps({"width": 8, "train_size": 512, "test_size": 128}), "--batch-size", "64",
@@ -172,12 +158,3 @@ def test_image_classifier_resumes_exports_and_predicts(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "accuracy on test" in out.stdout and "/40 = " in out.stdout
     assert out.stdout.count("predicted") == 2
-
-
-def test_examples_import_only_the_public_api():
-    for name in ("charlm.py", "image_classifier.py"):
-        text = (ROOT / "examples" / name).read_text()
-        imports = [ln for ln in text.splitlines() if ln.startswith(("import ftrain", "from ftrain"))]
-        assert imports == ["from ftrain import Config, Task, TaskContext"] or imports == [
-            "from ftrain import Task, TaskContext"], imports
-

@@ -1,26 +1,22 @@
 """``--parallel fsdp``: FSDP2 training with sharded checkpoints that keep every promise.
 
-Unit tests: the sharded storage layer (DCP over our Storage) round-trips a state without
-pickle, refuses a hostile pickle, and its metadata survives JSON; the meta-device
-initialisation is the same on every world size, sets a user module's own parameters and
-buffers through its reset_parameters(), and refuses, by name, a module it cannot initialise.
-End to end (torchrun, 2 CPU workers, gloo): a run SIGTERMed (emergency sharded checkpoint,
-exit 143) resumes bitwise equal to an uninterrupted one; on S3, a run cut at a step does too;
-a corrupt or missing shard invalidates its checkpoint as a whole; a ddp checkpoint resumes
-under fsdp and the other way round; the tools read sharded checkpoints. With 4 workers, for
-the default CNN and the language model of examples/charlm.py (a user's task): SIGKILLed
-mid-epoch and rerun on 4, bitwise equal to an uninterrupted run; resumed on 2 (the CNN then
-on 1), every sample once; exported and predicted in one process. (SIGKILLs inside saves and
-during evaluation: tests/test_chaos.py's fsdp run, against the same reference.) Saving and resuming raise each rank's peak RSS by about
-its share of the state, never by the whole state (as ddp's whole-state path does).
+On several spawned ranks: the meta-device initialisation is the same on every world size, and
+the ranks persist the same saves and never wait for storage. End to end (torchrun, 2 CPU
+workers, gloo): a run SIGTERMed (emergency sharded checkpoint, exit 143) resumes bitwise equal
+to an uninterrupted one; on S3, a run cut at a step does too; a corrupt or missing shard
+invalidates its checkpoint as a whole; a ddp checkpoint resumes under fsdp and the other way
+round; the tools read sharded checkpoints. With 4 workers, for the default CNN and the language
+model of examples/charlm.py (a user's task): SIGKILLed mid-epoch and rerun on 4, bitwise equal
+to an uninterrupted run; resumed on 2 (the CNN then on 1), every sample once; exported and
+predicted in one process. (SIGKILLs inside saves and during evaluation:
+tests/system/test_chaos.py's fsdp run, against the same reference. Each rank's peak RSS in a
+save and a resume: tests/system/test_memory.py. The sharded storage layer in-process:
+tests/unit/test_fsdp.py.)
 """
-
 from __future__ import annotations
 
-import io
 import json
 import multiprocessing
-import pickle
 import random
 import shutil
 import signal
@@ -29,11 +25,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 
 from ftrain.checkpoint import CheckpointStore, load_uri, step_dirname
 from ftrain.config import load_config
-from ftrain.storage import Storage
 from tests.harness.checkpoints import (
     assert_bitwise_equal,
     committed_steps,
@@ -55,193 +49,7 @@ CNN = [*SMALL, *FSDP, "--save-every-steps", "5"]
 MLP = [*CNN, "--model", "mlp"]
 
 
-# ---------------------------------------------------------------------------- unit
-def _roundtrip(tmp_path: Path, state: dict, template: dict) -> dict:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint import DefaultSavePlanner
-
-    from ftrain.checkpoint.dcp import ShardWriter, decode_metadata
-    from ftrain.checkpoint.dcp_read import SafeLoadPlanner, ShardReader
-
-    storage = Storage(str(tmp_path))
-    got: dict = {}
-
-    def commit(metadata: bytes, table: dict) -> None:
-        got.update(metadata=metadata, table=table)
-
-    dcp.save(state, storage_writer=ShardWriter(storage, "step", "w1", commit=commit),
-             planner=DefaultSavePlanner(), no_dist=True)
-    assert list(got["table"]) == ["shard-00000-w1.distcp"]
-    meta = decode_metadata(got["metadata"])
-    dcp.load(template, storage_reader=ShardReader(storage, "step", meta),
-             planner=SafeLoadPlanner(), no_dist=True)
-    return got
-
-
-@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
-def test_shards_roundtrip_without_pickle(tmp_path):
-    model = nn.Sequential(nn.Linear(5, 3), nn.BatchNorm1d(3))
-    opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.9))
-    model(torch.randn(4, 5)).sum().backward()
-    opt.step()
-    state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "bf16": torch.arange(7, dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
-    template = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()},
-                "optimizer": {"state": {i: {k: torch.zeros_like(v) for k, v in s.items()}
-                                        for i, s in opt.state_dict()["state"].items()},
-                              "param_groups": [dict(g, lr=0.0, betas=(0.0, 0.0)) for g in
-                                               opt.state_dict()["param_groups"]]},
-                "bf16": torch.zeros(7, dtype=torch.bfloat16), "empty": torch.empty(0, 3)}
-    got = _roundtrip(tmp_path, state, template)
-    for key in ("model", "bf16", "empty"):
-        a, b = state[key], template[key]
-        assert_bitwise_equal(a if isinstance(a, dict) else {key: a},
-                             b if isinstance(b, dict) else {key: b})
-    for i, s in state["optimizer"]["state"].items():
-        assert_bitwise_equal(s, template["optimizer"]["state"][i])
-    # Non-tensor values come back (through weights_only unpickling).
-    assert template["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
-    # The metadata is JSON, the shard file holds raw tensor bytes.
-    doc = json.loads(got["metadata"])
-    assert doc["state_dict_metadata"]["model.0.weight"]["size"] == [3, 5]
-    raw = (tmp_path / "step" / "shard-00000-w1.distcp").read_bytes()
-    weight = model.state_dict()["0.weight"].numpy().tobytes()
-    assert weight in raw
-
-
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-def test_a_hostile_pickle_in_a_shard_is_refused():
-    from ftrain.checkpoint.dcp_read import SafeLoadPlanner
-
-    class Evil:
-        def __reduce__(self):
-            return (print, ("code ran",))
-
-    planner = SafeLoadPlanner()
-    with pytest.raises(pickle.UnpicklingError):
-        planner.load_bytes(None, io.BytesIO(pickle.dumps(Evil())))
-
-
-def test_ranged_reads_group_nearby_items():
-    from ftrain.checkpoint.dcp import Location, ShardFileError
-    from ftrain.checkpoint.dcp_read import SPAN_GAP, _cut, _spans
-
-    def at(offset: int, length: int) -> tuple[str, Location]:
-        return f"{offset}", Location("f", offset, length, ())
-
-    items = [at(SPAN_GAP * 5, 10), at(0, 100), at(100 + SPAN_GAP - 1, 8), at(SPAN_GAP * 3, 4)]
-    groups = _spans(items)
-    assert [[item for item, _ in g] for g in groups] == [
-        ["0", f"{100 + SPAN_GAP - 1}"], [f"{SPAN_GAP * 3}"], [f"{SPAN_GAP * 5}"]]
-    raw = bytes(range(256)) * 4
-    (_, _, chunk), = _cut("f", 16, raw, [at(20, 4)])
-    assert bytes(chunk) == raw[4:8]
-    with pytest.raises(ShardFileError, match="f is shorter than its metadata says"):
-        list(_cut("f", 16, raw, [at(16 + len(raw) - 2, 4)]))
-
-
-def test_metadata_survives_json():
-    from torch.distributed.checkpoint.metadata import (
-        BytesStorageMetadata,
-        ChunkStorageMetadata,
-        Metadata,
-        MetadataIndex,
-        TensorProperties,
-        TensorStorageMetadata,
-    )
-
-    from ftrain.checkpoint.dcp import Location, decode_metadata, encode_metadata
-
-    md = Metadata(
-        state_dict_metadata={
-            "model.w": TensorStorageMetadata(TensorProperties(dtype=torch.bfloat16),
-                                             torch.Size([4, 2]),
-                                             [ChunkStorageMetadata(torch.Size([0, 0]),
-                                                                   torch.Size([2, 2])),
-                                              ChunkStorageMetadata(torch.Size([2, 0]),
-                                                                   torch.Size([2, 2]))]),
-            "optimizer.param_groups.0.lr": BytesStorageMetadata()},
-        planner_data={"model.w": ("model", "w"),
-                      "optimizer.param_groups.0.lr": ("optimizer", "param_groups", 0, "lr")},
-        storage_data={MetadataIndex("model.w", [2, 0]): Location("shard-1.distcp", 64, 8, (2, 2)),
-                      MetadataIndex("optimizer.param_groups.0.lr"): Location("s0", 0, 9)})
-    back = decode_metadata(encode_metadata(md))
-    assert back.state_dict_metadata == md.state_dict_metadata
-    assert back.planner_data == md.planner_data
-    assert back.storage_data == md.storage_data
-    with pytest.raises(ValueError):
-        decode_metadata(b'{"format": "pickle"}')
-
-
-class _NoReset(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-        self.inner = nn.Linear(3, 3)
-
-
-def test_a_module_that_cannot_initialise_itself_is_named():
-    from ftrain.runtime.exitcodes import InputError
-    from ftrain.runtime.fsdp import check_initialisable
-
-    with torch.device("meta"):
-        model = nn.Sequential(nn.Linear(2, 3), _NoReset())
-    with pytest.raises(InputError, match=r"1 \(_NoReset: scale\)\. Add to each a "
-                       r"reset_parameters\(self\)"):
-        check_initialisable(model)
-    check_initialisable(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3)))
-
-
-class _ForgetsItsMask(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(3))
-        self.register_buffer("mask", torch.triu(torch.ones(3, 3)), persistent=False)
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.scale)
-
-
-def test_a_reset_parameters_that_forgets_a_buffer_is_refused():
-    """Uninitialised memory would differ between ranks and runs: refused by name instead."""
-    from ftrain.runtime.distributed import DistInfo
-    from ftrain.runtime.exitcodes import InputError
-    from ftrain.runtime.fsdp import build_model
-    from ftrain.tasks import Task
-
-    class Forgetful(Task):
-        def build_model(self) -> nn.Module:
-            return nn.Sequential(nn.Linear(3, 3), _ForgetsItsMask())
-
-    with pytest.raises(InputError, match=r"1 \(_ForgetsItsMask: mask\): its reset_parameters"
-                                         r"\(\) leaves these uninitialised"):
-        build_model(Forgetful(), 3, DistInfo(0, 1, 0, torch.device("cpu"), None))
-
-
-def test_the_language_model_initialises_from_the_meta_device():
-    """examples/charlm.py's own tensors (a parameter drawn in __init__, a causal mask buffer)
-    come out right through its reset_parameters()."""
-    from examples.charlm import CharLM
-    from ftrain.runtime.distributed import DistInfo
-    from ftrain.runtime.fsdp import build_model
-
-    model = build_model(CharLM(context=16, d_model=8, layers=1, heads=2), 3,
-                        DistInfo(0, 1, 0, torch.device("cpu"), None))
-    assert torch.equal(model.mask, nn.Transformer.generate_square_subsequent_mask(16))
-    assert 0.01 < float(model.pos.detach().std()) < 0.03
-    assert all(bool(t.isfinite().all()) for t in model.state_dict().values())
-
-
-def test_default_shard_units_expand_containers():
-    from ftrain.tasks import default_shard_units
-    from ftrain.tasks.builtin.models import SmallCNN
-
-    model = SmallCNN()
-    units = default_shard_units(model)
-    assert [type(u).__name__ for u in units] == ["Conv2d", "BatchNorm2d", "Conv2d",
-                                                 "BatchNorm2d", "Linear", "Linear"]
-
-
+# ---------------------------------------------------------------------------- several ranks
 def _init_on_ranks(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
@@ -371,7 +179,7 @@ def _check_same_run(ref: Path, got: Path | str) -> None:
 @pytest.fixture(scope="module")
 def cnn_ref(tmp_path_factory) -> Path:
     """One uninterrupted fsdp run of the default job (a BatchNorm CNN) on 2 workers: the same
-    run as CNN's flags, run by launch.chaos's reference runner so that tests/test_chaos.py's
+    run as CNN's flags, run by launch.chaos's reference runner so that tests/system/test_chaos.py's
     fsdp chaos run reuses it (FSDP_CHAOS_EXTRA)."""
     from tests.harness import chaos
 
@@ -584,74 +392,6 @@ def test_switching_between_ddp_and_fsdp_converts_the_checkpoint(tmp_path):
             strip_timing(got.train_state["history"])
 
 
-# A state larger than one rank's share: an MLP of 4 hidden layers of 4096 (53.5M parameters,
-# 204 MiB) with AdamW's two moments: 613 MiB of checkpointed state, 153 MiB per rank on 4.
-BIG = ["--model", "mlp", "--width", "4096", "--depth", "4", "--optimizer", "adamw",
-       "--synthetic-train-size", "256", "--synthetic-test-size", "64", "--batch-size", "64",
-       "--epochs", "1", "--log-every-steps", "0", "--save-every-seconds", "0",
-       "--log-format", "json"]
-SLACK_MIB = 64  # allocator, gloo and DCP's planning: tens of MiB, whatever the state's size
-
-
-def _memory_lines(stderr: str) -> dict[str, dict[int, float]]:
-    """Phase ("save of step 1", "resume from step 1") -> rank -> the phase's peak RSS over the
-    RSS before it (MiB), from the ranks' DEBUG lines (memory.py), JSON logs."""
-    out: dict[str, dict[int, float]] = {}
-    for line in stderr.splitlines():
-        if line.startswith("{") and '"memory_phase"' in line:
-            doc = json.loads(line)
-            out.setdefault(doc["memory_phase"], {})[doc["rank"]] = doc["peak_increase_mib"]
-    return out
-
-
-@pytest.mark.slow
-def test_saving_and_loading_never_hold_the_whole_state_on_one_rank(tmp_path):
-    """4 ranks save and resume a state of 613 MiB: each rank's peak RSS rises by about its own
-    share (153 MiB) in a save (the snapshot of its shards), and by less than two shares in a
-    resume (its optimizer state comes into being and it reads its share of the shard files),
-    never by the whole state. The same checkpoint resumed under ddp, which does materialise the
-    whole state on every rank (and snapshots it on rank 0), crosses the same bounds: so these
-    figures would catch a sharded path that gathered the state on one rank."""
-    # A fixed mmap threshold makes glibc hand every large block straight back to the system
-    # when it is freed, so the peak RSS counts what is alive, not what the allocator kept.
-    # With its default (dynamic) threshold, freed blocks such as the zero gradients DCP makes
-    # to bring the optimizer state into being could stay resident or not, depending on the
-    # timing between threads: one rank's resume then read +50 to +90 MiB more, in 3 of 16
-    # measurements under a CPU hog (and once above the bound). With it: the same figures to
-    # 0.5 MiB in every run (save +154, resume +261 per rank).
-    d = tmp_path / "fsdp"
-    env = {"FTT_LOG_LEVEL": "DEBUG", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    phases: dict[str, dict[int, float]] = {}
-    for _ in range(2):  # a step and its save; the same command again: a resume, nothing to do
-        r = run_train([*BIG, *FSDP, "--max-steps", "1", "--checkpoint-dir", str(d)], nproc=4,
-                      env=env, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        phases.update(_memory_lines(r.stderr))
-    assert "already at step 1" in r.stdout, r.stdout
-    manifest = load_uri(str(d)).manifest
-    full = sum(manifest["files"][f]["size"] for f in manifest["shards"]) / 2**20
-    share = full / 4
-    assert full > 600, full
-    for phase in ("save of step 1", "resume from step 1"):
-        assert sorted(phases.get(phase, {})) == [0, 1, 2, 3], (phase, phases)
-    print(f"full state {full:.1f} MiB, {share:.1f} MiB per rank; peak RSS increase per rank "
-          f"(MiB): {phases}")
-    for rank in range(4):
-        assert phases["save of step 1"][rank] < share + SLACK_MIB, phases
-        assert phases["resume from step 1"][rank] < 2 * share + SLACK_MIB, phases
-
-    # The contrast: ddp (on 2 ranks) resumes the same checkpoint whole on every rank.
-    r = run_train([*BIG, "--max-steps", "2", "--resume", f"{d}/{step_dirname(1)}",
-                   "--checkpoint-dir", str(tmp_path / "ddp")], nproc=2, env=env, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    whole = _memory_lines(r.stderr)
-    print(f"ddp, 2 ranks: peak RSS increase per rank (MiB): {whole}")
-    assert sorted(whole["resume from step 1"]) == [0, 1], whole
-    assert min(whole["resume from step 1"].values()) > max(full, 2 * share + SLACK_MIB), whole
-    assert list(whole["save of step 2"]) == [0]  # one writer
-    assert whole["save of step 2"][0] > max(0.75 * full, 2 * share + SLACK_MIB), whole
-
-
 @pytest.mark.slow
 def test_tools_read_sharded_checkpoints(cnn_ref, tmp_path):
     r = ckpt("verify", str(cnn_ref))
@@ -694,13 +434,3 @@ def test_s3_same_code_path_cut_and_resumed_exactly(s3, fault_proxy, cnn_ref, tmp
     assert sum(k.endswith(".distcp") for k in keys) == 2
     assert any(k.endswith("manifest.json") for k in keys)
     _check_same_run(cnn_ref, uri)
-
-
-def test_checkpoint_store_reads_sharded_manifests_only_as_format_3(tmp_path):
-    store = CheckpointStore(Storage(str(tmp_path)))
-    manifest = {"format_version": 3, "layout": "sharded", "step": 1, "epoch": 0,
-                "state_file": "s", "train_state_file": "t", "files": {}}
-    (tmp_path / step_dirname(1)).mkdir()
-    (tmp_path / step_dirname(1) / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(Exception, match="lacks 'dcp_metadata_file'"):
-        store.read_manifest(step_dirname(1))

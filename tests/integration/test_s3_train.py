@@ -2,7 +2,7 @@
 
 A run with ``--checkpoint-dir s3://...`` is SIGKILLed, all of it, once a checkpoint has
 committed; the same command then finishes it, bitwise identical to an uninterrupted run (the
-local-disk reference run that tests/test_exact_resume.py and tests/test_chaos.py share).
+local-disk reference run that tests/integration/test_exact_resume.py and tests/system/test_chaos.py share).
 A torchvision dataset given as ``--data-dir s3://...`` is fetched once per node.
 """
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ftrain.checkpoint import load_uri
-from ftrain.tasks import TaskError, TaskRef, load_task
 from tests.harness.checkpoints import (
     assert_bitwise_equal,
     committed_steps,
@@ -44,18 +43,6 @@ def test_the_wheel_holds_ftrain_and_no_top_level_src(tmp_path):
     for script in ("ftrain-train = ftrain.train:cli", "ftrain-ckpt = ftrain.ckpt:cli",
                    "ftrain-predict = ftrain.predict:cli"):
         assert script in entry_points
-
-
-def test_load_task_names_the_import_string_that_failed():
-    with pytest.raises(TaskError, match=r"--task nosuch\.mod:Task: cannot import module "
-                                        r"'nosuch\.mod' .*Install the package"):
-        load_task(TaskRef("nosuch.mod:Task", {}))
-    with pytest.raises(TaskError, match="has no attribute 'Nope'"):
-        load_task(TaskRef("tests.harness.tasks:Nope", {}))
-    with pytest.raises(TaskError, match=r"--task-args \{\"width\": 3\} do not fit"):
-        load_task(TaskRef("tests.harness.tasks:ToyTask", {"width": 3}))
-    with pytest.raises(TaskError, match="returned a int, not an ftrain.Task"):
-        load_task(TaskRef("json:loads", {"s": "1"}))
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 
 
 # The command of launch.chaos's reference run (2 x 32 steps, a step checkpoint every 3 steps):
-# tests/test_chaos.py and tests/test_exact_resume.py run the same one, so all share it.
+# tests/system/test_chaos.py and tests/integration/test_exact_resume.py run the same one, so all share it.
 KILL_ARGS = chaos.effective_train_args([], kills=4)
 
 

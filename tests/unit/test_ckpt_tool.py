@@ -1,5 +1,6 @@
-"""``python -m src.ckpt`` on local folders and s3:// URIs: ls, verify, inspect --json, export,
-plot. The store holds two good checkpoints and a newer one with a flipped byte."""
+"""The ckpt tool (``ftrain.ckpt.main``, in-process) on local folders and s3:// URIs: ls, verify,
+inspect --json, export, plot. The store holds two good checkpoints and a newer one with a
+flipped byte. (The command in a fresh process: tests/integration/test_ckpt_tool.py.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import step_dirname
 from tests.harness.checkpoints import assert_bitwise_equal
-from tests.harness.processes import ckpt
 from tests.harness.s3 import CORRUPTIONS, history_rows, save_checkpoint
 
 D32, D64, D96 = step_dirname(32), step_dirname(64), step_dirname(96)
@@ -84,18 +84,3 @@ def test_empty_roots_and_bad_options(backend, capsys):
     assert code == 1 and "no valid checkpoint" in err
     code, _, err = run_tool(capsys, "ls", uri, "--storage-options", "{not json")
     assert code == 2 and "error: --storage-options: not valid JSON" in err, err
-
-
-def test_cli_in_a_fresh_process_on_s3(s3, tmp_path):
-    """The real command line, configured by the AWS variables alone; then by options alone."""
-    uri = s3.uri("run")
-    save_checkpoint(uri, 32, epochs_done=1)
-    want = save_checkpoint(uri, 64, epochs_done=2)
-    r = ckpt("verify", uri, env=s3.env)
-    assert r.returncode == 0 and r.stdout.splitlines()[-1] == "2 valid, 0 invalid", r.stderr
-    env = {k: v for k, v in s3.env.items() if k != "AWS_ENDPOINT_URL"}
-    options = json.dumps({"endpoint_url": s3.env["AWS_ENDPOINT_URL"]})
-    r = ckpt("export", uri, str(tmp_path / "m.pth"), "--storage-options", options,
-             env={**env, "AWS_ENDPOINT_URL": ""})
-    assert r.returncode == 0, r.stderr
-    assert_bitwise_equal(torch.load(tmp_path / "m.pth", weights_only=True), want)

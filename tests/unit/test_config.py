@@ -1,14 +1,12 @@
-"""Config layering (CLI > YAML > env > defaults) and validation, in-process and via the CLI."""
+"""Config layering (CLI > YAML > env > defaults) and validation, in-process (through the
+command line: tests/integration/test_config.py)."""
 
 from __future__ import annotations
-
-import subprocess
 
 import pytest
 
 from ftrain.config import Config, ConfigError, build_parser, load_config
 from ftrain.tasks import task_ref
-from tests.harness.processes import PY, ROOT, base_env
 
 
 def test_defaults():
@@ -77,15 +75,6 @@ def test_secret_options_redacted():
     cfg = load_config(["--storage-options", '{"secret": "hunter2"}'], environ={})
     assert cfg.storage_options == {"secret": "hunter2"}
     assert "hunter2" not in str(cfg.to_dict())
-
-
-def test_cli_invalid_exits_2_before_any_process_group():
-    r = subprocess.run([PY, "-m", "src.train", "--epochs", "0", "--batch-size", "-3",
-                        "--optimizer", "adamw", "--scheduler", "cosine", "--keep-last", "0"],
-                       cwd=ROOT, env=base_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2
-    assert "--epochs" in r.stderr and "--batch-size" in r.stderr and "--keep-last" in r.stderr
-    assert "Traceback" not in r.stderr
 
 
 def test_yaml_task_section_names_the_task_and_its_arguments(tmp_path):

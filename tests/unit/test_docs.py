@@ -1,8 +1,8 @@
 """The documentation is checked like code: every relative link resolves (anchors included),
 every training and ckpt command line in a ```bash block is accepted by our own parsers, every
 ```python block compiles and the tasks it defines build a model and compute a loss, every
-```yaml block of the README and the guides is a valid --config file, the options reference is
-the schema's, and the README's quick start runs for real.
+```yaml block of the README and the guides is a valid --config file, and the options reference is
+the schema's (the README's quick start runs for real: tests/integration/test_docs.py).
 
 Conventions the documents follow for this:
 - ``<!-- quickstart -->`` on the line before the README's quick-start block;
@@ -16,7 +16,6 @@ from __future__ import annotations
 import ast
 import re
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +27,7 @@ from torch.utils.data import default_collate
 from ftrain.config import ConfigError, load_config
 from ftrain.config.reference import markdown
 from ftrain.tasks import Task, TaskContext
-from tests.harness.checkpoints import assert_bitwise_equal
-from tests.harness.processes import base_env, export_weights
+from tests.harness.markdown import blocks, logical_lines
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
@@ -39,7 +37,6 @@ HOW_TO = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",
 TRAIN = re.compile(r"^(ftrain|src)\.train$")
 CKPT = re.compile(r"^(ftrain|src)\.ckpt$")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-MARKER = re.compile(r"^<!--\s*(\S+?)\s*-->$")
 
 
 def rel(path: Path) -> str:
@@ -47,19 +44,6 @@ def rel(path: Path) -> str:
 
 
 # ------------------------------------------------------------------ reading Markdown
-def blocks(path: Path) -> list[tuple[str, int, list[str], str]]:
-    """(language, first line number, lines, marker of the line before) of every fenced block."""
-    out, lines = [], path.read_text().splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith("```"):
-            lang, start = lines[i][3:].strip(), i + 1
-            marker = MARKER.match(lines[i - 1].strip()) if i else None
-            end = next(j for j in range(start, len(lines)) if lines[j].startswith("```"))
-            out.append((lang, start + 1, lines[start:end], marker.group(1) if marker else ""))
-            i = end
-        i += 1
-    return out
 
 
 def prose(path: Path) -> str:
@@ -88,20 +72,6 @@ def anchors(path: Path) -> set[str]:
                 name = f"{base}-{n}"
             found.add(name)
     return found
-
-
-def logical_lines(lines: list[str], first: int) -> list[tuple[int, str]]:
-    """(line number, text) of a block's lines with ``\\``-continued lines joined."""
-    out, joined, start = [], "", first
-    for n, line in enumerate(lines, first):
-        if not joined:
-            start = n
-        if line.rstrip().endswith("\\"):
-            joined += line.rstrip()[:-1] + " "
-            continue
-        out.append((start, joined + line))
-        joined = ""
-    return out
 
 
 def commands(path: Path) -> list[tuple[int, list[str]]]:
@@ -279,39 +249,3 @@ def test_options_reference_is_generated_from_the_schema():
     page = (ROOT / "docs" / "reference" / "options.md").read_text()
     assert page == markdown(), ("docs/reference/options.md is stale; regenerate it with: "
                                 "python -m ftrain.config.reference > docs/reference/options.md")
-
-
-# ------------------------------------------------------------------ the quick start
-def quickstart() -> str:
-    found = [lines for lang, _first, lines, marker in blocks(ROOT / "README.md")
-             if marker == "quickstart"]
-    assert len(found) == 1 and found[0], "README.md: one ```bash block after <!-- quickstart -->"
-    return "\n".join(found[0]) + "\n"
-
-
-@pytest.mark.slow
-def test_readme_quickstart_kills_and_resumes(tmp_path):
-    script = tmp_path / "quickstart.sh"
-    script.write_text(quickstart())
-    env = base_env({"PATH": f"{Path(sys.executable).parent}:{base_env()['PATH']}"})
-    r = subprocess.run(["bash", "-e", str(script)], cwd=tmp_path, env=env, text=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    out = r.stdout
-    assert r.returncode == 0, out
-    assert "stopped at step" in out and "after an emergency checkpoint" in out, out
-    assert "exit 143" in out, out
-    assert re.search(r"resumed from \./quickstart/step_\d{10}", out), out
-    assert "training complete: 2 epochs, 128 steps" in out, out
-    assert re.search(r"\b128\s+2\s.*\bvalid\s+step_0000000128", out), out
-
-    # "The final weights are bitwise those of the same command run without the kill."
-    rerun = [text for _n, text in logical_lines(quickstart().splitlines(), 1)
-             if text.startswith("python -m ftrain.train") and not text.rstrip().endswith("&")]
-    assert len(rerun) == 1, rerun
-    plain = tmp_path / "plain"
-    plain.mkdir()
-    r = subprocess.run(["bash", "-e", "-c", rerun[0]], cwd=plain, env=env, text=True,
-                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
-    assert r.returncode == 0, r.stdout
-    assert_bitwise_equal(export_weights(str(tmp_path / "quickstart"), tmp_path / "a.pth"),
-                         export_weights(str(plain / "quickstart"), tmp_path / "b.pth"))

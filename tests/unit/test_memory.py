@@ -1,6 +1,6 @@
 """Peak RSS per phase (memory.py), the figures ``FTT_LOG_LEVEL=DEBUG`` logs for each resume
-and save on every rank. The end-to-end use is in tests/test_fsdp.py (a sharded save and resume
-never hold the whole state on one rank)."""
+and save on every rank. The end-to-end use is in tests/system/test_memory.py (a sharded save and
+resume never hold the whole state on one rank)."""
 
 from __future__ import annotations
 

@@ -63,7 +63,7 @@ def test_retries_are_bounded_and_the_error_names_the_file(s3, fault_proxy, via_p
 
 
 def test_permanent_errors_are_not_retried(s3, fault_proxy, via_proxy):
-    # A missing bucket is bad input, not a missing file (tests/test_bad_input.py).
+    # A missing bucket is bad input, not a missing file (tests/integration/test_bad_input.py).
     for st, rel, error in ((via_proxy, "missing", FileNotFoundError),
                            (Storage("s3://no-such-bucket/x"), "f", StorageAccessError)):
         fault_proxy.requests.clear()

@@ -3,7 +3,7 @@
     python -m ftrain.config.reference > docs/reference/options.md
 
 One table per section of ``Config`` (in the order of ``SECTIONS``, as ``--help`` groups them),
-then a table of the default task's own options. ``tests/test_docs.py`` checks that the file
+then a table of the default task's own options. ``tests/unit/test_docs.py`` checks that the file
 equals this output, so a new or changed option cannot leave the reference behind.
 """
 

@@ -1,5 +1,5 @@
 """Test-only, for a subprocess whose PYTHONPATH starts with this folder: a full disk below
-``$FTT_TEST_DISK`` where the tests may not mount a small tmpfs (tests/test_bad_input.py).
+``$FTT_TEST_DISK`` where the tests may not mount a small tmpfs (tests/integration/test_bad_input.py).
 
 Every file opened for writing below that folder shares a budget of
 ``$FTT_TEST_DISK_FREE_BYTES``; a write past it writes what still fits and raises ENOSPC, as a
