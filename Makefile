@@ -20,8 +20,12 @@ test: $(VENV)/.installed
 test-soak: $(VENV)/.installed
 	$(PY) -m pytest -q -m soak
 
+# ruff; hadolint on the Dockerfiles (warnings fail); the Kubernetes manifests against the
+# pinned Kubernetes version's schemas (kubernetes-validate --strict, via launch/lint_k8s.py).
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check src tests launch examples
+	$(VENV)/bin/hadolint --no-color --failure-threshold warning docker/Dockerfile.*
+	$(PY) -m launch.lint_k8s
 
 clean:
 	rm -rf checkpoints .pytest_cache

@@ -1,8 +1,12 @@
-"""Offline checks of what deploys the trainer: the Dockerfiles (hadolint, structure), the
-Kubernetes manifests in launch/k8s (schemas of a pinned Kubernetes version, a PyTorchJob schema,
-what each must have), and every training command line they and their docs carry, parsed by our
-own config parser and torchrun's so that none can drift from the CLI. No Docker engine and no
-cluster are used: nothing is built or applied.
+"""Offline checks of what deploys the trainer: the Dockerfiles (structure, pins, hadolint's
+ignores explained), the Kubernetes manifests in launch/k8s (a PyTorchJob schema, what each must
+have), and every training command line they and their docs carry, parsed by our own config
+parser and torchrun's so that none can drift from the CLI. No Docker engine and no cluster are
+used: nothing is built or applied.
+
+The third-party linters run through their own tools, in ``make lint``: hadolint on the
+Dockerfiles, and kubernetes-validate against the schemas of a pinned Kubernetes version
+(``python -m launch.lint_k8s``).
 """
 
 from __future__ import annotations
@@ -11,8 +15,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +28,6 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "launch" / "k8s"
 DOCKER = ROOT / "docker"
 FIXTURES = ROOT / "tests" / "fixtures" / "k8s"
-BIN = Path(sys.executable).parent  # hadolint and kubernetes-validate come with the test extra
-
-# Every manifest is validated against this Kubernetes version's schemas (shipped by the
-# installed kubernetes-validate). 1.31: podFailurePolicy is GA there.
-KUBERNETES_VERSION = "1.31.0"
-
 MANIFESTS = sorted(K8S.glob("*.yaml"))
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 # Documents whose command lines we own; each must show at least one training command.
@@ -216,27 +212,14 @@ def test_dockerfiles_exist():
     assert [p.name for p in DOCKERFILES] == ["Dockerfile.cpu", "Dockerfile.cuda"]
 
 
-def test_hadolint_passes_every_dockerfile():
-    """Warnings or worse fail; a rule ignored must be ignored inline, with its reason."""
-    result = subprocess.run([str(BIN / "hadolint"), "--no-color", "--failure-threshold",
-                             "warning", *map(str, DOCKERFILES)],
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
-    assert result.returncode == 0, result.stdout + result.stderr
+def test_hadolint_ignores_say_why():
+    """A hadolint rule (``make lint`` fails on its warnings) may be ignored only inline, with
+    its reason."""
     for path in DOCKERFILES:
         for line in path.read_text().splitlines():
             if "hadolint ignore" in line:
                 assert re.search(r"hadolint ignore=\S+\s+\S", line), \
                     f"{path.name}: say why the rule is ignored: {line.strip()}"
-
-
-def test_hadolint_fails_a_bad_dockerfile(tmp_path):
-    """The lint has teeth: an unpinned base image and package are reported."""
-    bad = tmp_path / "Dockerfile"
-    bad.write_text("FROM python:latest\nRUN pip install torch\n")
-    result = subprocess.run([str(BIN / "hadolint"), "--no-color", "--failure-threshold",
-                             "warning", str(bad)], capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "DL3007" in result.stdout and "DL3013" in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
@@ -324,59 +307,6 @@ def test_dockerignore_keeps_only_what_the_images_copy():
 
 
 # ------------------------------------------------------------------ Kubernetes: schemas
-def kubernetes_validate(paths: list[Path]) -> tuple[int, str]:
-    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k",
-                             KUBERNETES_VERSION, *map(str, paths)],
-                            capture_output=True, text=True, timeout=120)
-    return result.returncode, result.stdout + result.stderr
-
-
-def pod_template_files(tmp_path: Path) -> list[Path]:
-    """Each PyTorchJob replica's pod template as a core/v1 PodTemplate of its own, for
-    kubernetes-validate (which knows no custom resources)."""
-    out = []
-    for doc in pytorchjobs():
-        for role, spec in doc["spec"]["pytorchReplicaSpecs"].items():
-            name = f"{doc['metadata']['name']}-{role.lower()}"
-            f = tmp_path / f"{name}.yaml"
-            f.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "PodTemplate",
-                                         "metadata": {"name": name},
-                                         "template": spec["template"]}))
-            out.append(f)
-    assert out
-    return out
-
-
-def test_manifests_validate_against_the_pinned_kubernetes(tmp_path):
-    templates = pod_template_files(tmp_path)
-    rc, out = kubernetes_validate([*MANIFESTS, *templates])
-    assert rc == 0, out
-    minor = ".".join(KUBERNETES_VERSION.split(".")[:2])
-    for path in [*MANIFESTS, *templates]:
-        for doc in documents(path):
-            if doc["kind"] == "PyTorchJob":
-                continue  # validated against its own schema below
-            line = (f"INFO {path} passed for resource {doc['kind'].lower()}/"
-                    f"{doc['metadata']['name']} against version {minor}")
-            assert line in out, f"not validated: {line}\n{out}"
-    unexpected = [line for line in out.splitlines() if line.startswith(("WARN", "ERROR"))
-                  and "kind PyTorchJob" not in line]
-    assert not unexpected, out
-
-
-def test_kubernetes_validate_fails_a_broken_manifest(tmp_path):
-    """The validation has teeth: job.yaml without the DisruptionTarget condition's required
-    status (the bug it once had), or with an unknown field, fails."""
-    for broken_text in (
-        (K8S / "job.yaml").read_text().replace('status: "True"', ""),
-        (K8S / "job.yaml").read_text().replace("backoffLimit: 20", "backoffLimits: 20"),
-    ):
-        broken = tmp_path / "broken.yaml"
-        broken.write_text(broken_text)
-        rc, out = kubernetes_validate([broken])
-        assert rc != 0 and "ERROR" in out, out
-
-
 def strict(schema: Any) -> Any:
     """A copy of an OpenAPI v3 schema where every object that lists its properties allows no
     others (a CRD's schema lets the API server prune unknown fields silently)."""
