@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from . import storage
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
@@ -267,7 +268,7 @@ def _as_a_library(cfg: Config) -> Iterator[StopSignals]:
     handlers, level = list(root.handlers), root.level
     deterministic = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
-    setup_logging(env_rank(), cfg.log_format)
+    setup_logging(env_rank(), cfg.log_format, cfg.log_level)
     signals = StopSignals()
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set there
@@ -298,6 +299,14 @@ def _train(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    previous = storage.tune(cfg.storage_tuning())
+    try:
+        return _train_tuned(cfg, signals, task)
+    finally:
+        storage.tune(previous)
+
+
+def _train_tuned(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
     try:
         info = setup(cfg.device, cfg.dist_timeout)
     except ValueError as e:
@@ -331,8 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             say_error(str(e), fmt)
         return exitcodes.INVALID
-    if cfg.log_format != fmt:  # set in the --config file or the environment
-        setup_logging(rank, cfg.log_format)
+    # --log-format and --log-level may come from the --config file or the environment.
+    setup_logging(rank, cfg.log_format, cfg.log_level)
     signals = StopSignals()
     # Past the deadline for the emergency checkpoint, plus room for the evaluation that may
     # precede an epoch-end one.
