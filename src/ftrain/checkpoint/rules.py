@@ -25,7 +25,7 @@ from ..config import DEFAULT_TASK, Config, flag
 from ..runtime.exitcodes import InputError
 from ..runtime.numerics import differences
 from ..tasks import Task, TaskError, TaskRef, options_class
-from .format import Loaded
+from .format import Loaded, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -103,15 +103,15 @@ def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
             "epochs": cfg.epochs, "parallel": cfg.parallel}
 
 
-def checkpoint_task(train_state: dict[str, Any], manifest: dict[str, Any]) -> TaskRef:
+def checkpoint_task(train_state: dict[str, Any], manifest: Manifest) -> TaskRef:
     """The task a checkpoint was trained with (checkpoints written before tasks existed were
     the built-in task; their arguments come from the recorded configuration)."""
-    rec = manifest.get("task") or train_state.get("task")
+    rec = manifest.task or train_state.get("task")
     if rec:
         return TaskRef.from_dict(rec)
     from ..tasks import builtin
 
-    margs = manifest.get("model_args") or train_state.get("model_args") or {}
+    margs = manifest.model_args or train_state.get("model_args") or {}
     return TaskRef(DEFAULT_TASK, builtin.legacy_task_args(train_state.get("config", {}), margs))
 
 
@@ -226,7 +226,7 @@ def refuse_or_log(loaded: Loaded, verdict: Verdict, global_batch: int) -> None:
                     "correctly, but from step %s on this run is no longer bitwise equal to an "
                     "uninterrupted one (bitwise resume needs the same hardware and software); "
                     "the history records it as not_bitwise", ", ".join(verdict.numerics),
-                    loaded.manifest.get("step"))
+                    loaded.manifest.step)
     for fact, (before, after) in verdict.applied.items():
         rule = _BY_FACT[fact]
         if fact == "world_size":
