@@ -60,6 +60,7 @@ from .tasks import (
     load_task,
     task_ref,
 )
+from .tasks.declarations import check_declarations, check_scheduler
 
 log = logging.getLogger("ftrain.train")
 
@@ -80,11 +81,12 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
          task: Task | None, monitor: Monitor) -> FitResult:
     options = dict(cfg.storage_options)
     ref = task_ref(cfg)
-    if task is None:
-        try:
+    try:
+        if task is None:
             task = load_task(ref)
-        except TaskError as e:
-            raise InputError(str(e)) from None
+        check_declarations(task)
+    except TaskError as e:
+        raise InputError(str(e)) from None
     train_set, test_set = task_datasets(cfg, info, coll, task, options)
     facts = None
     if info.is_main:
@@ -111,6 +113,10 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                          f"{cfg.batch_size // info.world_size} (--batch-size {cfg.batch_size} / "
                          f"{info.world_size} ranks); pick a divisor of it")
     scheduler = task.configure_scheduler(optimizer, cfg, steps_per_epoch)
+    try:
+        check_scheduler(task, scheduler)
+    except TaskError as e:
+        raise InputError(str(e)) from None
     scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
     custom_scheduler = type(task).configure_scheduler is not Task.configure_scheduler
 
