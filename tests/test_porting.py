@@ -76,3 +76,20 @@ def test_a_declaration_that_would_do_nothing_is_refused(tmp_path, task, needle):
 
 def test_names_of_your_own_stay_allowed(tmp_path):
     _train(tmp_path, "own", "OwnNames")
+
+
+def test_your_optimizer_is_checked_on_resume_by_class_and_hyperparameters(tmp_path):
+    """A task's own optimizer: --optimizer does not apply to it (changing it is no refusal);
+    a hyperparameter changed in the code is refused, naming it, where loading the checkpoint
+    would have put the old value back without a word."""
+    d = tmp_path / "c"
+    args = ["--task", "tests.harness.ported:CodeChanged", *ARGS, "--checkpoint-dir", str(d)]
+    r = run_train([*args, "--max-steps", "5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--optimizer", "adamw", "--max-steps", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(args, env={"RHO": "0.95"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("the optimizer's param groups and hyperparameters (the task's own; the rates and "
+            "momenta --lr, --momentum and --weight-decay scale excepted): group 0 rho 0.9 -> "
+            "0.95") in r.stderr, r.stderr[-3000:]

@@ -117,6 +117,8 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         check_scheduler(task, scheduler)
     except TaskError as e:
         raise InputError(str(e)) from None
+    if facts is not None:
+        facts.update(rules.optimizer_facts(task, optimizer, scheduler))
     scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
     custom_scheduler = type(task).configure_scheduler is not Task.configure_scheduler
 

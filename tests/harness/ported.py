@@ -85,3 +85,14 @@ class OwnNames(SumTask):
     def __init__(self) -> None:
         self.dataset = "mine"
         self.hidden_units = 32
+
+
+class CodeChanged(EpochStepLR):
+    """Its optimizer's rho comes from the code (here: $RHO), as when a user edits the script
+    between two runs: a resume must not silently put the checkpoint's value back."""
+
+    def configure_optimizer(self, model, cfg):
+        import os
+
+        return torch.optim.Adadelta(model.parameters(), lr=1.0,
+                                    rho=float(os.environ.get("RHO", "0.9")))
