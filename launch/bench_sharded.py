@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         persists.append(time.perf_counter() - t0)
     local_bytes = sum(t.numel() * t.element_size() for t in local.values())
     manifest = store.read_manifest(step_dirname(args.repeats))
-    total = sum(manifest["files"][f]["size"] for f in manifest["shards"])
+    total = sum(manifest.files[f].size for f in manifest.shards)
 
     # One writer of the same total bytes: raw write + fsync from rank 0, and the ddp layout's
     # own persist (rank 0's Checkpointer: torch.save streamed, hashed, committed) of a plain
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            for f in manifest["shards"]:
+            for f in manifest.shards:
                 with open(os.path.join(args.dir, step_dirname(args.repeats), f), "rb") as fh:
                     fh.read()
             times.append(time.perf_counter() - t0)
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
             platform.processor() or "cpu"
         print(f"device {device} ({name}), torch {torch.__version__}, world {world}, state "
-              f"{total / 2**20:.0f} MiB in {len(manifest['shards'])} shards, medians of "
+              f"{total / 2**20:.0f} MiB in {len(manifest.shards)} shards, medians of "
               f"{args.repeats}")
         for r, nbytes, s, f in rows:
             print(f"rank {r}: shard {nbytes / 2**20:.0f} MiB, stall per save {s * 1e3:.1f} ms, "

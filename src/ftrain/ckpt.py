@@ -57,9 +57,9 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     print(f"{'STEP':>10}  {'EPOCH':>7}  {'TIME':19}  {'SIZE':>10}  STATUS")
     for e in entries:
-        m = e.manifest or {}
-        epoch = f"{m.get('epoch', '-')}" + (f"+{m['batch_in_epoch']}b" if m.get("batch_in_epoch")
-                                            else "")
+        m = e.manifest
+        epoch = "-" if m is None else f"{m.epoch}" + (f"+{m.batch_in_epoch}b"
+                                                      if m.batch_in_epoch else "")
         size = f"{e.size / 2**20:.1f} MiB" if e.size else "-"
         status = "valid" if e.valid else f"INVALID: {e.reason}"
         print(f"{e.step:>10}  {epoch:>7}  {_when(e.created):19}  {size:>10}  {status}  {e.name}")
@@ -96,21 +96,21 @@ def summary(loaded: Loaded) -> dict[str, Any]:
     ts, m = loaded.train_state, loaded.manifest
     return {
         "uri": loaded.uri,
-        "step": m["step"],
-        "epoch": m["epoch"],
-        "batch_in_epoch": m.get("batch_in_epoch", 0),
-        "world_size": m.get("world_size"),
-        "global_batch_size": m.get("global_batch_size"),
-        "seed": m.get("seed"),
-        "config_digest": m.get("config_digest"),
-        "model_args": m.get("model_args"),
+        "step": m.step,
+        "epoch": m.epoch,
+        "batch_in_epoch": m.batch_in_epoch,
+        "world_size": m.world_size,
+        "global_batch_size": m.global_batch_size,
+        "seed": m.seed,
+        "config_digest": m.config_digest,
+        "model_args": m.model_args,
         "task": checkpoint_task(ts, m).to_dict(),
-        "created_unix": m.get("created_unix"),
-        "versions": m.get("versions"),
-        "numerics": m.get("numerics"),
-        "reason": m.get("reason"),
-        "layout": m.get("layout", "single"),
-        "shards": len(m.get("shards") or ()),
+        "created_unix": m.created_unix,
+        "versions": m.versions,
+        "numerics": m.numerics,
+        "reason": m.reason,
+        "layout": m.layout or "single",
+        "shards": len(m.shards),
         "history": ts.get("history", []),
         "config": ts.get("config", {}),
     }
@@ -213,7 +213,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     tmp = args.out + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, args.out)
-    print(f"exported {len(state)} tensors of {loaded.uri} (step {loaded.manifest['step']}) to "
+    print(f"exported {len(state)} tensors of {loaded.uri} (step {loaded.manifest.step}) to "
           f"{args.out}")
     return 0
 
@@ -240,7 +240,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         ax.set(xlabel="epoch", ylabel=name, title=name)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"{loaded.uri} (step {loaded.manifest['step']})", fontsize=9)
+    fig.suptitle(f"{loaded.uri} (step {loaded.manifest.step})", fontsize=9)
     fig.tight_layout()
     fig.savefig(args.out, dpi=100)
     print(f"wrote {args.out} ({len(hist)} epochs)")

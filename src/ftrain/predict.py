@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"{int(target[i])}" if classifier else ""))
                 shown += 1
     metrics = task.metrics(dict(zip(names, totals, strict=True)), items)
-    print(f"checkpoint {loaded.uri} (step {loaded.manifest['step']}): "
+    print(f"checkpoint {loaded.uri} (step {loaded.manifest.step}): "
           + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" over {items} {args.split} "
           "items")
     if classifier:
-        print(f"checkpoint {loaded.uri} (step {loaded.manifest['step']}): accuracy on "
+        print(f"checkpoint {loaded.uri} (step {loaded.manifest.step}): accuracy on "
               f"{args.split} {correct}/{items} = {correct / max(items, 1):.4f}")
     return exitcodes.OK
 

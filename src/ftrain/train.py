@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from . import storage
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.format import TrainState
 from .checkpoint.policy import SavePolicy
@@ -59,6 +60,7 @@ from .tasks import (
     load_task,
     task_ref,
 )
+from .tasks.declarations import check_declarations, check_scheduler
 
 log = logging.getLogger("ftrain.train")
 
@@ -79,11 +81,12 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
          task: Task | None, monitor: Monitor) -> FitResult:
     options = dict(cfg.storage_options)
     ref = task_ref(cfg)
-    if task is None:
-        try:
+    try:
+        if task is None:
             task = load_task(ref)
-        except TaskError as e:
-            raise InputError(str(e)) from None
+        check_declarations(task)
+    except TaskError as e:
+        raise InputError(str(e)) from None
     train_set, test_set = task_datasets(cfg, info, coll, task, options)
     facts = None
     if info.is_main:
@@ -110,6 +113,12 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                          f"{cfg.batch_size // info.world_size} (--batch-size {cfg.batch_size} / "
                          f"{info.world_size} ranks); pick a divisor of it")
     scheduler = task.configure_scheduler(optimizer, cfg, steps_per_epoch)
+    try:
+        check_scheduler(task, scheduler)
+    except TaskError as e:
+        raise InputError(str(e)) from None
+    if facts is not None:
+        facts.update(rules.optimizer_facts(task, optimizer, scheduler))
     scaler = torch.amp.GradScaler(info.device.type) if cfg.precision == "fp16" else None
     custom_scheduler = type(task).configure_scheduler is not Task.configure_scheduler
 
@@ -267,7 +276,7 @@ def _as_a_library(cfg: Config) -> Iterator[StopSignals]:
     handlers, level = list(root.handlers), root.level
     deterministic = torch.are_deterministic_algorithms_enabled()
     benchmark = torch.backends.cudnn.benchmark
-    setup_logging(env_rank(), cfg.log_format)
+    setup_logging(env_rank(), cfg.log_format, cfg.log_level)
     signals = StopSignals()
     main_thread = threading.current_thread() is threading.main_thread()
     if main_thread:  # signal handlers can only be set there
@@ -298,6 +307,14 @@ def _train(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    previous = storage.tune(cfg.storage_tuning())
+    try:
+        return _train_tuned(cfg, signals, task)
+    finally:
+        storage.tune(previous)
+
+
+def _train_tuned(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
     try:
         info = setup(cfg.device, cfg.dist_timeout)
     except ValueError as e:
@@ -331,8 +348,8 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             say_error(str(e), fmt)
         return exitcodes.INVALID
-    if cfg.log_format != fmt:  # set in the --config file or the environment
-        setup_logging(rank, cfg.log_format)
+    # --log-format and --log-level may come from the --config file or the environment.
+    setup_logging(rank, cfg.log_format, cfg.log_level)
     signals = StopSignals()
     # Past the deadline for the emergency checkpoint, plus room for the evaluation that may
     # precede an epoch-end one.

@@ -392,7 +392,7 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
     if rc != 0:
         raise RuntimeError(f"the reference run failed (exit {rc}); see {job.log_path}")
     loaded = load_uri(str(want.ckpt_dir))
-    want.total_steps = int(loaded.manifest["step"])
+    want.total_steps = int(loaded.manifest.step)
     want.steps_per_epoch = int(loaded.train_state["steps_per_epoch"])
     want.wall_s = job.elapsed
     want.startup_s = job.startup_s
@@ -424,8 +424,8 @@ def compare_runs(ref: Reference, ckpt_dir: Path | str, trace_dirs: list[Path],
     except Exception as e:  # noqa: BLE001 - no valid checkpoint: reported, not raised
         problems.append(f"no valid final checkpoint in {ckpt_dir}: {e}")
         return out
-    if got.manifest["step"] != want.manifest["step"]:
-        problems.append(f"final step {got.manifest['step']}, reference {want.manifest['step']}")
+    if got.manifest.step != want.manifest.step:
+        problems.append(f"final step {got.manifest.step}, reference {want.manifest.step}")
     a, b = want.model_state(), got.model_state()  # any layout
     differ = sorted(k for k in a.keys() | b.keys() if k not in a or k not in b or
                     a[k].dtype != b[k].dtype or a[k].shape != b[k].shape

@@ -171,7 +171,7 @@ def test_ranks_persist_the_same_saves_and_never_wait(tmp_path):
 def _check_same_run(ref: Path, got: Path | str) -> None:
     a, b = load_uri(str(ref)), load_uri(str(got))
     assert a.sharded and b.sharded
-    assert a.manifest["step"] == b.manifest["step"]
+    assert a.manifest.step == b.manifest.step
     assert_bitwise_equal(a.model_state(), b.model_state())
     assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
 
@@ -209,15 +209,15 @@ def test_sigterm_writes_an_emergency_sharded_checkpoint(cnn_ref, tmp_path):
     stopped_at = last_step(read_trace(trace))
     assert stopped_at < 64
     assert committed_steps(d)[-1] == stopped_at, text[-3000:]
-    assert load_uri(str(d)).manifest["reason"] == "preempt"
+    assert load_uri(str(d)).manifest.reason == "preempt"
     r = run_train(args, nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from {d}/{step_dirname(stopped_at)}" in r.stderr
     assert "Traceback" not in r.stderr and "Warning" not in r.stderr, r.stderr[-3000:]
     _check_same_run(cnn_ref, d)
     manifest = load_uri(str(d)).manifest
-    assert (manifest["format_version"], manifest["layout"]) == (3, "sharded")
-    assert manifest["shard_world_size"] == 2 and len(manifest["shards"]) == 2
+    assert (manifest.format_version, manifest.layout) == (3, "sharded")
+    assert manifest.shard_world_size == 2 and len(manifest.shards) == 2
 
 
 # 4 ranks: 2 epochs of 8 steps of 64 items, a step checkpoint every 3 steps; the language
@@ -285,7 +285,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     for epoch in (0, 1):
         assert_epoch_exactly_once(lines, 512, 64, 0, epoch)
     final = load_uri(str(d2))
-    assert final.manifest["shard_world_size"] == before
+    assert final.manifest.shard_world_size == before
     assert [h["step"] for h in final.train_state["history"]] == [8, 16]
 
     # `ckpt export` and `predict` (their main(), in this one CPU process without a process
@@ -294,13 +294,13 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     from ftrain import predict
 
     loaded = load_uri(str(d))
-    assert loaded.manifest["shard_world_size"] == 4 and len(loaded.manifest["shards"]) == 4
+    assert loaded.manifest.shard_world_size == 4 and len(loaded.manifest.shards) == 4
     assert ckpt_tool.main(["export", str(d), str(tmp_path / "model.pth")]) == 0
     weights = torch.load(tmp_path / "model.pth", weights_only=True)
     if job == "cnn":
         from ftrain.tasks.builtin.models import build_model
 
-        model = build_model(loaded.manifest["model_args"])
+        model = build_model(loaded.manifest.model_args)
     else:
         from examples.charlm import CharLM
 

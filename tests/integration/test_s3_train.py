@@ -53,7 +53,7 @@ def test_s3_run_sigkilled_and_resumed_is_bitwise_identical(s3, reference, tmp_pa
     assert r.returncode == 0, r.stderr[-4000:]
     assert f"resumed from {uri}/{step_dirname(max(before))}" in r.stderr
     got, want = load_uri(uri), load_uri(str(reference.ckpt_dir))
-    assert got.manifest["step"] == want.manifest["step"] == reference.total_steps
+    assert got.manifest.step == want.manifest.step == reference.total_steps
     assert_bitwise_equal(got.state["model"], want.state["model"])
     assert strip_timing(got.train_state["history"]) == strip_timing(want.train_state["history"])
 

@@ -65,7 +65,7 @@ def test_fit_from_python_then_tools_rebuild_the_task(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert committed_steps(d)[-1] == 8  # 64 items / 16, 2 epochs
     loaded = latest(d)
-    assert loaded.manifest["task"] == {"import": "tests.harness.tasks:ToyTask", "args": {}}
+    assert loaded.manifest.task == {"import": "tests.harness.tasks:ToyTask", "args": {}}
     assert [sorted(h) for h in loaded.train_state["history"]][0] == sorted(
         ["epoch", "step", "train_loss", "train_acc", "eval_loss", "eval_acc", "lr",
          "samples_per_s", "seconds", "saves_dropped"])

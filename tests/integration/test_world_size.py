@@ -82,14 +82,14 @@ def test_2_to_4_mid_epoch_every_sample_once(chain):
 def test_history_continues(chain):
     d, runs = chain
     final = latest(d)
-    assert (final.manifest["step"], final.manifest["epoch"], final.manifest["world_size"]) == (
+    assert (final.manifest.step, final.manifest.epoch, final.manifest.world_size) == (
         64, 2, 4)
     hist = final.train_state["history"]
     assert [(h["epoch"], h["step"]) for h in hist] == [(1, 32), (2, 64)]
     # Epoch 1 was finished by the 2-worker run (its sums carried over the 4 -> 2 resume);
     # the 4-worker run kept that entry as it was.
     epoch_end = CheckpointStore(Storage(str(d))).load("step_0000000032")
-    assert (epoch_end.manifest["world_size"], epoch_end.train_state["history"]) == (2, hist[:1])
+    assert (epoch_end.manifest.world_size, epoch_end.train_state["history"]) == (2, hist[:1])
     assert all(0 < h["train_loss"] < 5 and 0 < h["train_acc"] <= 1 for h in hist)
     assert "epoch 1/2 done" in runs[1][0].stderr and "epoch 2/2 done" in runs[2][0].stderr
 

@@ -59,7 +59,7 @@ def test_max_restarts_after_sigkilled_worker_is_bitwise_exact(tmp_path):
     assert "resumed from" in text, text[-4000:]
     assert trace_pids(trace)[1] != victim  # rank 1 was restarted
     got, want = latest(d), latest(ref)
-    assert got.manifest["step"] == want.manifest["step"] == 64
+    assert got.manifest.step == want.manifest.step == 64
     assert_bitwise_equal(got.state["model"], want.state["model"])
     assert strip_timing(got.train_state["history"]) == strip_timing(want.train_state["history"])
 
@@ -116,5 +116,5 @@ def test_two_agents_one_dies_the_other_finishes_alone(tmp_path, loss):
         steps = sorted({x["step"] for x in before} | {x["step"] for x in after})
         assert steps == list(range(1, 65))
     final = latest(d)
-    assert (final.manifest["step"], final.manifest["world_size"]) == (64, 1)
+    assert (final.manifest.step, final.manifest.world_size) == (64, 1)
     assert [h["epoch"] for h in final.train_state["history"]] == [1, 2]

@@ -57,7 +57,7 @@ def test_saving_and_loading_never_hold_the_whole_state_on_one_rank(tmp_path):
         phases.update(_memory_lines(r.stderr))
     assert "already at step 1" in r.stdout, r.stdout
     manifest = load_uri(str(d)).manifest
-    full = sum(manifest["files"][f]["size"] for f in manifest["shards"]) / 2**20
+    full = sum(manifest.files[f].size for f in manifest.shards) / 2**20
     share = full / 4
     assert full > 600, full
     for phase in ("save of step 1", "resume from step 1"):

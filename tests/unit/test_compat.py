@@ -4,7 +4,7 @@ hyperparameters really applied (in real runs: tests/integration/test_compat.py).
 
 from __future__ import annotations
 
-from ftrain.checkpoint import Loaded
+from ftrain.checkpoint import Loaded, Manifest
 from ftrain.checkpoint.rules import RULES, check, markdown_table, run_facts
 from ftrain.config import load_config
 from ftrain.tasks import Task, task_ref
@@ -18,7 +18,7 @@ def test_legacy_cifar_checkpoint_refuses_the_new_augmentation():
     # Before tasks, the built-in task's flags were recorded at the configuration's top level.
     ts = {"config": {**cfg.to_dict(), "dataset": "cifar10", "model": "resnet18"},
           "world_size": 1, "global_batch_size": 256, "seed": 0}
-    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
+    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", MANIFEST10, {}, ts)
     from ftrain.tasks import ImageClassification
 
     facts = run_facts(cfg, task_ref(cfg), ImageClassification("cifar10", "resnet18"), 1,
@@ -29,6 +29,8 @@ def test_legacy_cifar_checkpoint_refuses_the_new_augmentation():
 
 
 # ---------------------------------------------------------------------------- in-process
+MANIFEST10 = Manifest(format_version=2, step=10, epoch=0, state_file="state.pt",
+                      train_state_file="train_state.json")
 NUMERICS = {"torch": "2.14.1", "device_type": "cpu", "deterministic": False,
             "cpu_capability": "AVX2", "intra_op_threads": 1}
 
@@ -46,7 +48,7 @@ def _loaded(argv: list[str], world_size: int) -> Loaded:
     cfg = config(*argv)
     ts = {"config": cfg.to_dict(), "run": _facts(cfg, world_size), "world_size": world_size,
           "global_batch_size": cfg.batch_size}
-    return Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
+    return Loaded("step_0000000010", "mem://x/step_0000000010", MANIFEST10, {}, ts)
 
 
 def test_rules_table_is_the_one_in_the_resume_rules_doc():
@@ -82,7 +84,7 @@ def test_checkpoint_without_recorded_facts_is_the_builtin_task():
     cfg = config()
     ts = {"config": cfg.to_dict(), "world_size": 1, "global_batch_size": 256, "seed": 0,
           "model_args": {"name": "cnn", "in_channels": 1, "image_size": 28, "num_classes": 10}}
-    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", {}, {}, ts)
+    loaded = Loaded("step_0000000010", "mem://x/step_0000000010", MANIFEST10, {}, ts)
     v = check(loaded, _facts(cfg, 1), cfg)
     assert v.refusals == [] and v.applied == {}
     cfg = config("--model", "mlp")

@@ -8,16 +8,16 @@ import os
 
 import pytest
 
-from ftrain.checkpoint import MANIFEST, CheckpointStore, step_dirname
+from ftrain.checkpoint import MANIFEST, CheckpointStore, Manifest, step_dirname
 from ftrain.config import ConfigError, load_config
 from ftrain.storage import Storage
 
 
 def _commit(store: CheckpointStore, step: int) -> None:
     files = {f"state-w{step}.pt": os.urandom(64), f"train_state-w{step}.json": b"{}"}
-    assert store.commit(step, files, {"step": step, "epoch": 0, "format_version": 1,
-                                      "state_file": f"state-w{step}.pt",
-                                      "train_state_file": f"train_state-w{step}.json"}, "w")
+    assert store.commit(step, files, Manifest(format_version=1, step=step, epoch=0,
+                                              state_file=f"state-w{step}.pt",
+                                              train_state_file=f"train_state-w{step}.json"), "w")
 
 
 def test_retention_never_deletes_the_new_checkpoint_for_corrupt_newer_ones(tmp_path):

@@ -19,6 +19,7 @@ from ftrain.checkpoint import (
     MANIFEST,
     Checkpointer,
     CheckpointStore,
+    Manifest,
     load_uri,
     step_dirname,
 )
@@ -46,7 +47,7 @@ def test_commit_verify_and_latest(backend):
     want = save_checkpoint(uri, 20, epochs_done=1)
     store = store_at(backend)
     got = store.latest()
-    assert got.name == D20 and got.manifest["step"] == 20 and got.train_state["epoch"] == 1
+    assert got.name == D20 and got.manifest.step == 20 and got.train_state["epoch"] == 1
     assert_bitwise_equal(got.state["model"], want)
     manifest = json.loads(backend.read(f"run/{D20}/{MANIFEST}"))
     assert sorted(manifest["files"]) == sorted(k.rsplit("/", 1)[1] for k in
@@ -100,8 +101,9 @@ def _commit(store: CheckpointStore, step: int, writer: str) -> bool:
     """A commit with stand-in bytes (what is verified is sizes and hashes, not tensors)."""
     files = {f"state-{writer}.pt": b"weights of " + writer.encode(),
              f"train_state-{writer}.json": b"{}"}
-    manifest = {"format_version": FORMAT_VERSION, "step": step, "epoch": 0,
-                "state_file": f"state-{writer}.pt", "train_state_file": f"train_state-{writer}.json"}
+    manifest = Manifest(format_version=FORMAT_VERSION, step=step, epoch=0,
+                        state_file=f"state-{writer}.pt",
+                        train_state_file=f"train_state-{writer}.json")
     return store.commit(step, files, manifest, writer)
 
 
@@ -136,7 +138,7 @@ def test_racing_writers_exactly_one_commits(backend):
         assert sorted(results.values()) == [False, True], results
         winner = next(w for w, ok in results.items() if ok)
         manifest, _ = store_a.read_verified(step_dirname(step))
-        assert manifest["writer"] == winner
+        assert manifest.writer == winner
 
 
 def test_a_corrupt_committed_step_is_written_again(backend):

@@ -18,12 +18,15 @@ from .format import (
     SHARDED_FORMAT,
     CorruptCheckpoint,
     Entry,
+    FileEntry,
     Loaded,
+    Manifest,
+    TrainState,
     step_dirname,
 )
 from .persister import Checkpointer, SaveTimeout, ShardedCheckpointer
 from .store import CheckpointStore, load_uri, open_uri
 
 __all__ = ["FORMAT_VERSION", "MANIFEST", "SHARDED_FORMAT", "Checkpointer", "CheckpointStore",
-           "CorruptCheckpoint", "Entry", "Loaded", "SaveTimeout", "ShardedCheckpointer",
-           "load_uri", "open_uri", "step_dirname"]
+           "CorruptCheckpoint", "Entry", "FileEntry", "Loaded", "Manifest", "SaveTimeout",
+           "ShardedCheckpointer", "TrainState", "load_uri", "open_uri", "step_dirname"]

@@ -31,6 +31,8 @@ format 3 ("format version 3") rather than misread it.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import platform
 import re
 from collections.abc import Callable
@@ -83,26 +85,134 @@ class CorruptCheckpoint(Exception):
     """A checkpoint that is not committed, or whose files do not match its manifest."""
 
 
-def verify_checksum(fname: str, meta: dict[str, Any], data: bytes | memoryview) -> None:
-    """Raise CorruptCheckpoint unless ``data`` has the checksum the manifest entry records
-    (``algorithm`` + ``digest``; format 1 entries: ``sha256``)."""
-    algorithm = "sha256" if "sha256" in meta else str(meta.get("algorithm"))
-    expected = meta.get("sha256") if algorithm == "sha256" else meta.get("digest")
-    try:
-        actual = checksum(data, algorithm)
-    except ValueError as e:
-        raise CorruptCheckpoint(f"{fname}: {e}") from None
-    if actual != expected:
-        raise CorruptCheckpoint(f"{fname} fails its {CHECKSUM_NAMES[algorithm]} check "
-                                "(corrupted bytes)")
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of a checkpoint as its manifest lists it."""
 
+    size: int
+    algorithm: str  # "xxh3-128" (format 2 and 3) or "sha256" (format 1)
+    digest: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"size": self.size, "algorithm": self.algorithm, "digest": self.digest}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
+        if "sha256" in d:  # format 1
+            return cls(int(d["size"]), "sha256", str(d["sha256"]))
+        return cls(int(d["size"]), str(d.get("algorithm")), str(d.get("digest")))
+
+    def verify(self, fname: str, data: bytes | memoryview) -> None:
+        """Raise CorruptCheckpoint unless ``data`` has this entry's size and checksum."""
+        if len(data) != self.size:
+            raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
+                                    f"{self.size} (truncated?)")
+        try:
+            actual = checksum(data, self.algorithm)
+        except ValueError as e:
+            raise CorruptCheckpoint(f"{fname}: {e}") from None
+        if actual != self.digest:
+            raise CorruptCheckpoint(f"{fname} fails its {CHECKSUM_NAMES[self.algorithm]} "
+                                    "check (corrupted bytes)")
+
+
+@dataclass
+class Manifest:
+    """A checkpoint's manifest: written last, create-only (its presence is the commit), read
+    through ``parse``, which refuses anything malformed. Every file of the checkpoint is in
+    ``files``; the rest lets the tools list checkpoints without reading their train state."""
+
+    format_version: int
+    step: int
+    epoch: int
+    state_file: str
+    train_state_file: str
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    batch_in_epoch: int = 0
+    world_size: int | None = None
+    global_batch_size: int | None = None
+    seed: int | None = None
+    config_digest: str | None = None
+    task: dict[str, Any] | None = None  # {"import": ..., "args": {...}}
+    model_args: dict[str, Any] | None = None  # Task.describe_model()
+    numerics: dict[str, Any] | None = None  # runtime.numerics.numeric_environment()
+    reason: str | None = None  # "step", "timed", "epoch", "preempt", "max_steps", ...
+    writer: str | None = None  # the token of the writer that committed it
+    created_unix: float | None = None
+    versions: dict[str, str] | None = None
+    layout: str | None = None  # "sharded" (format 3), else one writer's files
+    dcp_metadata_file: str | None = None  # sharded: DCP's metadata, as JSON
+    shards: list[str] = field(default_factory=list)  # sharded: the shard files
+    shard_world_size: int | None = None  # sharded: the ranks that wrote it
+
+    @classmethod
+    def new(cls, step: int, facts: dict[str, Any], format_version: int, state_file: str,
+            train_state_file: str, **layout: Any) -> Manifest:
+        """A new checkpoint's manifest (its files are added by the commit): the run's
+        ``facts`` (epoch, position, world size, task, ...: the save policy's), the files'
+        names, and ``layout``'s keys for a sharded one."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(format_version=format_version, step=step, state_file=state_file,
+                   train_state_file=train_state_file, versions=library_versions(),
+                   **{k: v for k, v in facts.items() if k in known and k != "step"}, **layout)
+
+    @property
+    def sharded(self) -> bool:
+        return self.layout == SHARDED
+
+    def to_json(self) -> bytes:
+        d = {k: v for k, v in dataclasses.asdict(self).items()
+             if v is not None and not (k == "shards" and not self.sharded)}
+        d["files"] = {name: entry.to_dict() for name, entry in self.files.items()}
+        return json.dumps(d, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def parse(cls, raw: bytes | memoryview) -> Manifest:
+        """The manifest in ``raw``; CorruptCheckpoint naming what is wrong with it."""
+        if not raw:
+            raise CorruptCheckpoint(f"{MANIFEST} is empty (0 bytes: damaged after its commit, "
+                                    "or lost in a crash of an unsynced filesystem)")
+        try:
+            d = json.loads(bytes(raw))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptCheckpoint(f"{MANIFEST} is not valid JSON ({e})") from None
+        if not isinstance(d, dict) or not isinstance(d.get("files"), dict):
+            raise CorruptCheckpoint("manifest has no 'files' table")
+        files = {}
+        for fname, meta in d["files"].items():
+            # Every file lives inside the checkpoint's own folder: a name that climbs out of
+            # it would read (and trust) another checkpoint's or any other file.
+            if not inside_folder(fname):
+                raise CorruptCheckpoint(f"{MANIFEST} names {fname!r}, a path outside its "
+                                        "checkpoint folder; nothing of this checkpoint is read")
+            if not isinstance(meta, dict) or not isinstance(meta.get("size"), int):
+                raise CorruptCheckpoint(f"{MANIFEST}: the entry of {fname!r} has no size")
+            files[fname] = FileEntry.from_dict(meta)
+        if d.get("format_version") not in READABLE_FORMATS:
+            raise CorruptCheckpoint(f"format version {d.get('format_version')!r}, this "
+                                    f"build reads {', '.join(map(str, READABLE_FORMATS))}")
+        keys = ["step", "epoch", "state_file", "train_state_file"]
+        if d.get("layout") == SHARDED:
+            keys += ["dcp_metadata_file", "shards"]
+        for key in keys:
+            if key not in d:
+                raise CorruptCheckpoint(f"manifest lacks {key!r}")
+        if d.get("layout") == SHARDED and (not isinstance(d["shards"], list)
+                                           or not set(d["shards"]) <= set(files)):
+            raise CorruptCheckpoint("manifest's shards are not among its files")
+        known = {f.name for f in dataclasses.fields(cls)}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known and k != "files"},
+                       files=files)
+        except TypeError as e:
+            raise CorruptCheckpoint(f"{MANIFEST} is malformed ({e})") from None
 
 
 @dataclass
 class Loaded:
     name: str
     uri: str
-    manifest: dict[str, Any]
+    manifest: Manifest
     # model / optimizer / scheduler state dicts (CPU tensors); a sharded checkpoint's holds no
     # model and optimizer: they are in its shards (``dcp``).
     state: dict[str, Any]
@@ -115,7 +225,7 @@ class Loaded:
 
     @property
     def sharded(self) -> bool:
-        return self.manifest.get("layout") == SHARDED
+        return self.manifest.sharded
 
     def model_state(self) -> dict[str, Any]:
         """The model's whole state dict (CPU tensors), whatever the layout: a sharded
@@ -136,7 +246,7 @@ class Entry:
     step: int
     valid: bool
     reason: str = ""
-    manifest: dict[str, Any] | None = None
+    manifest: Manifest | None = None
     size: int = 0
     created: float | None = None
 

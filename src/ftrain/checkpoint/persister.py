@@ -16,7 +16,7 @@ import torch
 
 from ..runtime.memory import PeakRss
 from ..storage import StorageError, redact
-from .format import FORMAT_VERSION, SHARDED, SHARDED_FORMAT, library_versions, step_dirname
+from .format import FORMAT_VERSION, SHARDED, SHARDED_FORMAT, Manifest, step_dirname
 from .staging import HostBuffers
 from .store import CheckpointStore
 
@@ -32,7 +32,7 @@ class SaveRequest:
     step: int
     state: dict[str, Any]  # tensors already snapshotted into buffer set ``buffers``
     train_state: dict[str, Any]
-    manifest: dict[str, Any]
+    facts: dict[str, Any]  # the run's facts for the manifest (Manifest.new)
     buffers: int  # which of the two host buffer sets holds the tensors
     serial: int  # order of the requests
     started: float = field(default_factory=time.monotonic)
@@ -95,7 +95,7 @@ class Checkpointer:
         self._thread.start()
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
-             manifest: dict[str, Any], blocking: bool = False,
+             facts: dict[str, Any], blocking: bool = False,
              timeout: float | None = None) -> bool | None:
         """Snapshot now, persist in the background. With ``blocking`` wait for this save's
         commit and return whether it committed (or was already committed); otherwise return
@@ -120,7 +120,7 @@ class Checkpointer:
             if torch.cuda.is_available() and torch.cuda.is_initialized():
                 torch.cuda.synchronize()
             self._serial += 1
-            req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(manifest),
+            req = SaveRequest(step, snap, json.loads(json.dumps(train_state)), dict(facts),
                               free, self._serial)
             self._pending = req
             self._cond.notify_all()
@@ -216,9 +216,7 @@ class Checkpointer:
         # the whole state in memory and no second pass over it to hash it.
         files = {state_file: lambda fh: torch.save(req.state, fh),
                  train_file: json.dumps(req.train_state, sort_keys=True).encode()}
-        manifest = dict(req.manifest, format_version=FORMAT_VERSION, step=req.step,
-                        state_file=state_file, train_state_file=train_file,
-                        versions=library_versions())
+        manifest = Manifest.new(req.step, req.facts, FORMAT_VERSION, state_file, train_file)
         return self.store.commit(req.step, files, manifest, self.writer)
 
     def _persist(self, req: SaveRequest) -> bool:
@@ -327,10 +325,9 @@ class ShardedCheckpointer(Checkpointer):
             files = {state_file: lambda fh: torch.save(small, fh),
                      train_file: json.dumps(req.train_state, sort_keys=True).encode(),
                      meta_file: metadata}
-            manifest = dict(req.manifest, format_version=SHARDED_FORMAT, layout=SHARDED,
-                            step=req.step, state_file=state_file, train_state_file=train_file,
-                            dcp_metadata_file=meta_file, shards=sorted(shards),
-                            shard_world_size=self.world_size, versions=library_versions())
+            manifest = Manifest.new(req.step, req.facts, SHARDED_FORMAT, state_file, train_file,
+                                    layout=SHARDED, dcp_metadata_file=meta_file,
+                                    shards=sorted(shards), shard_world_size=self.world_size)
             committed[0] = self.store.commit(req.step, files, manifest, self.writer, shards)
 
         def precheck() -> bool:

@@ -190,15 +190,14 @@ class SavePolicy:
         ok = True
         if self.ckpt is not None:
             train_state = dict(progress, **self.meta)
-            manifest = {k: train_state[k] for k in MANIFEST_KEYS}
-            if "model_args" in self.meta:
-                manifest["model_args"] = self.meta["model_args"]
-            if self.meta.get("run"):  # rank 0's; what `ckpt inspect` shows
-                manifest["numerics"] = self.meta["run"]["numerics"]
-            manifest["reason"] = reason
+            # What the manifest carries besides the files (Manifest.new), so that the tools
+            # list and inspect checkpoints without reading their train state.
+            facts = {k: train_state[k] for k in MANIFEST_KEYS}
+            facts.update(model_args=self.meta.get("model_args"), reason=reason,
+                         numerics=(self.meta.get("run") or {}).get("numerics"))  # rank 0's
             tensors = self._sharded(rng) if self.sharded else self._tensors(rng)
             try:
-                result = self.ckpt.save(step, tensors, train_state, manifest, blocking=blocking,
+                result = self.ckpt.save(step, tensors, train_state, facts, blocking=blocking,
                                         timeout=timeout)
             except SaveTimeout as e:
                 log.error("%s", e)

@@ -36,7 +36,7 @@ def resume(cfg: Config, info: DistInfo, coll: Collectives, store: CheckpointStor
         choice, loaded = _choose(cfg, info, coll, store, options, facts, skip)
         if loaded is None or not loaded.sharded:
             return choice, loaded
-        files = sorted(loaded.manifest["shards"])
+        files = sorted(loaded.manifest.shards)
         problem = CheckpointStore(loaded.storage).verify_files(
             loaded.name, loaded.manifest, files[info.rank::info.world_size],
             keep=loaded.verified)

@@ -50,7 +50,7 @@ def retain(store: CheckpointStore, keep_last: int, grace_s: float, now: float | 
             deleted.append(name)
             continue
         try:
-            listed = set(store.read_manifest(name)["files"])
+            listed = set(store.read_manifest(name).files)
         except CorruptCheckpoint:
             continue  # does not count; deleted once keep_last good ones are newer
         kept += 1

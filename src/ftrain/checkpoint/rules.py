@@ -25,7 +25,7 @@ from ..config import DEFAULT_TASK, Config, flag
 from ..runtime.exitcodes import InputError
 from ..runtime.numerics import differences
 from ..tasks import Task, TaskError, TaskRef, options_class
-from .format import Loaded
+from .format import Loaded, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +52,17 @@ RULES: tuple[Rule, ...] = (
          "the evaluation data changed under the same name"),
     Rule("augmentation", "augmentation version", "refuse",
          "the augmented samples would differ from the checkpoint's run"),
-    Rule("optimizer", "--optimizer", "refuse", "the optimizer state would not fit"),
-    Rule("scheduler", "--scheduler", "refuse", "the schedule state would not fit"),
+    Rule("optimizer", "--optimizer", "refuse", "the optimizer state would not fit (compared "
+         "when the task uses the default optimizer)"),
+    Rule("optimizer_class", "the optimizer's class (the task's own)", "refuse",
+         "the optimizer state would not fit"),
+    Rule("optimizer_groups", "the optimizer's param groups and hyperparameters (the task's "
+         "own; the rates and momenta --lr, --momentum and --weight-decay scale excepted)",
+         "refuse", "loading the checkpoint would silently put its values back"),
+    Rule("scheduler", "--scheduler", "refuse", "the schedule state would not fit (compared when "
+         "the task uses the default schedule, as are --lr-step-epochs and --lr-gamma)"),
+    Rule("scheduler_class", "the schedule's class (the task's own)", "refuse",
+         "the schedule state would not fit"),
     Rule("lr_step_epochs", "--lr-step-epochs", "refuse", "the step schedule keeps its state"),
     Rule("lr_gamma", "--lr-gamma", "refuse", "the step schedule keeps its state"),
     Rule("parallel", "--parallel", "apply", "converted on load: a ddp checkpoint's whole "
@@ -103,15 +112,57 @@ def run_facts(cfg: Config, ref: TaskRef, task: Task, world_size: int,
             "epochs": cfg.epochs, "parallel": cfg.parallel}
 
 
-def checkpoint_task(train_state: dict[str, Any], manifest: dict[str, Any]) -> TaskRef:
+# Param-group values a schedule changes as it runs, or --lr, --momentum and --weight-decay
+# scale on resume (applied), or that only choose an implementation: not compared.
+_GROUP_KEYS_FREE = {"params", "lr", "initial_lr", "max_lr", "min_lr", "momentum", "betas",
+                    "base_momentum", "max_momentum", "weight_decay", "foreach", "fused",
+                    "capturable", "differentiable"}
+# Facts of the default optimizer and schedule (the flags), compared only when the task uses
+# them; the task's own are compared by class and param groups.
+_DEFAULT_OPTIMIZER_FACTS = ("optimizer",)
+_DEFAULT_SCHEDULE_FACTS = ("scheduler", "lr_step_epochs", "lr_gamma")
+
+
+def optimizer_facts(task: Task, optimizer: Any, scheduler: Any) -> dict[str, Any]:
+    """What a checkpoint records of the optimizer and the schedule: whether they are the
+    task's own, their classes and the optimizer's param groups (hyperparameters only)."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        if hasattr(v, "item") and getattr(v, "numel", lambda: 0)() == 1:
+            return v.item()
+        return v if isinstance(v, (int, float, str, bool)) or v is None else repr(v)
+
+    def name(obj: Any) -> str:
+        return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+    groups = [{k: plain(v) for k, v in sorted(g.items()) if k not in _GROUP_KEYS_FREE}
+              for g in optimizer.param_groups]
+    return {"own_optimizer": type(task).configure_optimizer is not Task.configure_optimizer,
+            "own_scheduler": type(task).configure_scheduler is not Task.configure_scheduler,
+            "optimizer_class": name(optimizer), "optimizer_groups": groups,
+            "scheduler_class": name(scheduler)}
+
+
+def _group_differences(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> str:
+    if len(before) != len(after):
+        return f"{len(before)} param groups in the checkpoint, {len(after)} now"
+    out = []
+    for i, (b, a) in enumerate(zip(before, after, strict=True)):
+        out += [f"group {i} {k} {b.get(k)!r} -> {a.get(k)!r}" for k in sorted({*b, *a})
+                if k not in _GROUP_KEYS_FREE and b.get(k) != a.get(k)]
+    return ", ".join(out)
+
+
+def checkpoint_task(train_state: dict[str, Any], manifest: Manifest) -> TaskRef:
     """The task a checkpoint was trained with (checkpoints written before tasks existed were
     the built-in task; their arguments come from the recorded configuration)."""
-    rec = manifest.get("task") or train_state.get("task")
+    rec = manifest.task or train_state.get("task")
     if rec:
         return TaskRef.from_dict(rec)
     from ..tasks import builtin
 
-    margs = manifest.get("model_args") or train_state.get("model_args") or {}
+    margs = manifest.model_args or train_state.get("model_args") or {}
     return TaskRef(DEFAULT_TASK, builtin.legacy_task_args(train_state.get("config", {}), margs))
 
 
@@ -153,10 +204,19 @@ def check(loaded: Loaded, new: dict[str, Any], cfg: Config) -> Verdict:
     """Compare a checkpoint's facts with this run's under RULES."""
     old = checkpoint_facts(loaded)
     verdict = Verdict([], {}, [])
+    own_opt, own_sched = new.get("own_optimizer"), new.get("own_scheduler")
+    skip = (_DEFAULT_OPTIMIZER_FACTS if own_opt else ("optimizer_class", "optimizer_groups")) \
+        + (_DEFAULT_SCHEDULE_FACTS if own_sched else ("scheduler_class",))
     for rule in RULES:
-        if rule.fact not in old or old[rule.fact] == new[rule.fact]:
+        if rule.fact in skip or rule.fact not in old or rule.fact not in new \
+                or old[rule.fact] == new[rule.fact]:
             continue
         before, after = old[rule.fact], new[rule.fact]
+        if rule.fact == "optimizer_groups":
+            changed = _group_differences(before, after)
+            if changed:
+                verdict.refusals.append(f"{rule.name}: {changed} ({rule.why})")
+            continue
         if rule.action == "apply":
             verdict.applied[rule.fact] = (before, after)
         elif rule.fact == "task_args":
@@ -226,7 +286,7 @@ def refuse_or_log(loaded: Loaded, verdict: Verdict, global_batch: int) -> None:
                     "correctly, but from step %s on this run is no longer bitwise equal to an "
                     "uninterrupted one (bitwise resume needs the same hardware and software); "
                     "the history records it as not_bitwise", ", ".join(verdict.numerics),
-                    loaded.manifest.get("step"))
+                    loaded.manifest.step)
     for fact, (before, after) in verdict.applied.items():
         rule = _BY_FACT[fact]
         if fact == "world_size":

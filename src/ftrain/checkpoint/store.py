@@ -3,6 +3,7 @@ retain. Everything about the format itself is in format.py; bytes move through s
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -15,16 +16,14 @@ import torch
 from ..storage import CHECKSUM, Storage, StorageError
 from .format import (
     MANIFEST,
-    READABLE_FORMATS,
-    SHARDED,
     STEP_DIR,
     CorruptCheckpoint,
     Entry,
+    FileEntry,
     Loaded,
+    Manifest,
     Producer,
-    inside_folder,
     step_dirname,
-    verify_checksum,
 )
 
 log = logging.getLogger(__name__)
@@ -51,56 +50,25 @@ class CheckpointStore:
                 out.append((int(m.group(1)), name))
         return sorted(out, reverse=True)
 
-    def read_manifest(self, name: str) -> dict[str, Any]:
+    def read_manifest(self, name: str) -> Manifest:
         """Raises CorruptCheckpoint when absent or malformed."""
         try:
             raw = self.storage.read(f"{name}/{MANIFEST}")
         except FileNotFoundError:
             raise CorruptCheckpoint("no manifest (never committed, or a crashed writer)") from None
-        if not raw:
-            raise CorruptCheckpoint(f"{MANIFEST} is empty (0 bytes: damaged after its commit, "
-                                    "or lost in a crash of an unsynced filesystem)")
-        try:
-            manifest = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptCheckpoint(f"{MANIFEST} is not valid JSON ({e})") from None
-        if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-            raise CorruptCheckpoint("manifest has no 'files' table")
-        for fname, meta in manifest["files"].items():
-            # Every file lives inside the checkpoint's own folder: a name that climbs out of it
-            # would read (and trust) another checkpoint's or any other file.
-            if not inside_folder(fname):
-                raise CorruptCheckpoint(f"{MANIFEST} names {fname!r}, a path outside its "
-                                        "checkpoint folder; nothing of this checkpoint is read")
-            if not isinstance(meta, dict) or not isinstance(meta.get("size"), int):
-                raise CorruptCheckpoint(f"{MANIFEST}: the entry of {fname!r} has no size")
-        if manifest.get("format_version") not in READABLE_FORMATS:
-            raise CorruptCheckpoint(f"format version {manifest.get('format_version')!r}, this "
-                                    f"build reads {', '.join(map(str, READABLE_FORMATS))}")
-        keys = ["step", "epoch", "state_file", "train_state_file"]
-        if manifest.get("layout") == SHARDED:
-            keys += ["dcp_metadata_file", "shards"]
-        for key in keys:
-            if key not in manifest:
-                raise CorruptCheckpoint(f"manifest lacks {key!r}")
-        if manifest.get("layout") == SHARDED and (
-                not isinstance(manifest["shards"], list)
-                or not set(manifest["shards"]) <= set(manifest["files"])):
-            raise CorruptCheckpoint("manifest's shards are not among its files")
-        return manifest
+        return Manifest.parse(raw)
 
-    def read_verified(self, name: str, manifest: dict[str, Any] | None = None,
-                      shards: str = "full") -> tuple[dict[str, Any], dict[str, Any]]:
+    def read_verified(self, name: str, manifest: Manifest | None = None,
+                      shards: str = "full") -> tuple[Manifest, dict[str, Any]]:
         """Manifest and the bytes of every file it lists, each checked for size and checksum.
 
         A sharded checkpoint's shard files: with ``shards="full"`` checked like the others
         (not returned); with ``"size"`` only their sizes are (the ranks share the checksums:
         ``verify_files``)."""
         manifest = self.read_manifest(name) if manifest is None else manifest
-        shard_files = set(manifest.get("shards") or ()) if manifest.get("layout") == SHARDED \
-            else set()
+        shard_files = set(manifest.shards) if manifest.sharded else set()
         blobs: dict[str, bytes] = {}
-        for fname, meta in manifest["files"].items():
+        for fname, meta in manifest.files.items():
             if fname in shard_files:
                 if shards == "size":
                     self._check_size(name, fname, meta)
@@ -110,27 +78,24 @@ class CheckpointStore:
             blobs[fname] = self._read_checked(name, fname, meta)
         return manifest, blobs
 
-    def _read_checked(self, name: str, fname: str, meta: dict[str, Any]) -> Any:
+    def _read_checked(self, name: str, fname: str, meta: FileEntry) -> Any:
         try:
             data = self.storage.read_mapped(f"{name}/{fname}")
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{fname} is missing") from None
-        if len(data) != meta.get("size"):
-            raise CorruptCheckpoint(f"{fname} has {len(data)} bytes, manifest says "
-                                    f"{meta.get('size')} (truncated?)")
-        verify_checksum(fname, meta, data)
+        meta.verify(fname, data)
         return data
 
-    def _check_size(self, name: str, fname: str, meta: dict[str, Any]) -> None:
+    def _check_size(self, name: str, fname: str, meta: FileEntry) -> None:
         try:
             size = int(self.storage.info(f"{name}/{fname}").get("size") or 0)
         except FileNotFoundError:
             raise CorruptCheckpoint(f"{fname} is missing") from None
-        if size != meta.get("size"):
-            raise CorruptCheckpoint(f"{fname} has {size} bytes, manifest says "
-                                    f"{meta.get('size')} (truncated?)")
+        if size != meta.size:
+            raise CorruptCheckpoint(f"{fname} has {size} bytes, manifest says {meta.size} "
+                                    "(truncated?)")
 
-    def verify_files(self, name: str, manifest: dict[str, Any], files: list[str],
+    def verify_files(self, name: str, manifest: Manifest, files: list[str],
                      raise_: bool = False, keep: dict[str, Any] | None = None) -> str | None:
         """Check ``files`` of checkpoint ``name`` (one at a time) against the manifest. Returns
         the first problem (naming the file), None when all match; with ``raise_`` raises it as
@@ -138,7 +103,7 @@ class CheckpointStore:
         name (a local file is mapped: reading it again costs no download)."""
         for fname in files:
             try:
-                data = self._read_checked(name, fname, manifest["files"][fname])
+                data = self._read_checked(name, fname, manifest.files[fname])
             except CorruptCheckpoint as e:
                 if raise_:
                     raise
@@ -155,10 +120,10 @@ class CheckpointStore:
         manifest, blobs = self.read_verified(name, shards=shards)
         return self._deserialize(name, manifest, blobs)
 
-    def _deserialize(self, name: str, manifest: dict[str, Any], blobs: dict[str, Any]) -> Loaded:
+    def _deserialize(self, name: str, manifest: Manifest, blobs: dict[str, Any]) -> Loaded:
         try:
-            blob = blobs[manifest["state_file"]]
-            path = self.storage.local_path(f"{name}/{manifest['state_file']}")
+            blob = blobs[manifest.state_file]
+            path = self.storage.local_path(f"{name}/{manifest.state_file}")
             if path is not None and len(blob):
                 # Verified through the same page cache a moment ago; files are never rewritten
                 # in place. The tensors map the file (copy-on-write): no copy of the state.
@@ -172,19 +137,19 @@ class CheckpointStore:
             raise CorruptCheckpoint(f"state file cannot be loaded safely: "
                                     f"{type(e).__name__}: {str(e)[:200]}") from None
         try:
-            train_state = json.loads(bytes(blobs[manifest["train_state_file"]]))
+            train_state = json.loads(bytes(blobs[manifest.train_state_file]))
         except (KeyError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise CorruptCheckpoint(f"train state unreadable: {e}") from None
-        if manifest.get("layout") == SHARDED:
+        if manifest.sharded:
             from .dcp import decode_metadata
 
             if not isinstance(state, dict):
                 raise CorruptCheckpoint("state file holds no state")
             try:
-                dcp = decode_metadata(blobs[manifest["dcp_metadata_file"]])
+                dcp = decode_metadata(blobs[manifest.dcp_metadata_file])
             except (KeyError, ValueError) as e:
                 raise CorruptCheckpoint(f"DCP metadata unreadable: {e}") from None
-            missing = {loc.file for loc in dcp.storage_data.values()} - set(manifest["shards"])
+            missing = {loc.file for loc in dcp.storage_data.values()} - set(manifest.shards)
             if missing:
                 raise CorruptCheckpoint(f"DCP metadata names files the manifest does not list: "
                                         f"{sorted(missing)}")
@@ -224,9 +189,8 @@ class CheckpointStore:
             try:
                 # What the manifest says is shown even when the files do not match it.
                 entry.manifest = manifest = self.read_manifest(name)
-                entry.created = manifest.get("created_unix")
-                entry.size = sum(int(m.get("size") or 0) for m in manifest["files"].values()
-                                 if isinstance(m, dict))
+                entry.created = manifest.created_unix
+                entry.size = sum(m.size for m in manifest.files.values())
                 _, blobs = self.read_verified(name, manifest)
                 self._deserialize(name, manifest, blobs)
                 entry.valid = True
@@ -239,9 +203,10 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ commit
     def commit(self, step: int, files: dict[str, bytes | memoryview | Producer],
-               manifest: dict[str, Any], writer: str,
+               manifest: Manifest, writer: str,
                written: dict[str, dict[str, Any]] | None = None) -> bool:
-        """Write ``files`` into the step's folder, then the manifest, create-only.
+        """Write ``files`` into the step's folder, then ``manifest`` (with every file's size and
+        checksum, the writer and the time), create-only.
 
         A file is given as its bytes, or as a ``Producer``: a function that writes the file's
         bytes into the file object it is given (``torch.save`` straight to the storage, hashed as
@@ -259,7 +224,7 @@ class CheckpointStore:
             if written and not self._is_ours(name, writer, quiet=True):
                 self._remove_files(name, written)
             return self._is_ours(name, writer, quiet=True)
-        table = dict(written or {})
+        table = {fname: FileEntry.from_dict(meta) for fname, meta in (written or {}).items()}
         for fname, data in files.items():
             put = self.storage.write_stream if callable(data) else self.storage.write
             try:
@@ -270,10 +235,10 @@ class CheckpointStore:
                 log.info("replacing %s left by an earlier failed attempt",
                          self.storage.uri(f"{name}/{fname}"))
                 size, digest = put(f"{name}/{fname}", data)
-            table[fname] = {"size": size, "algorithm": CHECKSUM, "digest": digest}
-        self.last_commit_bytes = sum(meta["size"] for meta in table.values())
-        manifest = dict(manifest, files=table, writer=writer, created_unix=time.time())
-        body = json.dumps(manifest, indent=1, sort_keys=True).encode()
+            table[fname] = FileEntry(size, CHECKSUM, digest)
+        self.last_commit_bytes = sum(meta.size for meta in table.values())
+        body = dataclasses.replace(manifest, files=table, writer=writer,
+                                   created_unix=time.time()).to_json()
         try:
             self.storage.write(f"{name}/{MANIFEST}", body, create_only=True)
         except FileExistsError:
@@ -299,7 +264,7 @@ class CheckpointStore:
     def _is_ours(self, name: str, writer: str, quiet: bool = False) -> bool:
         """Whether the step's committed manifest is this writer's; logs the loser otherwise."""
         try:
-            other = self.read_manifest(name).get("writer")
+            other = self.read_manifest(name).writer
         except CorruptCheckpoint:
             other = "?"
         if other == writer or quiet:

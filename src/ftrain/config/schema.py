@@ -44,6 +44,7 @@ SECTIONS = {
     "run": "devices and the process group",
     "parallel": "how the workers share the model",
     "checkpoint": "where and when checkpoints are written, and how many are kept",
+    "storage": "how storage calls are retried and S3 transfers cut (checkpoints and data)",
     "monitor": "what a running job shows: logs, heartbeat, metrics, TensorBoard",
     "config": "the configuration file",
 }
@@ -57,6 +58,7 @@ def _in(section: str):
 
 _task, _data, _optim, _run = _in("task"), _in("data"), _in("optimization"), _in("run")
 _parallel, _ckpt, _monitor = _in("parallel"), _in("checkpoint"), _in("monitor")
+_storage = _in("storage")
 
 
 @dataclass
@@ -83,6 +85,8 @@ class Config:
     num_workers: int = _data(0, "DataLoader worker processes per rank, for training and for "
                              "evaluation each; started once as training starts, kept for the "
                              "run.")
+    data_cache: str = _data(".data-cache", "Node-local folder a remote (s3://) --data-dir is "
+                            "copied into, once per node.")
     data_on_device: str = _data("auto", "'auto': an in-memory tensor training set without "
                                 "per-item transforms (synthetic, MNIST-like) is put on the "
                                 "device once and batches are gathered there from the sampler's "
@@ -134,7 +138,24 @@ class Config:
                                        "SIGTERM.")
     orphan_grace_seconds: float = _ckpt(3600.0, "Delete leftovers of crashed writers older than "
                                         "this.")
+    # --- storage ---
+    storage_retry_attempts: int = _storage(6, "Attempts of a storage call that fails "
+                                           "transiently (timeouts, resets, 5xx), with "
+                                           "exponential backoff and jitter.")
+    storage_retry_deadline: float = _storage(90.0, "Seconds a storage call may spend in "
+                                             "retries before it fails.")
+    storage_retry_base_delay: float = _storage(0.2, "Seconds before the first retry (doubled "
+                                               "each time, up to 5 s).")
+    s3_part_mb: float = _storage(64.0, "S3: objects of two parts or more are uploaded and "
+                                 "read in parts of this many MiB.")
+    s3_concurrency: int = _storage(8, "S3: parts moved at once.")
     # --- monitor ---
+    log_level: str = _monitor("INFO", "Rank 0's log level; the other ranks log warnings and "
+                              "errors, or everything at DEBUG (each rank's memory too).",
+                              ("DEBUG", "INFO", "WARNING", "ERROR"))
+    progress: str = _monitor("auto", "'auto': a progress bar on rank 0 when stderr is a "
+                             "terminal (and --log-format text); 'off': log lines only.",
+                             ("auto", "off"))
     log_every_steps: int = _monitor(20, "Print progress on rank 0 every N steps (0: off).")
     log_format: str = _monitor("text", "'text': readable lines on stderr, with a progress bar "
                                "on rank 0 when stderr is a terminal; 'json': one JSON object "
@@ -169,6 +190,8 @@ class Config:
                 problems.append(f"{flag(name)}: must be a mapping (a JSON object), got "
                                 f"{type(value).__name__}")
                 setattr(self, name, {})
+        if isinstance(self.log_level, str):
+            self.log_level = self.log_level.upper()  # FTT_LOG_LEVEL=debug worked before
         problems += self.problems()
         if problems:
             raise ConfigError(problems)
@@ -190,11 +213,13 @@ class Config:
                 p.append(f"{flag(name)}: must be {need}, got {v}")
 
         for name in ("epochs", "batch_size", "lr_step_epochs", "max_failed_saves",
-                     "dist_timeout", "preemption_deadline", "grad_accum"):
+                     "dist_timeout", "preemption_deadline", "grad_accum",
+                     "storage_retry_attempts", "storage_retry_deadline", "s3_part_mb",
+                     "s3_concurrency"):
             positive(name)
         for name in ("lr", "num_workers", "save_every_steps", "save_every_seconds", "max_steps",
                      "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds",
-                     "clip_grad_norm"):
+                     "clip_grad_norm", "storage_retry_base_delay"):
             positive(name, allow_zero=True)
         if not 0 <= self.metrics_port <= 65535:
             p.append(f"{flag('metrics_port')}: {self.metrics_port} is not a TCP port; use 1-65535, "
@@ -221,6 +246,8 @@ class Config:
                      "'package.module:attr'")
         if self.resume not in ("auto", "never") and not self.resume.strip():
             p.append(f"{flag('resume')}: give 'auto', 'never' or a checkpoint URI")
+        if not self.data_cache.strip():
+            p.append(f"{flag('data_cache')}: must not be empty")
         if not self.checkpoint_dir.strip():
             p.append(f"{flag('checkpoint_dir')}: must not be empty")
         for name in ("checkpoint_dir", "data_dir") + (("resume",) if self.resume not in
@@ -236,6 +263,15 @@ class Config:
         # Storage options may hold credentials: never written into checkpoints or logs.
         d["storage_options"] = "<redacted>" if self.storage_options else {}
         return d
+
+    def storage_tuning(self) -> Any:
+        """The storage defaults these options ask for (``storage.tune``)."""
+        from ..storage import RetryPolicy, Tuning
+
+        return Tuning(RetryPolicy(attempts=self.storage_retry_attempts,
+                                  base_delay=self.storage_retry_base_delay,
+                                  deadline=self.storage_retry_deadline),
+                      int(self.s3_part_mb * 2**20), self.s3_concurrency)
 
     def digest(self) -> str:
         """SHA-256 of the whole configuration (storage options redacted), for the manifest."""

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
-from ..errors import Interrupted, Preempted
+from ..errors import InputError, Interrupted, Preempted
 from ..runtime import exitcodes
 from ..runtime.distributed import Collectives, DistInfo
 from ..runtime.monitor import Monitor
@@ -179,8 +179,11 @@ class Trainer:
             with contextlib.nullcontext() if sync else p.ddp.no_sync():
                 with autocast(cfg.precision, dev):
                     out = task.forward(p.ddp, x)
-                    loss_sum, sums = task.loss(out, y)
-                loss = loss_sum / self.per_rank_batch
+                    loss_value, sums = task.loss(out, y)
+                # The mean over this rank's share of the global batch (DDP averages the
+                # ranks' gradients): a sum over the micro-batch's items, or their mean.
+                loss = (loss_value / accum if task.loss_reduction == "mean"
+                        else loss_value / self.per_rank_batch)
                 (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
             row = self.sums.row(sums)
             step_sums = row if step_sums is None else step_sums + row
@@ -194,7 +197,8 @@ class Trainer:
         else:
             p.optimizer.step()
         p.optimizer.zero_grad(set_to_none=True)
-        p.scheduler.step()
+        if task.scheduler_interval == "step":
+            p.scheduler.step()
         task.after_step(p.model)
         self.sums.append(step_sums)
 
@@ -236,6 +240,8 @@ class Trainer:
         if st.not_bitwise:
             entry["not_bitwise"] = list(st.not_bitwise)
             st.not_bitwise = []
+        if self.task.scheduler_interval == "epoch":
+            self._step_epoch_schedule(entry)
         st.history.append(entry)
         st.epoch += 1
         st.batch_in_epoch = 0
@@ -246,6 +252,20 @@ class Trainer:
                      entry["samples_per_s"], entry["seconds"],
                      extra={"fields": {"event": "epoch", **entry}})
             self.monitor.epoch_done(entry)
+
+    def _step_epoch_schedule(self, entry: dict[str, Any]) -> None:
+        """An epoch schedule's one step, after evaluation and before the epoch-end checkpoint
+        (which holds it): a checkpoint taken mid-epoch holds the schedule before it, so a
+        resume steps it exactly once too. ``entry["lr"]`` stays the epoch's own rate."""
+        sched = self.p.scheduler
+        if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            name = self.task.scheduler_metric
+            if name not in entry:
+                raise InputError(f"{type(self.task).__name__}.scheduler_metric {name!r} is not "
+                                 f"in the epoch's history entry ({', '.join(sorted(entry))})")
+            sched.step(entry[name])
+        else:
+            sched.step()
 
     def _after_epoch(self, stop: str | None) -> bool:
         """The epoch end's save; True when training stops here (--max-steps)."""

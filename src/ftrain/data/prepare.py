@@ -23,7 +23,7 @@ def task_datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
     try:
         data_dir = cfg.data_dir
         if "://" in data_dir:
-            data_dir = node_local_copy(cfg.data_dir, info, coll, options)
+            data_dir = node_local_copy(cfg.data_dir, cfg.data_cache, info, coll, options)
         ctx = TaskContext(cfg.seed, data_dir, cfg.download, info.rank, info.world_size,
                           info.local_rank)
         if info.is_distributed:
@@ -55,9 +55,11 @@ def task_datasets(cfg: Config, info: DistInfo, coll: Collectives, task: Task,
     return train_set, test_set
 
 
-def node_local_copy(url: str, info: DistInfo, coll: Collectives, options: dict[str, Any]) -> str:
-    """Local rank 0 fetches a remote --data-dir into the node's cache; the others wait."""
-    cache = os.path.abspath(os.environ.get("FTT_DATA_CACHE", ".data-cache"))
+def node_local_copy(url: str, cache: str, info: DistInfo, coll: Collectives,
+                    options: dict[str, Any]) -> str:
+    """Local rank 0 fetches a remote --data-dir into the node's cache (--data-cache); the
+    others wait."""
+    cache = os.path.abspath(cache)
     error = None
     if info.local_rank == 0:
         try:

@@ -47,11 +47,12 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
-def setup_logging(rank: int, fmt: str = "text") -> None:
-    """Rank 0 logs at FTT_LOG_LEVEL (INFO), the others at WARNING and above, or, when it is
-    DEBUG, at DEBUG as well (what each rank does, its memory: memory.py); ``fmt`` 'text'
-    (time, rank, level, message) or 'json' (JsonFormatter)."""
-    level = os.environ.get("FTT_LOG_LEVEL", "INFO").upper()
+def setup_logging(rank: int, fmt: str = "text", level: str | None = None) -> None:
+    """Rank 0 logs at ``level`` (--log-level; before the options are read: FTT_LOG_LEVEL, else
+    INFO), the others at WARNING and above, or, when it is DEBUG, at DEBUG as well (what each
+    rank does, its memory: memory.py); ``fmt`` 'text' (time, rank, level, message) or 'json'
+    (JsonFormatter)."""
+    level = (level or os.environ.get("FTT_LOG_LEVEL") or "INFO").upper()
     if rank and level != "DEBUG":
         level = logging.getLevelName(max(logging.WARNING, logging.getLevelName(level)))
     handler = logging.StreamHandler(sys.stderr)
@@ -227,7 +228,7 @@ class Monitor:
         self._redirect = None
         self.main = info.is_main
         self.use_bar = (self.main and cfg.log_format == "text" and sys.stderr.isatty()
-                        and os.environ.get("FTT_PROGRESS", "auto") != "off")
+                        and cfg.progress != "off")
 
     def attach(self, saver: Any, resumes: int, resumed_step: int | None) -> None:
         """Once the run is resumed and its saver exists: rank 0 starts the metrics endpoint and

@@ -4,8 +4,8 @@
 
 from .checksums import CHECKSUM, CHECKSUM_NAMES, HashingWriter, checksum, new_hasher
 from .errors import RetryPolicy, StorageAccessError, StorageError, is_transient, redact
-from .fs import Storage
+from .fs import Storage, Tuning, tune
 
 __all__ = ["CHECKSUM", "CHECKSUM_NAMES", "HashingWriter", "RetryPolicy", "Storage",
-           "StorageAccessError", "StorageError", "checksum", "is_transient", "new_hasher",
-           "redact"]
+           "StorageAccessError", "StorageError", "Tuning", "checksum", "is_transient",
+           "new_hasher", "redact", "tune"]

@@ -23,6 +23,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, BinaryIO, TypeVar
 
 import fsspec
@@ -58,7 +59,7 @@ class Storage:
                  retry: RetryPolicy | None = None) -> None:
         self.root_uri = root.rstrip("/") or root
         self.options = dict(options or {})
-        self.retry = retry or RetryPolicy.from_env()
+        self.retry = retry or tuning().retry
         self.protocol = _protocol(self.root_uri)
         self.is_local = self.protocol in ("file", "local")
         self._fs = None
@@ -203,7 +204,7 @@ class Storage:
         S3 a ranged GET per part (``default_block_size``), in parallel, as a whole-file read
         does."""
         path = self.full(rel)
-        part = int(getattr(self.fs, "default_block_size", 0) or S3_PART_SIZE)
+        part = int(getattr(self.fs, "default_block_size", 0) or tuning().s3_part_size)
         starts = list(range(start, end, part)) or [start]
         ends = [min(s + part, end) for s in starts]
 
@@ -406,20 +407,49 @@ def _protocol(uri: str) -> str:
 
 
 # Large objects move in parts, several at once: a checkpoint file at or above two parts is a
-# multipart upload of S3_PART_SIZE parts, S3_CONCURRENCY in flight, and a read of one above a
-# part is that many parallel ranged GETs into one buffer. One stream to S3 runs at ~100 MB/s;
-# parts in parallel scale with the connection. Tunable through the environment (or
-# --storage-options '{"max_concurrency": N, "default_block_size": BYTES}').
-S3_PART_SIZE = int(float(os.environ.get("FTT_S3_PART_MB", "64")) * 2**20)
-S3_CONCURRENCY = int(os.environ.get("FTT_S3_CONCURRENCY", "8"))
+# multipart upload of parts of ``s3_part_size`` bytes, ``s3_concurrency`` in flight, and a read
+# of one above a part is that many parallel ranged GETs into one buffer. One stream to S3 runs
+# at ~100 MB/s; parts in parallel scale with the connection.
+@dataclass
+class Tuning:
+    """The process's storage defaults: the retry policy and S3's part size and concurrency.
+    The training command sets them from its options (--storage-retry-*, --s3-*); the tools
+    take them from the same FTT_* variables. Storage options given explicitly
+    (``{"max_concurrency": N, "default_block_size": BYTES}``) win over them."""
+
+    retry: RetryPolicy
+    s3_part_size: int
+    s3_concurrency: int
+
+    @classmethod
+    def from_env(cls) -> Tuning:
+        return cls(RetryPolicy.from_env(),
+                   int(float(os.environ.get("FTT_S3_PART_MB", "64")) * 2**20),
+                   int(os.environ.get("FTT_S3_CONCURRENCY", "8")))
+
+
+_TUNED: Tuning | None = None
+
+
+def tuning() -> Tuning:
+    """This process's storage defaults: what ``tune`` set, else the FTT_* variables now."""
+    return _TUNED or Tuning.from_env()
+
+
+def tune(new: Tuning | None) -> Tuning | None:
+    """Make ``new`` this process's storage defaults (None: the FTT_* variables again);
+    returns what it replaces."""
+    global _TUNED
+    previous, _TUNED = _TUNED, new
+    return previous
 
 
 def _s3_defaults(opts: dict[str, Any]) -> None:
     """Defaults for s3fs: honour AWS_ENDPOINT_URL (older botocore ignores it), path-style
     addressing for custom endpoints, no botocore retries (this module retries), and parallel
     parts for large objects."""
-    opts.setdefault("max_concurrency", S3_CONCURRENCY)
-    opts.setdefault("default_block_size", S3_PART_SIZE)
+    opts.setdefault("max_concurrency", tuning().s3_concurrency)
+    opts.setdefault("default_block_size", tuning().s3_part_size)
     config_kwargs = dict(opts.get("config_kwargs") or {})
     if "AWS_MAX_ATTEMPTS" not in os.environ and "AWS_RETRY_MODE" not in os.environ:
         config_kwargs.setdefault("retries", {"total_max_attempts": 1, "mode": "standard"})

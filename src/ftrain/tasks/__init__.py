@@ -46,16 +46,33 @@ class Task:
     """Subclass it and implement ``build_model``, ``datasets`` and ``loss``; the rest is optional.
 
     Items of the datasets are ``(inputs, targets)``, each a tensor or a dict/tuple of tensors.
-    ``loss(outputs, targets)`` returns the loss *summed* over the batch's items (the trainer
-    divides by the global batch size, so gradients do not depend on the world size or on
-    ``--grad-accum``) and a dict of named metric *sums* over the same items. Sums are added up
-    exactly across ranks, steps and restarts; ``metrics`` turns the epoch's totals into the
-    numbers recorded in the history (``train_<name>`` / ``eval_<name>``).
+    ``loss(outputs, targets)`` returns the loss *summed* over the batch's items, or with
+    ``loss_reduction = "mean"`` their mean (PyTorch's default); either way the gradients are
+    those of the mean over the global batch, on any world size and with any ``--grad-accum``.
+    It also returns a dict of named metric *sums* over the same items (sums in both cases).
+    Sums are added up exactly across ranks, steps and restarts; ``metrics`` turns the epoch's
+    totals into the numbers recorded in the history (``train_<name>`` / ``eval_<name>``).
+
+    A misspelt declaration or hook (``scheduler_intervall``, Lightning's
+    ``configure_optimizers``) is refused when training starts, naming the one it resembles.
     """
 
     #: Recorded in checkpoints and compared on resume: bump it when the data augmentation
     #: changes, so that a run cannot silently continue on different samples.
     augmentation: str = "none"
+
+    #: What ``loss`` returns: "sum" over the batch's items (the default), or "mean" over them
+    #: (``F.cross_entropy(out, y)``, ``F.nll_loss(out, y)`` as scripts write them).
+    loss_reduction: str = "sum"
+
+    #: When the schedule steps: "step", after every optimizer step (the default), or "epoch",
+    #: once at every epoch's end after evaluation, as a script's ``scheduler.step()`` after its
+    #: epoch loop (``StepLR(optimizer, step_size=1)``); exactly once per epoch across a resume.
+    #: "epoch" needs the task's own ``configure_scheduler``.
+    scheduler_interval: str = "step"
+
+    #: ``ReduceLROnPlateau``: the history value it is stepped with at each epoch's end.
+    scheduler_metric: str = "eval_loss"
 
     #: The task's own options: a dataclass (subclass of TaskOptions) whose fields, made with
     #: ``ftrain.config.option``, are flat options like the service's own (``--name``, ``name:``
@@ -102,7 +119,9 @@ class Task:
 
     def configure_scheduler(self, optimizer: torch.optim.Optimizer, cfg: Config,
                             steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
-        """The LR schedule, stepped once per optimizer step. Default: ``--scheduler``."""
+        """The LR schedule, stepped once per optimizer step (``scheduler_interval = "epoch"``:
+        once per epoch; a ``ReduceLROnPlateau`` with ``scheduler_metric``). Default:
+        ``--scheduler``."""
         return default_scheduler(optimizer, cfg, steps_per_epoch)
 
     def after_step(self, model: nn.Module) -> None:

@@ -1,0 +1,95 @@
+"""A script ported as it is written: a mean loss, an epoch schedule and ReduceLROnPlateau
+train as the script means them, resume exactly, and a misspelt declaration is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.harness.checkpoints import assert_bitwise_equal, latest, strip_timing
+from tests.harness.processes import run_train
+
+pytestmark = pytest.mark.slow
+
+ARGS = ["--batch-size", "32", "--epochs", "3", "--log-every-steps", "0",
+        "--save-every-seconds", "0", "--lr", "0.1"]
+
+
+def _train(tmp_path, name, task, *extra, nproc=0):
+    d = tmp_path / name
+    r = run_train(["--task", f"tests.harness.ported:{task}", *ARGS, *extra,
+                   "--checkpoint-dir", str(d)], nproc=nproc)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return latest(d)
+
+
+def test_a_mean_loss_gives_the_sum_contracts_gradients(tmp_path):
+    """The same steps with the loss as a sum and as a mean: the same weights within float
+    rounding, on one process, on 2 workers, and with --grad-accum 2."""
+    for extra, nproc in (([], 0), ([], 2), (["--grad-accum", "2"], 2)):
+        tag = f"{nproc}-{len(extra)}"
+        a = _train(tmp_path, f"sum{tag}", "SumTask", *extra, nproc=nproc)
+        b = _train(tmp_path, f"mean{tag}", "MeanTask", *extra, nproc=nproc)
+        for k, v in a.state["model"].items():
+            torch.testing.assert_close(b.state["model"][k], v, rtol=1e-5, atol=1e-6)
+        assert [round(h["train_loss"], 4) for h in a.train_state["history"]] == \
+            [round(h["train_loss"], 4) for h in b.train_state["history"]]
+
+
+@pytest.mark.parametrize("task", ["EpochStepLR", "Plateau", "MeanTask"])
+def test_epoch_schedules_step_once_per_epoch_and_resume_exactly(tmp_path, task):
+    """Cut mid-epoch 2 (step 11 of 8 a epoch) and resumed: bitwise the uninterrupted run,
+    its schedule stepped once per epoch (StepLR: 1.0, 0.7, 0.49)."""
+    full = _train(tmp_path, "full", task)
+    d = tmp_path / "cut"
+    args = ["--task", f"tests.harness.ported:{task}", *ARGS, "--checkpoint-dir", str(d)]
+    r = run_train([*args, "--max-steps", "11"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(args)
+    assert r.returncode == 0 and "step 11, batch 3 of epoch 2" in r.stderr, r.stderr[-3000:]
+    cut = latest(d)
+    assert_bitwise_equal(full.state["model"], cut.state["model"])
+    assert strip_timing(full.train_state["history"]) == strip_timing(cut.train_state["history"])
+    lrs = [h["lr"] for h in full.train_state["history"]]
+    if task == "EpochStepLR":
+        assert lrs == pytest.approx([1.0, 0.7, 0.49])
+    if task == "Plateau":
+        # Epoch 2's eval loss improves by under the 5% threshold: halved once, after it.
+        assert lrs == [1.0, 1.0, 0.5]
+        assert full.state["scheduler"]["best"] < 1.4  # its state is checkpointed
+
+
+@pytest.mark.parametrize("task,needle", [
+    ("Misspelt", "Misspelt.scheduler_intervall (class attribute) is not a Task declaration or "
+                 "hook: did you mean 'scheduler_interval'?"),
+    ("LightningSpelling", "LightningSpelling.configure_optimizers (method) is another trainer's "
+                          "hook and is never called here; write configure_optimizer instead"),
+    ("PlateauEveryStep", "returns a ReduceLROnPlateau: declare scheduler_interval = 'epoch'"),
+])
+def test_a_declaration_that_would_do_nothing_is_refused(tmp_path, task, needle):
+    r = run_train(["--task", f"tests.harness.ported:{task}", *ARGS,
+                   "--checkpoint-dir", str(tmp_path / "c")])
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert needle in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+
+
+def test_names_of_your_own_stay_allowed(tmp_path):
+    _train(tmp_path, "own", "OwnNames")
+
+
+def test_your_optimizer_is_checked_on_resume_by_class_and_hyperparameters(tmp_path):
+    """A task's own optimizer: --optimizer does not apply to it (changing it is no refusal);
+    a hyperparameter changed in the code is refused, naming it, where loading the checkpoint
+    would have put the old value back without a word."""
+    d = tmp_path / "c"
+    args = ["--task", "tests.harness.ported:CodeChanged", *ARGS, "--checkpoint-dir", str(d)]
+    r = run_train([*args, "--max-steps", "5"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--optimizer", "adamw", "--max-steps", "6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(args, env={"RHO": "0.95"})
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert ("the optimizer's param groups and hyperparameters (the task's own; the rates and "
+            "momenta --lr, --momentum and --weight-decay scale excepted): group 0 rho 0.9 -> "
+            "0.95") in r.stderr, r.stderr[-3000:]
