@@ -58,6 +58,7 @@ from .tasks import (
     TaskError,
     TaskRef,
     load_task,
+    script_target,
     task_ref,
 )
 from .tasks.declarations import check_declarations, check_scheduler
@@ -239,8 +240,9 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
 
     ``task``: an import string ``"package.module:attr"``, a Task class or factory (called with
     ``task_args``), or a Task instance. Checkpoints record the import string and the
-    arguments, so that ``ckpt export`` and ``predict`` can rebuild the model: pass a class or
-    factory defined in an importable module (not ``__main__``) with its arguments.
+    arguments, so that ``ckpt export``, ``predict`` and ``load_model`` can rebuild the model;
+    a task defined in the script itself is recorded by the script's path (the call to fit()
+    must then be under ``if __name__ == "__main__":``, or InputError says so at once).
     ``config``: a Config, or a mapping of its options by their flat names (``{"epochs": 3,
     "checkpoint_dir": ...}``, the task's own options too).
     """
@@ -248,8 +250,10 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
     if isinstance(task, str):
         target = task
     else:
-        obj = type(task) if instance is not None else task
-        target = f"{obj.__module__}:{obj.__qualname__}"
+        try:
+            target = script_target(type(task) if instance is not None else task)
+        except TaskError as e:
+            raise InputError(str(e)) from None
     if instance is not None and task_args:
         raise TypeError("fit(): task_args go with a task class or factory, not an instance")
     if isinstance(config, Config):
@@ -263,9 +267,6 @@ def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] 
     options = type(instance).options if instance is not None else options_of(target)[0]
     cfg = config_from(values, options)
     with _as_a_library(cfg) as signals:
-        if target.startswith("__main__:") and env_rank() == 0:
-            log.warning("the task %s is defined in __main__: checkpoints record it, but ckpt "
-                        "export and predict cannot import it; define it in a module", target)
         return _train(cfg, signals, instance)
 
 

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import json
+import os
+import re
+import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -178,13 +182,68 @@ class TaskRef:
         return cls(str(d["import"]), dict(d.get("args") or {}))
 
 
+def script_target(obj: Any) -> str:
+    """The import string of a class or function: ``package.module:attr``, or, for one defined
+    in the script being run (``__main__``), ``/path/to/script.py:attr``, which the tools
+    import from the file (its ``if __name__ == "__main__":`` keeps them from running it).
+    Raises TaskError for a script without that guard: importing it would train again."""
+    module = obj.__module__
+    if module != "__main__":
+        return f"{module}:{obj.__qualname__}"
+    main = sys.modules["__main__"]
+    path = getattr(main, "__file__", None)
+    if not path or not path.endswith(".py"):
+        where = path or "an interactive session"
+        raise TaskError(f"the task {obj.__qualname__} is defined in {where}: the tools (ckpt "
+                        "export, predict, load_model) cannot import it from there. Define it in "
+                        "a module (a .py file next to your script) and import it")
+    path = os.path.abspath(path)
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        source = fh.read()
+    if not re.search(r"""if\s+__name__\s*==\s*["']__main__["']""", source):
+        raise TaskError(f"{path} defines the task {obj.__qualname__} and calls fit() when it is "
+                        "imported: the tools import the script to rebuild the model, and would "
+                        "train again. Put the call under `if __name__ == \"__main__\":`, or "
+                        "define the task in a module of its own")
+    return f"{path}:{obj.__qualname__}"
+
+
+def _module_from_file(path: str) -> Any:
+    """The module of a script named by its path: this process's ``__main__`` when it is that
+    script (the run itself), else the script imported under a name of its own (the tools)."""
+    path = os.path.abspath(path)
+    main = sys.modules.get("__main__")
+    if main is not None and os.path.abspath(getattr(main, "__file__", "") or "") == path:
+        return main
+    name = "ftrain_script_" + re.sub(r"\W", "_", path)
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
 def _import(target: str) -> Any:
-    """The object an import string names. Raises TaskError naming what failed."""
+    """The object an import string names (``package.module:attr``, or ``/path/file.py:attr``).
+    Raises TaskError naming what failed."""
     module_name, _, attr = target.partition(":")
     if not module_name or not attr:
         raise TaskError(f"--task {target!r}: give an import string 'package.module:attr'")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            if not os.path.exists(module_name):
+                raise ImportError(f"no such file {module_name}")
+            module = _module_from_file(module_name)
+        else:
+            module = importlib.import_module(module_name)
     except ImportError as e:
         raise TaskError(f"--task {target}: cannot import module {module_name!r} "
                         f"({type(e).__name__}: {e}). Install the package that provides it, or "
