@@ -96,3 +96,35 @@ class CodeChanged(EpochStepLR):
 
         return torch.optim.Adadelta(model.parameters(), lr=1.0,
                                     rho=float(os.environ.get("RHO", "0.9")))
+
+
+class PaddedSequences(SumTask):
+    """Variable-length sequences padded by the task's own collate_fn: the items cannot be
+    stacked, so the default collate (and the on-device gather) cannot make these batches."""
+
+    def build_model(self) -> nn.Module:
+        return nn.Sequential(nn.EmbeddingBag(32, 16, mode="mean"), nn.Linear(16, 4))
+
+    def datasets(self, ctx):
+        g = torch.Generator().manual_seed(ctx.seed)
+        items = []
+        for _ in range(256):
+            n = int(torch.randint(3, 12, (1,), generator=g))
+            seq = torch.randint(0, 32, (n,), generator=g)
+            items.append((seq, int(seq[0]) % 4))
+        return items, items
+
+    def collate_fn(self, items):
+        longest = max(len(seq) for seq, _ in items)
+        padded = torch.zeros(len(items), longest, dtype=torch.int64)
+        for i, (seq, _) in enumerate(items):
+            padded[i, :len(seq)] = seq
+        lengths = torch.tensor([len(seq) for seq, _ in items])
+        return (padded, lengths), torch.tensor([y for _, y in items])
+
+    def forward(self, model, inputs):
+        padded, lengths = inputs
+        mask = torch.arange(padded.shape[1]) < lengths[:, None]
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)[:-1]])
+        bag, linear = model[0], model[1]
+        return linear(bag(padded[mask], offsets))

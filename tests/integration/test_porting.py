@@ -93,3 +93,25 @@ def test_your_optimizer_is_checked_on_resume_by_class_and_hyperparameters(tmp_pa
     assert ("the optimizer's param groups and hyperparameters (the task's own; the rates and "
             "momenta --lr, --momentum and --weight-decay scale excepted): group 0 rho 0.9 -> "
             "0.95") in r.stderr, r.stderr[-3000:]
+
+
+def test_your_collate_fn_makes_the_batches_and_resume_stays_exact(tmp_path):
+    """Variable-length sequences padded by the task's collate_fn, with a loader worker: a cut
+    mid-epoch 2 resumes bitwise; the evaluation batch size (--eval-batch-size) changes the
+    evaluation's batches, not its metrics."""
+    args = ["--task", "tests.harness.ported:PaddedSequences", *ARGS, "--num-workers", "1"]
+    full = tmp_path / "full"
+    r = run_train([*args, "--checkpoint-dir", str(full)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    r = run_train([*args, "--max-steps", "11", "--checkpoint-dir", str(cut)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--eval-batch-size", "7", "--checkpoint-dir", str(cut)])
+    assert r.returncode == 0 and "step 11, batch 3 of epoch 2" in r.stderr, r.stderr[-3000:]
+    a, b = latest(full), latest(cut)
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    ha, hb = a.train_state["history"], b.train_state["history"]
+    assert strip_timing(ha[:1]) == strip_timing(hb[:1])  # before --eval-batch-size 7
+    for x, y in zip(ha[1:], hb[1:], strict=True):
+        assert x["train_loss"] == y["train_loss"]
+        assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-6)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -79,12 +79,27 @@ def device_tensors(data: Dataset, device: torch.device, mode: str
     return x.to(device), y.to(device)
 
 
+class _IndexedCollate:
+    """The task's collate_fn over the items of ``(item, index)`` rows; the indices stay a
+    tensor beside the batch (picklable, for loader workers)."""
+
+    def __init__(self, collate_fn: Callable[[list[Any]], Any]) -> None:
+        self.collate_fn = collate_fn
+
+    def __call__(self, rows: list[tuple[Any, int]]) -> tuple[Any, torch.Tensor]:
+        return (self.collate_fn([item for item, _ in rows]),
+                torch.tensor([index for _, index in rows], dtype=torch.int64))
+
+
 class Batches:
     """This rank's share of every global batch, and of the evaluation set."""
 
-    def __init__(self, cfg: Config, info: DistInfo, train_set: Dataset, test_set: Dataset
-                 ) -> None:
+    def __init__(self, cfg: Config, info: DistInfo, train_set: Dataset, test_set: Dataset,
+                 collate_fn: Callable[[list[Any]], Any] | None = None) -> None:
+        """``collate_fn``: the task's (a list of items -> a batch); the DataLoader then makes
+        every batch, training batches too."""
         self.cfg, self.info = cfg, info
+        self.collate_fn = collate_fn
         self.train_items = SeededItems(train_set, cfg.seed)
         self.sampler = ResumableDistributedSampler(self.train_items, info.world_size, info.rank,
                                                    cfg.batch_size, cfg.seed)
@@ -92,7 +107,10 @@ class Batches:
         self.eval_sampler = EvalShardSampler(len(self.eval_items), info.world_size, info.rank)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.per_rank_batch = cfg.batch_size // info.world_size
-        self.on_device = device_tensors(train_set, info.device, cfg.data_on_device)
+        self.on_device = None if collate_fn is not None else device_tensors(
+            train_set, info.device, cfg.data_on_device)
+        # --eval-batch-size, per rank; 0: the per-rank training batch, at least 256.
+        self.eval_batch = cfg.eval_batch_size or max(self.per_rank_batch, 256)
         # Built by start(); with --num-workers their workers live as long as the run.
         self.train_loader: DataLoader | None = None
         self.eval_loader: DataLoader | None = None
@@ -116,7 +134,7 @@ class Batches:
         """
         cuda = self.info.device.type == "cuda"
         self.eval_loader = self._new_loader(self.eval_items, self.eval_sampler,
-                                            max(self.per_rank_batch, 256), False, 0xE7A1,
+                                            self.eval_batch, False, 0xE7A1,
                                             pin_memory=False)
         if self.on_device is None:
             self.train_loader = self._new_loader(self.train_items, self.sampler,
@@ -142,8 +160,9 @@ class Batches:
     def _new_loader(self, items: SeededItems, sampler: Sampler, batch_size: int,
                     drop_last: bool, salt: int, pin_memory: bool) -> DataLoader:
         workers = self.cfg.num_workers
+        collate = _IndexedCollate(self.collate_fn) if self.collate_fn is not None else None
         return DataLoader(items, batch_size=batch_size, sampler=EpochTagged(sampler, items),
-                          num_workers=workers, drop_last=drop_last,
+                          num_workers=workers, drop_last=drop_last, collate_fn=collate,
                           worker_init_fn=ignore_stop_signals, pin_memory=pin_memory,
                           persistent_workers=workers > 0,
                           # The loader's base seed (for its workers, whose items SeededItems

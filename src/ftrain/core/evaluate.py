@@ -48,7 +48,7 @@ def evaluate(task: Task, model: nn.Module, loader: DataLoader, items: Any, info:
             totals[i] += torch.as_tensor(sums[name]).to(torch.float64)
         totals[-1] += len(idx)
     if padding and inputs is None:  # no eval item of its own: rank 0's first one
-        (inputs, _targets), _ = default_collate([items[0]])
+        (inputs, _targets), _ = (loader.collate_fn or default_collate)([items[0]])
     for _ in range(padding):
         with autocast(precision, info.device):
             task.forward(model, to_device(inputs, info.device))

@@ -54,7 +54,7 @@ class Trainer:
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
-        self.batches = Batches(cfg, info, parts.train_set, parts.test_set)
+        self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
         # This run's per-step metric sums on this rank, not yet folded into the state.

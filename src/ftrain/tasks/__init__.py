@@ -20,6 +20,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -77,6 +78,11 @@ class Task:
 
     #: ``ReduceLROnPlateau``: the history value it is stepped with at each epoch's end.
     scheduler_metric: str = "eval_loss"
+
+    #: A function (or a method) that makes a batch from a list of ``(inputs, targets)``
+    #: items, as a DataLoader's ``collate_fn`` does: padding variable-length sequences, say.
+    #: With it, training batches come from a DataLoader too (not gathered on the device).
+    collate_fn: Callable[[list[Any]], Any] | None = None
 
     #: The task's own options: a dataclass (subclass of TaskOptions) whose fields, made with
     #: ``ftrain.config.option``, are flat options like the service's own (``--name``, ``name:``
