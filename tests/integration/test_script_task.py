@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 from tests.harness.checkpoints import committed_steps
-from tests.harness.processes import PY, ROOT, base_env, ckpt
+from tests.harness.processes import PY, base_env, ckpt
 
 pytestmark = pytest.mark.slow
 
