@@ -141,13 +141,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"written      {_when(info['created_unix'])}  versions {info['versions']}")
     if info["numerics"]:  # bitwise resume needs the same (checkpoints since 2026-12)
         print("numerics     " + "  ".join(f"{k} {v}" for k, v in info["numerics"].items()))
-    if info["history"]:
-        keys = info["history"][0]
+    trained = [h for h in info["history"] if "imported" not in h]
+    for h in info["history"]:
+        if "imported" in h:  # --init-from a plain script's checkpoint
+            print(f"imported     {h['epoch']} epochs from a plain checkpoint: {h['imported']}")
+    if trained:
+        keys = trained[0]
         metrics = [k for k in keys if k.startswith("train_")] + [k for k in keys
                                                                   if k.startswith("eval_")]
         print(f"{'epoch':>5} {'step':>7} " + " ".join(f"{k:>10}" for k in metrics)
               + f" {'lr':>9} {'samples/s':>9}")
-        for h in info["history"]:
+        for h in trained:
             print(f"{h['epoch']:>5} {h['step']:>7} "
                   + " ".join(f"{h.get(k, float('nan')):>10.4f}" for k in metrics)
                   + f" {h['lr']:>9.3g} {h['samples_per_s']:>9.0f}")
@@ -208,13 +212,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     loaded = _load(args)
     # Rebuilt and loaded first: what is exported is known to load into the task's model.
     state = {k: v.detach().cpu().contiguous() for k, v in rebuild_model(loaded).state_dict().items()}
+    what = f"{len(state)} tensors"
+    out: dict = state
+    if args.format == "full":
+        from .checkpoint.plain import full_export
+
+        # A sharded checkpoint's optimizer state is in its shards, keyed by parameter name;
+        # a plain script's optimizer wants it by index: only a ddp checkpoint's is exported.
+        extra = {"optimizer": None if loaded.sharded else loaded.state.get("optimizer"),
+                 "scheduler": loaded.state.get("scheduler")}
+        out = full_export(state, extra, loaded.train_state)
+        what = "the model, " + ", ".join(k for k in ("optimizer_state_dict",
+                                                     "scheduler_state_dict") if k in out)
+        what += f", epoch {out['epoch']}"
     folder = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(folder, exist_ok=True)
     tmp = args.out + ".tmp"
-    torch.save(state, tmp)
+    torch.save(out, tmp)
     os.replace(tmp, args.out)
-    print(f"exported {len(state)} tensors of {loaded.uri} (step {loaded.manifest.step}) to "
-          f"{args.out}")
+    print(f"exported {what} of {loaded.uri} (step {loaded.manifest.step}) to {args.out}")
     return 0
 
 
@@ -225,7 +241,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
     import matplotlib.pyplot as plt
 
     loaded = load_uri(args.root, _options(args))
-    hist = loaded.train_state.get("history", [])
+    hist = [h for h in loaded.train_state.get("history", []) if "imported" not in h]
     if not hist:
         print(f"error: {loaded.uri} has no completed epoch to plot yet", file=sys.stderr)
         return 1
@@ -271,9 +287,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("uri")
     s.add_argument("--json", action="store_true", help="print JSON")
     s.set_defaults(fn=cmd_inspect)
-    s = add("export", "write the model's plain state_dict")
+    s = add("export", "write the model's plain state_dict, or a plain script's full dict")
     s.add_argument("uri")
     s.add_argument("out")
+    s.add_argument("--format", choices=("state_dict", "full"), default="state_dict",
+                   help="state_dict: the model's weights (default); full: {'epoch', "
+                        "'model_state_dict', 'optimizer_state_dict', 'scheduler_state_dict', "
+                        "the last epoch's figures}, CPU tensors, for a plain script")
     s.set_defaults(fn=cmd_export)
     s = add("plot", "plot loss and accuracy curves")
     s.add_argument("root")

@@ -31,6 +31,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from . import storage
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.format import TrainState
+from .checkpoint.plain import load_plain
 from .checkpoint.policy import SavePolicy
 from .config import Config, ConfigError, config_from, load_config, options_of
 from .core.loop import Parts, Trainer
@@ -127,6 +128,10 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     store = CheckpointStore(Storage(cfg.checkpoint_dir, options))
     memory = PeakRss(log.isEnabledFor(logging.DEBUG))  # the resume's peak RSS, at DEBUG
     memory.start("resume")
+    plain = None
+    if cfg.init_from and info.is_main:  # its digest is a fact of the run, compared on resume
+        plain = load_plain(cfg.init_from, options)
+        facts["init_from"] = {"uri": cfg.init_from, "digest": plain.digest}
     choice, loaded = resume.resume(cfg, info, coll, store, options, facts)
     state = TrainState()
     resume_rng = None
@@ -147,6 +152,11 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                      state.epoch + 1)
         del loaded
         memory.log("resume", f"resume from step {state.step}", log)
+    elif cfg.init_from:
+        plain = plain or load_plain(cfg.init_from, options)
+        state = resume.start_from_plain(cfg, plain, model, optimizer, scheduler,
+                                        steps_per_epoch, info.is_main)
+    del plain
     if not coll.all_equal(state.step):
         raise InputError("ranks resumed at different steps; checkpoint storage is inconsistent "
                          "between nodes")

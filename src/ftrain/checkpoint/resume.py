@@ -14,7 +14,8 @@ from ..runtime.exitcodes import InputError
 from ..storage import StorageAccessError, StorageError, redact
 from ..tasks import Task
 from . import rules
-from .format import CorruptCheckpoint, Loaded
+from .format import CorruptCheckpoint, Loaded, TrainState
+from .plain import Plain
 from .store import CheckpointStore, open_uri
 
 log = logging.getLogger(__name__)
@@ -244,3 +245,56 @@ def _own_memory(optimizer: torch.optim.Optimizer) -> None:
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.device.type == "cpu":
                 state[key] = value.clone()
+
+
+def start_from_plain(cfg: Config, plain: Plain, model: torch.nn.Module, optimizer, sched,
+                     steps_per_epoch: int, is_main: bool) -> TrainState:
+    """A fresh run from a plain checkpoint (--init-from): the model's weights (each rank its
+    slices under fsdp); from a script's dict also the optimizer and the schedule, and the
+    train state at the next epoch start, the file's records in the history. InputError when
+    they do not fit."""
+    sharded = cfg.parallel == "fsdp"
+    try:
+        if sharded:
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+            )
+
+            set_model_state_dict(model, plain.model,
+                                 options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(plain.model)
+        if plain.full and plain.optimizer is not None:
+            if sharded:
+                from ..runtime.fsdp import load_optimizer_whole
+
+                load_optimizer_whole(plain.optimizer, optimizer, model)
+            else:
+                optimizer.load_state_dict(plain.optimizer)
+                _own_memory(optimizer)
+        if plain.full and plain.scheduler is not None:
+            sched.load_state_dict(plain.scheduler)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        raise InputError(f"--init-from {plain.uri} does not fit this model/optimizer: "
+                         f"{str(e)[:600]}") from None
+    state = TrainState()
+    if not plain.full:
+        if is_main:
+            log.info("starting from the weights of --init-from %s", plain.uri)
+        return state
+    why = (f"imported from the plain checkpoint {plain.uri}: it kept no RNG states or data "
+           "position, so this continuation is not bitwise that of its script")
+    state.epoch = plain.epochs_done
+    state.step = plain.epochs_done * steps_per_epoch
+    if plain.epochs_done:
+        state.history.append({"epoch": plain.epochs_done, "step": state.step,
+                              "imported": plain.records, "not_bitwise": [why]})
+    else:
+        state.not_bitwise.append(why)
+    if is_main:
+        log.warning("--init-from %s: a script's checkpoint (epoch %d read as the epochs done; "
+                    "optimizer %s, schedule %s); training continues at epoch %d. %s",
+                    plain.uri, plain.epochs_done, "loaded" if plain.optimizer else "fresh",
+                    "loaded" if plain.scheduler else "fresh", plain.epochs_done + 1, why)
+    return state

@@ -52,6 +52,8 @@ RULES: tuple[Rule, ...] = (
          "the evaluation data changed under the same name"),
     Rule("augmentation", "augmentation version", "refuse",
          "the augmented samples would differ from the checkpoint's run"),
+    Rule("init_from", "--init-from (the file's digest)", "refuse",
+         "the run started from other weights (compared when --init-from is given)"),
     Rule("optimizer", "--optimizer", "refuse", "the optimizer state would not fit (compared "
          "when the task uses the default optimizer)"),
     Rule("optimizer_class", "the optimizer's class (the task's own)", "refuse",
@@ -90,7 +92,7 @@ LEGACY_CIFAR_AUGMENTATION = "seeded crop/flip/1"
 NOT_BITWISE = ("lr", "momentum", "weight_decay", "grad_accum", "clip_grad_norm", "precision",
                "parallel")
 # Config fields the table covers (compared as facts), or that never count as changes.
-_NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler",
+_NOT_FREE = {"task", "task_args", "seed", "batch_size", "optimizer", "scheduler", "init_from",
              "lr_step_epochs", "lr_gamma", "lr", "momentum", "weight_decay", "grad_accum",
              "clip_grad_norm", "precision", "epochs", "config", "resume", "storage_options",
              "parallel", "task_options"}

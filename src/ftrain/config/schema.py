@@ -128,6 +128,12 @@ class Config:
     # --- checkpoint ---
     checkpoint_dir: str = _ckpt("./checkpoints", "Folder or s3:// URL for checkpoints.")
     resume: str = _ckpt("auto", "'auto' (newest valid checkpoint, if any), 'never', or a URI.")
+    init_from: str = _ckpt("", "A plain PyTorch checkpoint (a path or URI) a fresh run starts "
+                           "from: a state_dict (the model's initial weights), or a script's "
+                           "dict with model_state_dict (and optimizer_state_dict, "
+                           "scheduler_state_dict, epoch: training continues at the next "
+                           "epoch). Loaded with weights_only=True; ignored once the run has "
+                           "checkpoints of its own.")
     save_every_steps: int = _ckpt(0, "Also checkpoint every N global steps (0: off).")
     save_every_seconds: float = _ckpt(600.0, "Also checkpoint every S seconds (0: off).")
     keep_last: int = _ckpt(3, "Keep the newest K committed checkpoints (at least 2).")
@@ -253,7 +259,8 @@ class Config:
         if not self.checkpoint_dir.strip():
             p.append(f"{flag('checkpoint_dir')}: must not be empty")
         for name in ("checkpoint_dir", "data_dir") + (("resume",) if self.resume not in
-                                                      ("auto", "never") else ()):
+                                                      ("auto", "never") else ()) + \
+                (("init_from",) if self.init_from else ()):
             problem = _protocol_problem(getattr(self, name))
             if problem:
                 p.append(f"{flag(name)}: {problem}")

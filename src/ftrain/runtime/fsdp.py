@@ -205,6 +205,18 @@ def load_whole(loaded, model: nn.Module, optimizer: torch.optim.Optimizer) -> No
                    optim_state_dict=optim, options=StateDictOptions(full_state_dict=True))
 
 
+def load_optimizer_whole(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """A whole optimizer state (a plain script's, keyed by parameter index) into the sharded
+    optimizer: each rank keeps its slices."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_optimizer_state_dict,
+    )
+
+    set_optimizer_state_dict(model, optimizer, by_parameter_name(saved, optimizer, model),
+                             options=StateDictOptions(full_state_dict=True))
+
+
 def by_parameter_name(saved: dict, optimizer: torch.optim.Optimizer, model: nn.Module) -> dict:
     """A ``torch.optim`` state dict keyed by parameter index, re-keyed by parameter name: the
     i-th parameter of each saved group is the i-th of this optimizer's same group (the task
