@@ -115,3 +115,23 @@ def test_your_collate_fn_makes_the_batches_and_resume_stays_exact(tmp_path):
     for x, y in zip(ha[1:], hb[1:], strict=True):
         assert x["train_loss"] == y["train_loss"]
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-6)
+
+
+def test_evaluations_inside_epochs_resume_exactly(tmp_path):
+    """--eval-every-steps 3 on 2 workers (8 steps an epoch): evaluations at steps 3, 6, 9,
+    ... (an epoch's last step evaluates anyway, into the history). Cut at step 10, between two
+    of them, and resumed: the same weights, history and evaluations as uninterrupted."""
+    args = ["--task", "tests.harness.ported:SumTask", *ARGS, "--eval-every-steps", "3"]
+    r = run_train([*args, "--checkpoint-dir", str(tmp_path / "full")], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cut = tmp_path / "cut"
+    r = run_train([*args, "--max-steps", "10", "--checkpoint-dir", str(cut)], nproc=2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=2)
+    assert r.returncode == 0 and "step 10, batch 2 of epoch 2" in r.stderr, r.stderr[-3000:]
+    a, b = latest(tmp_path / "full"), latest(cut)
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
+    assert [e["step"] for e in a.train_state["evals"]] == [3, 6, 9, 12, 15, 18, 21]
+    assert a.train_state["evals"] == b.train_state["evals"]
+    assert all(0 <= e["eval_acc"] <= 1 for e in a.train_state["evals"])

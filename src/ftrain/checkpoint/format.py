@@ -269,10 +269,12 @@ class TrainState:
     # Why this epoch is no longer bitwise equal to an uninterrupted run (a resume on another
     # numeric environment); recorded in its history entry as "not_bitwise".
     not_bitwise: list[str] = field(default_factory=list)
+    # The evaluations --eval-every-steps made inside epochs: {"epoch", "step", eval_...}.
+    evals: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "history": self.history, "resumes": self.resumes,
+                "history": self.history, "resumes": self.resumes, "evals": self.evals,
                 "epoch_progress": {"sums": self.sums, "seen": self.seen,
                                    "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
 
@@ -287,4 +289,4 @@ class TrainState:
         return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
                    list(d.get("history", [])), sums, int(p.get("seen", 0)),
                    float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)),
-                   [str(x) for x in p.get("not_bitwise", [])])
+                   [str(x) for x in p.get("not_bitwise", [])], list(d.get("evals", [])))

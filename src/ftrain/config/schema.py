@@ -85,6 +85,9 @@ class Config:
     num_workers: int = _data(0, "DataLoader worker processes per rank, for training and for "
                              "evaluation each; started once as training starts, kept for the "
                              "run.")
+    eval_every_steps: int = _data(0, "Also evaluate every N global steps inside epochs (0: "
+                                  "at each epoch's end only); recorded in the train state's "
+                                  "evals.")
     eval_batch_size: int = _data(0, "Evaluation batch per rank (0: the per-rank training "
                                  "batch, at least 256). The metrics do not depend on it.")
     data_cache: str = _data(".data-cache", "Node-local folder a remote (s3://) --data-dir is "
@@ -227,7 +230,8 @@ class Config:
             positive(name)
         for name in ("lr", "num_workers", "save_every_steps", "save_every_seconds", "max_steps",
                      "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds",
-                     "clip_grad_norm", "storage_retry_base_delay", "eval_batch_size"):
+                     "clip_grad_norm", "storage_retry_base_delay", "eval_batch_size",
+                     "eval_every_steps"):
             positive(name, allow_zero=True)
         if not 0 <= self.metrics_port <= 65535:
             p.append(f"{flag('metrics_port')}: {self.metrics_port} is not a TCP port; use 1-65535, "

@@ -130,9 +130,11 @@ class Trainer:
                 self._log_step(n_log * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9))
                 t_log, n_log = time.perf_counter(), 0
 
+            last_batch = st.batch_in_epoch == self.steps_per_epoch
+            if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch:
+                self._evaluate_mid_epoch()
             decision = self.saver.after_step(
-                st.step, st.batch_in_epoch == self.steps_per_epoch,
-                lambda: self._progress(time.perf_counter() - t_start))
+                st.step, last_batch, lambda: self._progress(time.perf_counter() - t_start))
             if decision.stop is None:
                 continue
             st.elapsed += time.perf_counter() - t_start
@@ -221,16 +223,14 @@ class Trainer:
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
                           st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
-                          st.resumes, st.not_bitwise).to_dict(), rng
+                          st.resumes, st.not_bitwise, st.evals).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
         st, cfg = self.state, self.cfg
         self.monitor.end_epoch()
         train = self.task.metrics(st.sums, st.seen)
-        evaluated = evaluate(self.task, self.p.model, self.batches.evaluation(st.epoch),
-                             self.batches.eval_items, self.info, self.coll, cfg.precision,
-                             cfg.parallel == "fsdp", self.sums.names, self.monitor.beat)
+        evaluated = self._evaluate()
         entry: dict[str, Any] = {"epoch": st.epoch + 1, "step": st.step}
         entry.update({f"train_{k}": v for k, v in train.items()})
         entry.update({f"eval_{k}": v for k, v in evaluated.items()})
@@ -252,6 +252,25 @@ class Trainer:
                      entry["samples_per_s"], entry["seconds"],
                      extra={"fields": {"event": "epoch", **entry}})
             self.monitor.epoch_done(entry)
+
+    def _evaluate(self) -> dict[str, float]:
+        cfg, st = self.cfg, self.state
+        return evaluate(self.task, self.p.model, self.batches.evaluation(st.epoch),
+                        self.batches.eval_items, self.info, self.coll, cfg.precision,
+                        cfg.parallel == "fsdp", self.sums.names, self.monitor.beat)
+
+    def _evaluate_mid_epoch(self) -> None:
+        """--eval-every-steps: an evaluation inside the epoch (collective), recorded in the
+        train state's ``evals``. It draws no random number the training would: a run resumed
+        between two of them trains the same steps and records the same evaluations."""
+        st = self.state
+        entry = {"epoch": st.epoch + 1, "step": st.step,
+                 **{f"eval_{k}": v for k, v in self._evaluate().items()}}
+        st.evals.append(entry)
+        if self.info.is_main:
+            log.info("step %d: eval %s", st.step,
+                     _fmt({k[5:]: v for k, v in entry.items() if k.startswith("eval_")}),
+                     extra={"fields": {"event": "eval", **entry}})
 
     def _step_epoch_schedule(self, entry: dict[str, Any]) -> None:
         """An epoch schedule's one step, after evaluation and before the epoch-end checkpoint
