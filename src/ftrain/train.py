@@ -173,13 +173,17 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                   flush=True)
         return FitResult(state.step, state.epoch, state.history, choice["uri"], state)
 
-    ddp: torch.nn.Module = model
+    # --compile: what the training step runs is compiled; the model itself (what checkpoints,
+    # evaluation and the tools see) is not, so its state_dict keys stay the model's own (no
+    # "_orig_mod." prefix): a compiled run and a plain one read each other's checkpoints.
+    ddp: torch.nn.Module = model if cfg.compile == "off" else torch.compile(
+        model, mode=None if cfg.compile == "default" else cfg.compile)
     # At world size 1 there is nothing to all-reduce: DDP's hooks would only cost time (47% of
     # a small CNN's step on an H100); the gradients are bitwise the same without them.
     # Under fsdp the model is its own wrapper (FSDP2 reduce-scatters the gradients).
     if info.is_distributed and info.world_size > 1 and cfg.parallel == "ddp":
         ddp = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+            ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None)
         if info.device.type == "cpu" or cfg.deterministic:  # exact resume (see the hook)
             ddp.register_comm_hook(None, ordered_mean_hook)
     checkpointer: Checkpointer | None = None

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.harness.checkpoints import assert_bitwise_equal, latest, strip_timing
-from tests.harness.processes import run_train
+from tests.harness.processes import ckpt, run_train
 
 pytestmark = pytest.mark.slow
 
@@ -135,3 +135,34 @@ def test_evaluations_inside_epochs_resume_exactly(tmp_path):
     assert [e["step"] for e in a.train_state["evals"]] == [3, 6, 9, 12, 15, 18, 21]
     assert a.train_state["evals"] == b.train_state["evals"]
     assert all(0 <= e["eval_acc"] <= 1 for e in a.train_state["evals"])
+
+
+def test_compile_resumes_exactly_and_swaps_checkpoints_with_a_plain_run(tmp_path):
+    """--compile on the CPU: a compiled run cut at step 11 and resumed compiled ends bitwise
+    equal to an uninterrupted compiled run; a plain run resumes a compiled run's checkpoint
+    and the other way round (the keys are the model's own, never "_orig_mod."), and ckpt
+    export loads into the plain model. The compilation is logged apart."""
+    args = ["--task", "tests.harness.ported:SumTask", *ARGS, "--compile", "default"]
+    r = run_train([*args, "--checkpoint-dir", str(tmp_path / "full")], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "compiled the model (--compile default): the first step took" in r.stderr
+    cut = tmp_path / "cut"
+    r = run_train([*args, "--max-steps", "11", "--checkpoint-dir", str(cut)], timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--checkpoint-dir", str(cut)], timeout=600)
+    assert r.returncode == 0 and "step 11, batch 3 of epoch 2" in r.stderr, r.stderr[-3000:]
+    a, b = latest(tmp_path / "full"), latest(cut)
+    assert not any("_orig_mod" in k for k in a.state["model"])
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
+    # Swapped: a plain run continues the compiled run's checkpoint, a compiled one the plain.
+    plain = ["--task", "tests.harness.ported:SumTask", *ARGS]
+    swap = tmp_path / "swap"
+    r = run_train([*plain, "--max-steps", "5", "--checkpoint-dir", str(swap)])
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--max-steps", "13", "--checkpoint-dir", str(swap)], timeout=600)
+    assert r.returncode == 0 and "step 5, batch 5 of epoch 1" in r.stderr, r.stderr[-3000:]
+    r = run_train([*plain, "--checkpoint-dir", str(swap)])
+    assert r.returncode == 0 and "step 13, batch 5 of epoch 2" in r.stderr, r.stderr[-3000:]
+    out = ckpt("export", str(swap), str(tmp_path / "w.pth"))
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -122,6 +122,11 @@ class Config:
     device: str = _run("auto", "Device: cuda when available (auto), else cpu.", DEVICES)
     dist_timeout: float = _run(300.0, "Seconds a collective may wait for a peer before failing.")
     max_steps: int = _run(0, "Stop after N global steps, checkpointing first (0: no limit).")
+    compile: str = _run("off", "torch.compile the training step's model with this mode "
+                        "('default', 'reduce-overhead', 'max-autotune'); checkpoints keep the "
+                        "model's own keys. The first step's time, compilation included, is "
+                        "logged apart.", ("off", "default", "reduce-overhead", "max-autotune",
+                                          "max-autotune-no-cudagraphs"))
     # --- parallel ---
     parallel: str = _parallel("ddp", "How the workers share the model: 'ddp' (every rank holds "
                               "the whole model; rank 0 writes each checkpoint) or 'fsdp' "

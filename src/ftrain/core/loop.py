@@ -57,6 +57,7 @@ class Trainer:
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
+        self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__)
         self._trace = None
@@ -117,7 +118,10 @@ class Trainer:
                 restore_rng(self.resume_rng, info.device)
             self.resume_rng = None
         for (inputs, targets), idx in batches:
-            self._step(inputs, targets)
+            if self._compiling:
+                t_start += self._first_compiled_step(inputs, targets)
+            else:
+                self._step(inputs, targets)
             if self._trace:
                 self._trace.write(json.dumps({"epoch": st.epoch, "step": st.step + 1,
                                               "batch": st.batch_in_epoch, "rank": info.rank,
@@ -134,7 +138,7 @@ class Trainer:
             if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch:
                 self._evaluate_mid_epoch()
             decision = self.saver.after_step(
-                st.step, last_batch, lambda: self._progress(time.perf_counter() - t_start))
+                st.step, last_batch, lambda t0=t_start: self._progress(time.perf_counter() - t0))
             if decision.stop is None:
                 continue
             st.elapsed += time.perf_counter() - t_start
@@ -149,6 +153,19 @@ class Trainer:
         self._fold_sums()
         st.elapsed += time.perf_counter() - t_start
         return None
+
+    def _first_compiled_step(self, inputs: Any, targets: Any) -> float:
+        """The run's first step under --compile, timed apart: it includes the compilation,
+        which is logged and not counted as training time. Returns its length."""
+        t0 = time.perf_counter()
+        self._step(inputs, targets)
+        seconds = time.perf_counter() - t0
+        self._compiling = False
+        if self.info.is_main:
+            log.info("compiled the model (--compile %s): the first step took %.1fs, not "
+                     "counted as training time", self.cfg.compile, seconds,
+                     extra={"fields": {"event": "compiled", "seconds": seconds}})
+        return seconds
 
     def _log_step(self, samples_per_s: float) -> None:
         """Rank 0's periodic figures: this rank's share of the newest step, through the task's

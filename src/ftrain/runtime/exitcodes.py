@@ -57,6 +57,11 @@ def exit_now(code: int) -> NoReturn:
     threads are waited for, the atexit handlers run (logging's flush, DataLoader's, torch's),
     and stdout and stderr are flushed. Every file the job writes is closed (and synced, for
     checkpoints) before main() returns."""
+    # As the interpreter's own shutdown does, first the callbacks threading runs before it
+    # joins threads: concurrent.futures' executors stop their idle workers there (torch
+    # .compile leaves a thread pool whose workers would otherwise wait for work for ever).
+    for callback in list(getattr(threading, "_threading_atexits", ())):
+        callback()
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join()
