@@ -34,8 +34,8 @@ def test_readme_quickstart_kills_and_resumes(tmp_path):
     assert "stopped at step" in out and "after an emergency checkpoint" in out, out
     assert "exit 143" in out, out
     assert re.search(r"resumed from \./quickstart/step_\d{10}", out), out
-    assert "training complete: 2 epochs, 128 steps" in out, out
-    assert re.search(r"\b128\s+2\s.*\bvalid\s+step_0000000128", out), out
+    assert "training complete: 2 epochs, 2048 steps" in out, out
+    assert re.search(r"\b2048\s+2\s.*\bvalid\s+step_0000002048", out), out
 
     # "The final weights are bitwise those of the same command run without the kill."
     rerun = [text for _n, text in logical_lines(quickstart().splitlines(), 1)
