@@ -6,7 +6,8 @@
     python -m ftrain.ckpt export URI OUT.pth      the model's plain state_dict (CPU tensors)
     python -m ftrain.ckpt plot ROOT OUT.png       loss and accuracy curves from the history
 
-URI is a checkpoint root (then the newest valid checkpoint in it) or one step folder.
+URI is a checkpoint root (then the newest valid checkpoint in it), one step folder, or
+ROOT/best (the best checkpoint by the run's --best-metric; ``ls`` marks it).
 Extra fsspec options: --storage-options JSON (or FTT_STORAGE_OPTIONS).
 """
 
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from .checkpoint import CorruptCheckpoint, Loaded, load_uri, open_uri
+from .checkpoint.best import Selection
 from .checkpoint.rules import checkpoint_task
 from .config import json_object
 from .errors import InputError
@@ -55,6 +57,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if not entries:
         print(f"no checkpoints under {args.root}")
         return 0
+    marks = _best_marks(store, entries)
     print(f"{'STEP':>10}  {'EPOCH':>7}  {'TIME':19}  {'SIZE':>10}  STATUS")
     for e in entries:
         m = e.manifest
@@ -62,8 +65,28 @@ def cmd_ls(args: argparse.Namespace) -> int:
                                                       if m.batch_in_epoch else "")
         size = f"{e.size / 2**20:.1f} MiB" if e.size else "-"
         status = "valid" if e.valid else f"INVALID: {e.reason}"
-        print(f"{e.step:>10}  {epoch:>7}  {_when(e.created):19}  {size:>10}  {status}  {e.name}")
+        mark = f"  {marks[e.step]}" if e.step in marks else ""
+        print(f"{e.step:>10}  {epoch:>7}  {_when(e.created):19}  {size:>10}  {status}  "
+              f"{e.name}{mark}")
     return 0
+
+
+def _best_marks(store, entries) -> dict[int, str]:
+    """--best-metric runs: "best", then "best 2" ... up to --keep-best, by the newest valid
+    checkpoint's history, each with its score."""
+    newest = next((e for e in entries if e.valid), None)
+    if newest is None:
+        return {}
+    m = newest.manifest
+    train_state = json.loads(store.storage.read(f"{newest.name}/{m.train_state_file}"))
+    selection = Selection.from_train_state(train_state)
+    if selection is None:
+        return {}
+    scores = dict(selection.scores(train_state))
+    ranked = selection.ranked(train_state, [e.step for e in entries if e.valid])
+    ranked = ranked[:max(1, selection.keep)]  # the best, and the ones --keep-best keeps
+    return {step: f"{'best' if i == 0 else f'best {i + 1}'} ({selection.metric} "
+                  f"{scores[step]:.6g})" for i, step in enumerate(ranked)}
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ftrain.predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True,
-                   help="checkpoint folder, or a --checkpoint-dir (newest valid one)")
+                   help="checkpoint folder, a --checkpoint-dir (newest valid one), or "
+                        "DIR/best (the best by the run's --best-metric)")
     p.add_argument("--split", choices=("test", "train"), default="test")
     p.add_argument("--limit", type=int, default=0, help="predict the first N samples (0: all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")

@@ -30,6 +30,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import storage
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
+from .checkpoint.best import Selection
 from .checkpoint.format import TrainState
 from .checkpoint.plain import load_plain
 from .checkpoint.policy import SavePolicy
@@ -192,9 +193,11 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         # group of their own (created by every rank, in the same order).
         group = torch.distributed.new_group(backend="gloo") if info.is_distributed else None
         checkpointer = ShardedCheckpointer(store, cfg.keep_last, cfg.orphan_grace_seconds,
-                                           group, info.is_main, info.world_size)
+                                           group, info.is_main, info.world_size,
+                                           Selection.from_config(cfg))
     elif info.is_main:
-        checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds)
+        checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds,
+                                    Selection.from_config(cfg))
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
                        signals, scaler)

@@ -50,3 +50,14 @@ def slow_store_env(seconds: float, env: dict[str, str] | None = None) -> dict[st
     out[PAUSE_ENV] = str(seconds)
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), out.get("PYTHONPATH", "")) if p)
     return out
+
+
+def held_commit_env(step_folder: str, mark: Path, env: dict[str, str] | None = None
+                    ) -> dict[str, str]:
+    """``env`` for a subprocess that never commits ``step_folder`` (step_0000000032): its
+    manifest write touches ``mark`` and waits for ever, so that the test SIGKILLs it after the
+    step was trained and before it was committed."""
+    out = dict(os.environ if env is None else env)
+    out.update(FTT_TEST_HOLD_COMMIT=step_folder, FTT_TEST_HOLD_MARK=str(mark))
+    out["PYTHONPATH"] = os.pathsep.join(p for p in (str(SITE), out.get("PYTHONPATH", "")) if p)
+    return out

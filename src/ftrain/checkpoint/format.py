@@ -271,12 +271,18 @@ class TrainState:
     not_bitwise: list[str] = field(default_factory=list)
     # The evaluations --eval-every-steps made inside epochs: {"epoch", "step", eval_...}.
     evals: list[dict[str, Any]] = field(default_factory=list)
+    # Why training ended before --epochs (early stopping: best.Selection.should_stop's record);
+    # a run resumed from such a checkpoint trains no further.
+    stopped: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
-                "history": self.history, "resumes": self.resumes, "evals": self.evals,
-                "epoch_progress": {"sums": self.sums, "seen": self.seen,
-                                   "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
+        d = {"epoch": self.epoch, "step": self.step, "batch_in_epoch": self.batch_in_epoch,
+             "history": self.history, "resumes": self.resumes, "evals": self.evals,
+             "epoch_progress": {"sums": self.sums, "seen": self.seen,
+                                "elapsed": self.elapsed, "not_bitwise": self.not_bitwise}}
+        if self.stopped is not None:
+            d["stopped"] = self.stopped
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainState:
@@ -289,4 +295,5 @@ class TrainState:
         return cls(int(d["epoch"]), int(d["step"]), int(d.get("batch_in_epoch", 0)),
                    list(d.get("history", [])), sums, int(p.get("seen", 0)),
                    float(p.get("elapsed", 0.0)), int(d.get("resumes", 0)),
-                   [str(x) for x in p.get("not_bitwise", [])], list(d.get("evals", [])))
+                   [str(x) for x in p.get("not_bitwise", [])], list(d.get("evals", [])),
+                   d.get("stopped"))

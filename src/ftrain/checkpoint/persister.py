@@ -16,6 +16,7 @@ import torch
 
 from ..runtime.memory import PeakRss
 from ..storage import StorageError, redact
+from .best import Selection
 from .format import FORMAT_VERSION, SHARDED, SHARDED_FORMAT, Manifest, step_dirname
 from .staging import HostBuffers
 from .store import CheckpointStore
@@ -64,9 +65,11 @@ class Checkpointer:
     for the caller.
     """
 
-    def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float) -> None:
+    def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float,
+                 selection: Selection | None = None) -> None:
         self.store = store
         self.keep_last = keep_last
+        self.selection = selection  # --keep-best: from the train state just committed
         self.orphan_grace_s = orphan_grace_s
         self.is_main = True  # logs commits and applies retention
         self.writer = uuid.uuid4().hex[:12]
@@ -234,7 +237,8 @@ class Checkpointer:
             self.last_commit_time = time.time()
             if self.is_main:
                 try:
-                    self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step)
+                    self.store.retain(self.keep_last, self.orphan_grace_s, newest=req.step,
+                                      best=self._best(req.train_state))
                 except (StorageError, OSError) as e:
                     log.warning("retention after %s failed (will retry next save): %s", name, e)
             return True
@@ -242,6 +246,13 @@ class Checkpointer:
             self.memory.stop(req.serial)
             self._failed(name, e)
             return False
+
+    def _best(self, train_state: dict[str, Any]):
+        """--keep-best's choice among the committed steps, from the committed history."""
+        selection = self.selection
+        if selection is None or selection.keep <= 0:
+            return None
+        return lambda committed: selection.keep_steps(train_state, committed)
 
     def _failed(self, name: str, e: BaseException) -> None:
         self.consecutive_failures += 1
@@ -271,7 +282,8 @@ class ShardedCheckpointer(Checkpointer):
     """
 
     def __init__(self, store: CheckpointStore, keep_last: int, orphan_grace_s: float,
-                 group: Any, is_main: bool, world_size: int) -> None:
+                 group: Any, is_main: bool, world_size: int,
+                 selection: Selection | None = None) -> None:
         # Imported here, not first in the persister thread while the loop snapshots.
         import torch.distributed.checkpoint  # noqa: F401
 
@@ -279,7 +291,7 @@ class ShardedCheckpointer(Checkpointer):
 
         self.group = group  # None: one process, nobody to agree with
         self.world_size = world_size
-        super().__init__(store, keep_last, orphan_grace_s)
+        super().__init__(store, keep_last, orphan_grace_s, selection)
         self.is_main = is_main
 
     def _agree(self, req: SaveRequest) -> SaveRequest | None:

@@ -46,7 +46,8 @@ Progress = Callable[[], tuple[dict[str, Any], list[dict[str, Any]] | None]]
 @dataclass(frozen=True)
 class StepDecision:
     """What every rank does after a step: go on (``stop`` None), or stop for ``"preempt"``
-    (a signal), ``"max"`` (--max-steps) or ``"storage"`` (saves keep failing). ``epoch_end``:
+    (a signal), ``"max"`` (--max-steps), ``"early"`` (early stopping after an evaluation) or
+    ``"storage"`` (saves keep failing). ``epoch_end``:
     the epoch's last step (its save and a stop come after evaluation)."""
 
     stop: str | None = None
@@ -77,9 +78,12 @@ class SavePolicy:
     def start_epoch(self) -> None:
         self.control.start_epoch()
 
-    def after_step(self, step: int, last_batch: bool, progress: Progress) -> StepDecision:
+    def after_step(self, step: int, last_batch: bool, progress: Progress,
+                   evaluated: bool = False, early_stop: bool = False) -> StepDecision:
         """Collective, every rank, after every step: the one decision, and the save that came
-        due (``progress`` is called only for it)."""
+        due (``progress`` is called only for it). ``evaluated``: the step was evaluated
+        (under --keep-best a save follows, so that the evaluation has its checkpoint);
+        ``early_stop``: the evaluation ended training (every rank computed the same)."""
         agreed = self.control.after_step()
         if agreed.storage_failed:
             self.control.drain()
@@ -89,10 +93,10 @@ class SavePolicy:
             self.control.drain()
             return StepDecision("preempt" if agreed.preempt else "max" if hit_max else None,
                                 True)
-        if agreed.preempt or hit_max:
+        if agreed.preempt or hit_max or early_stop:
             self.control.drain()
-            return StepDecision("preempt" if agreed.preempt else "max")
-        if agreed.timed_save or self.step_due(step):
+            return StepDecision("preempt" if agreed.preempt else "max" if hit_max else "early")
+        if agreed.timed_save or self.step_due(step) or (evaluated and self.cfg.keep_best > 0):
             self.due()
             if agreed.storage_busy:
                 self.skip(step)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .format import MANIFEST, CorruptCheckpoint
@@ -16,7 +17,8 @@ log = logging.getLogger(__name__)
 
 
 def retain(store: CheckpointStore, keep_last: int, grace_s: float, now: float | None = None,
-           newest: int | None = None) -> list[str]:
+           newest: int | None = None,
+           best: Callable[[list[int]], set[int]] | None = None) -> list[str]:
     """Delete committed checkpoints beyond the newest ``keep_last`` (manifest first, so a
     half-deleted one never looks committed), and leftovers of crashed writers older than
     ``grace_s``. Returns what it deleted.
@@ -24,15 +26,20 @@ def retain(store: CheckpointStore, keep_last: int, grace_s: float, now: float | 
     Only checkpoints whose manifest parses count towards ``keep_last``, so a damaged
     manifest never pushes the last good checkpoints out. ``newest``: the step just
     committed; committed folders of later steps (corrupt ones a resume skipped, or another
-    run's) are neither counted nor deleted, so they never push this run's checkpoints out. On S3 a "folder" is a key prefix
-    without a time of its own: a leftover's age is that of its newest object.
+    run's) are neither counted nor deleted, so they never push this run's checkpoints out.
+    ``best``: given the committed steps (up to ``newest``), the ones --keep-best keeps besides
+    the newest ``keep_last``. On S3 a "folder" is a key prefix without a time of its own: a
+    leftover's age is that of its newest object.
     """
     keep_last = max(2, keep_last)
     now = time.time() if now is None else now
     deleted = []
     kept = 0
-    for step, name in store.step_dirs():
-        files = store.storage.listdir(name)
+    listed_dirs = [(step, name, store.storage.listdir(name)) for step, name in store.step_dirs()]
+    committed = [step for step, _name, files in listed_dirs
+                 if MANIFEST in files and (newest is None or step <= newest)]
+    best_steps = best(committed) if best is not None and committed else set()
+    for step, name, files in listed_dirs:
         if MANIFEST in files and newest is not None and step > newest:
             continue
         if MANIFEST not in files:
@@ -42,9 +49,11 @@ def retain(store: CheckpointStore, keep_last: int, grace_s: float, now: float | 
                 store.storage.remove_tree(name)
                 deleted.append(name)
             continue
+        if kept >= keep_last and step in best_steps:
+            continue  # one of the --keep-best (its strays went while it was among the newest)
         if kept >= keep_last:
-            log.info("retention: deleting %s (keeping the newest %d)", store.storage.uri(name),
-                     keep_last)
+            log.info("retention: deleting %s (keeping the newest %d%s)", store.storage.uri(name),
+                     keep_last, " and the --keep-best ones" if best is not None else "")
             store.storage.remove(f"{name}/{MANIFEST}")
             store.storage.remove_tree(name)
             deleted.append(name)

@@ -28,6 +28,8 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
+BEST = "best"  # ROOT/best: the best checkpoint by the run's --best-metric (load_uri)
+
 
 class CheckpointStore:
     """The checkpoints below one root URI."""
@@ -181,6 +183,31 @@ class CheckpointStore:
         return [name for _step, name in self.step_dirs()
                 if self.storage.exists(f"{name}/{MANIFEST}")]
 
+    def best(self) -> Loaded | None:
+        """The best valid checkpoint by the --best-metric its run recorded, chosen from the
+        newest valid checkpoint's history (corrupt ones are skipped, loudly). None: no valid
+        checkpoint. FileNotFoundError: the run names no --best-metric, or no checkpoint of an
+        evaluated step is left."""
+        from .best import Selection
+
+        latest = self.latest()
+        if latest is None:
+            return None
+        selection = Selection.from_train_state(latest.train_state)
+        if selection is None:
+            raise FileNotFoundError(f"{self.uri}: its run has no --best-metric, so no "
+                                    "checkpoint is best; name a step folder instead")
+        steps = [s for s, _ in self.step_dirs() if s <= latest.manifest.step]
+        for step in selection.ranked(latest.train_state, steps):
+            if step == latest.manifest.step:
+                return latest
+            try:
+                return self.load(step_dirname(step))
+            except CorruptCheckpoint as e:
+                log.warning("SKIPPING checkpoint %s: %s", self.storage.uri(step_dirname(step)), e)
+        raise FileNotFoundError(f"{self.uri}: no checkpoint of an evaluated step is left "
+                                f"(--best-metric {selection.metric})")
+
     def entries(self) -> list[Entry]:
         """Every step folder with its validity (reads and hashes every file once)."""
         out = []
@@ -306,12 +333,12 @@ class CheckpointStore:
         self.storage.remove(probe)
 
     def retain(self, keep_last: int, grace_s: float, now: float | None = None,
-               newest: int | None = None) -> list[str]:
-        """Delete checkpoints beyond the newest ``keep_last`` and old leftovers of crashed
-        writers (retention.py); returns what it deleted."""
+               newest: int | None = None, best: Any = None) -> list[str]:
+        """Delete checkpoints beyond the newest ``keep_last`` (and the ``best`` ones) and old
+        leftovers of crashed writers (retention.py); returns what it deleted."""
         from .retention import retain
 
-        return retain(self, keep_last, grace_s, now, newest)
+        return retain(self, keep_last, grace_s, now, newest, best)
 
 
 def open_uri(uri: str, options: dict[str, Any] | None = None) -> tuple[CheckpointStore, str | None]:
@@ -324,10 +351,17 @@ def open_uri(uri: str, options: dict[str, Any] | None = None) -> tuple[Checkpoin
 
 
 def load_uri(uri: str, options: dict[str, Any] | None = None) -> Loaded:
-    """The checkpoint a URI names, or the newest valid one below a root.
+    """The checkpoint a URI names, the newest valid one below a root, or, for ``ROOT/best``,
+    the best one by the run's --best-metric (unless ROOT/best is itself a root).
 
     Raises CorruptCheckpoint (one invalid checkpoint) or FileNotFoundError (no valid one).
     """
+    head, _, tail = uri.rstrip("/").rpartition("/")
+    if tail == BEST and head and not CheckpointStore(Storage(uri, options)).step_dirs():
+        loaded = CheckpointStore(Storage(head, options)).best()
+        if loaded is None:
+            raise FileNotFoundError(f"no valid checkpoint under {head}")
+        return loaded
     store, name = open_uri(uri, options)
     if name is not None:
         return store.load(name)

@@ -145,6 +145,17 @@ class Config:
     save_every_steps: int = _ckpt(0, "Also checkpoint every N global steps (0: off).")
     save_every_seconds: float = _ckpt(600.0, "Also checkpoint every S seconds (0: off).")
     keep_last: int = _ckpt(3, "Keep the newest K committed checkpoints (at least 2).")
+    keep_best: int = _ckpt(0, "Also keep the K best committed checkpoints by --best-metric "
+                           "(each evaluation is then followed by a checkpoint); 0: off.")
+    best_metric: str = _ckpt("", "The evaluation metric that ranks checkpoints and drives "
+                             "early stopping, as the history names it: eval_loss, "
+                             "eval_<your metric>.")
+    best_mode: str = _ckpt("auto", "Whether lower (min) or higher (max) --best-metric is "
+                           "better; auto: min for a metric ending in 'loss', else say it.",
+                           ("auto", "min", "max"))
+    early_stop_patience: int = _ckpt(0, "Stop training (exit 0, after a final checkpoint) once "
+                                     "this many evaluations in a row did not improve "
+                                     "--best-metric; 0: off.")
     storage_options: dict = _ckpt({}, "Extra fsspec options: a JSON object on the command line "
                                   "and in FTT_STORAGE_OPTIONS (e.g. '{\"anon\": false}'), a "
                                   "mapping in Python and YAML. Never recorded or logged.")
@@ -236,7 +247,7 @@ class Config:
         for name in ("lr", "num_workers", "save_every_steps", "save_every_seconds", "max_steps",
                      "weight_decay", "momentum", "log_every_steps", "orphan_grace_seconds",
                      "clip_grad_norm", "storage_retry_base_delay", "eval_batch_size",
-                     "eval_every_steps"):
+                     "eval_every_steps", "keep_best", "early_stop_patience"):
             positive(name, allow_zero=True)
         if not 0 <= self.metrics_port <= 65535:
             p.append(f"{flag('metrics_port')}: {self.metrics_port} is not a TCP port; use 1-65535, "
@@ -251,6 +262,17 @@ class Config:
         if self.keep_last < 2:
             p.append(f"{flag('keep_last')}: must be at least 2 (a fallback is always kept), "
                      f"got {self.keep_last}")
+        for name in ("keep_best", "early_stop_patience"):
+            if getattr(self, name) and not self.best_metric:
+                p.append(f"{flag(name)}: needs --best-metric (the metric that ranks "
+                         "evaluations, e.g. eval_loss)")
+        if self.best_metric and not self.best_metric.startswith("eval_"):
+            p.append(f"{flag('best_metric')}: {self.best_metric!r} is not an evaluation "
+                     "metric; name one as the history does, e.g. eval_loss or eval_acc")
+        elif self.best_metric and self.best_mode == "auto" \
+                and not self.best_metric.endswith("loss"):
+            p.append(f"{flag('best_mode')}: say min or max for --best-metric "
+                     f"{self.best_metric} (auto is only for a metric ending in 'loss')")
         if self.batch_size > 0 and self.grad_accum > 0 and self.batch_size % self.grad_accum:
             p.append(f"{flag('grad_accum')}: {self.grad_accum} does not divide --batch-size "
                      f"{self.batch_size}; pick a divisor of it")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..checkpoint.best import Selection
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
@@ -54,6 +55,7 @@ class Trainer:
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
+        self.selection = Selection.from_config(cfg)  # --best-metric, early stopping
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
@@ -82,6 +84,11 @@ class Trainer:
 
     def _fit(self) -> None:
         cfg, st = self.cfg, self.state
+        if st.stopped:
+            if self.info.is_main:
+                log.info("training already stopped early at step %d (%s); nothing to do",
+                         st.step, _why(st.stopped))
+            return
         while st.epoch < cfg.epochs:
             outcome = self._run_epoch()
             if outcome == "stopped":
@@ -135,10 +142,13 @@ class Trainer:
                 t_log, n_log = time.perf_counter(), 0
 
             last_batch = st.batch_in_epoch == self.steps_per_epoch
+            evaluated = early = False
             if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch:
                 self._evaluate_mid_epoch()
+                evaluated, early = True, self._early_stop()
             decision = self.saver.after_step(
-                st.step, last_batch, lambda t0=t_start: self._progress(time.perf_counter() - t0))
+                st.step, last_batch, lambda t0=t_start: self._progress(time.perf_counter() - t0),
+                evaluated, early)
             if decision.stop is None:
                 continue
             st.elapsed += time.perf_counter() - t_start
@@ -240,7 +250,7 @@ class Trainer:
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
                           st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
-                          st.resumes, st.not_bitwise, st.evals).to_dict(), rng
+                          st.resumes, st.not_bitwise, st.evals, st.stopped).to_dict(), rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -257,6 +267,7 @@ class Trainer:
         if st.not_bitwise:
             entry["not_bitwise"] = list(st.not_bitwise)
             st.not_bitwise = []
+        self._check_best_metric(entry)
         if self.task.scheduler_interval == "epoch":
             self._step_epoch_schedule(entry)
         st.history.append(entry)
@@ -283,6 +294,7 @@ class Trainer:
         st = self.state
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
+        self._check_best_metric(entry)
         st.evals.append(entry)
         if self.info.is_main:
             log.info("step %d: eval %s", st.step,
@@ -316,11 +328,16 @@ class Trainer:
         hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
         if stop == "preempt":
             self._stop_on_signal(self._emergency_save("epoch"))
-        if final or stop is not None or hit_max:
-            if not self.saver.save_blocking(*self._progress(), st.step, reason="epoch"):
+        early = not final and self._early_stop()
+        if final or stop is not None or hit_max or early:
+            if not self.saver.save_blocking(*self._progress(), st.step,
+                                            reason="early_stop" if early else "epoch"):
                 self._storage_failed()
         else:
             self.saver.save(*self._progress(), st.step, blocking=False, reason="epoch")
+        if early:
+            self._log_early_stop()
+            return True
         if hit_max and not final:
             if self.info.is_main:
                 log.info("reached --max-steps %d at step %d; stopping", cfg.max_steps, st.step)
@@ -331,12 +348,38 @@ class Trainer:
     def _emergency_save(self, reason: str) -> bool:
         return self.saver.emergency_save(self._progress, self.state.step, reason)
 
+    def _early_stop(self) -> bool:
+        """After an evaluation: whether --early-stop-patience ends training here (the record
+        of why goes into the train state, so the final checkpoint holds it)."""
+        if self.selection is None:
+            return False
+        self.state.stopped = self.selection.should_stop(self.state.to_dict())
+        return self.state.stopped is not None
+
+    def _log_early_stop(self) -> None:
+        if self.info.is_main:
+            log.info("stopping early at step %d: %s; the final checkpoint is %s", self.state.step,
+                     _why(self.state.stopped), self.saver.checkpoint_uri(self.state.step),
+                     extra={"fields": {"event": "early_stop", "step": self.state.step,
+                                       **(self.state.stopped or {})}})
+
+    def _check_best_metric(self, entry: dict[str, Any]) -> None:
+        sel = self.selection
+        if sel is not None and sel.metric not in entry:
+            names = ", ".join(sorted(k for k in entry if k.startswith("eval_")))
+            raise InputError(f"--best-metric {sel.metric}: the evaluation recorded no such "
+                             f"metric; it has {names}")
+
     def _stop_mid_epoch(self, why: str) -> str:
         st = self.state
         if why == "preempt":
             self._stop_on_signal(self._emergency_save("preempt"))
-        if not self.saver.save_blocking(*self._progress(), st.step, reason="max_steps"):
+        reason = "early_stop" if why == "early" else "max_steps"
+        if not self.saver.save_blocking(*self._progress(), st.step, reason=reason):
             self._storage_failed()
+        if why == "early":
+            self._log_early_stop()
+            return "stopped"
         if self.info.is_main:
             log.info("reached --max-steps %d at step %d; stopping", self.cfg.max_steps, st.step)
         return "stopped"
@@ -374,6 +417,12 @@ class Trainer:
             log.error("%s; exiting with %d (retryable) so the job restarts once storage is back",
                       text, exitcodes.STORAGE_FAILED)
         raise StorageError(text)
+
+
+def _why(stopped: dict[str, Any]) -> str:
+    return (f"{stopped.get('metric')} did not improve on {stopped.get('best'):.6g} (step "
+            f"{stopped.get('best_step')}) for {stopped.get('evaluations_since_best')} "
+            f"evaluations, --early-stop-patience {stopped.get('patience')}")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
