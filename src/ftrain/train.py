@@ -54,6 +54,7 @@ from .runtime.distributed import (
 from .runtime.memory import PeakRss
 from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
 from .runtime.numerics import numeric_environment
+from .runtime.tracking import open_tracking
 from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
     Task,
@@ -74,10 +75,16 @@ def run(cfg: Config, info: DistInfo, signals: StopSignals, task: Task | None = N
     already built task (``ftrain.fit``); otherwise it is imported from ``cfg.task``."""
     coll = Collectives(info)
     monitor = Monitor(cfg, info)  # the heartbeat file exists from here on
+    status = "FAILED"  # for a tracker's run
     try:
-        return _run(cfg, info, coll, signals, task, monitor)
+        result = _run(cfg, info, coll, signals, task, monitor)
+        status = "FINISHED"
+        return result
+    except (Preempted, Interrupted, StorageError, PeerFailed):
+        status = "KILLED"  # retryable: the restart sets it running again
+        raise
     finally:
-        monitor.close()
+        monitor.close(status)
 
 
 def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
@@ -137,7 +144,9 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     state = TrainState()
     resume_rng = None
     resumed = loaded is not None
+    tracked = None  # the resumed checkpoint's tracker run and unpublished points
     if loaded is not None:
+        tracked = {k: v for k, v in loaded.train_state.items() if k.startswith("tracker")}
         resume.load_state(cfg, loaded, model, optimizer, scheduler, task, choice["applied"],
                           custom_scheduler, scaler)
         state = TrainState.from_dict(loaded.train_state)
@@ -199,6 +208,10 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         checkpointer = Checkpointer(store, cfg.keep_last, cfg.orphan_grace_seconds,
                                     Selection.from_config(cfg))
     meta = _checkpoint_meta(cfg, info, ref, task, facts, steps_per_epoch)
+    tracking = open_tracking(cfg, store.storage, ref.args, tracked, state.resumes,
+                             state.step) if info.is_main else None
+    if tracking is not None:
+        meta["tracker"] = tracking.record
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
                        signals, scaler)
     if info.is_main:
@@ -206,7 +219,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                  "in %s", _describe(ref), info.world_size, info.device.type,
                  info.backend or "single process", cfg.batch_size, steps_per_epoch,
                  cfg.checkpoint_dir)
-    monitor.attach(saver, state.resumes, state.step if resumed else None)
+    monitor.attach(saver, state.resumes, state.step if resumed else None, tracking)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
     trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor, resume_rng)
     try:

@@ -196,6 +196,18 @@ class Config:
     tensorboard: str = _monitor("", "Local folder for TensorBoard event files from rank 0: "
                                 "scalars per logged step and per epoch; a resumed run continues "
                                 "the same curves (empty: off).")
+    tracker: str = _monitor("none", "Experiment tracker of rank 0: 'mlflow' or 'wandb' (pip "
+                            "install 'ftrain[mlflow]' / 'ftrain[wandb]'). One run per job "
+                            "across restarts; a point is published once a checkpoint covering "
+                            "its step has committed, so each step's point is there exactly "
+                            "once.", ("none", "mlflow", "wandb"))
+    tracker_uri: str = _monitor("", "MLflow's tracking URI (default: $MLFLOW_TRACKING_URI, "
+                                "else MLflow's own default); W&B takes its settings from its "
+                                "WANDB_* variables.")
+    tracker_project: str = _monitor("ftrain", "The MLflow experiment or W&B project of the "
+                                    "run.")
+    tracker_run_name: str = _monitor("", "The run's display name (empty: the tracker's "
+                                     "choice).")
     trace_samples: str = _monitor("", "Debug: folder to write the sample indices each rank "
                                   "trains on.")
     config: str = option("", "YAML file with any of these options (flags override it).",

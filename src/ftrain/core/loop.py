@@ -242,15 +242,18 @@ class Trainer:
                   ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
         """The state with the unfinished epoch's sums folded in, without consuming them, and
         mid-epoch every rank's RNG states in rank order (collective). ``running_s``: the time
-        trained since the epoch's part in ``elapsed`` was last added up."""
+        trained since the epoch's part in ``elapsed`` was last added up. Rank 0's carries
+        the tracker's points not yet published (runtime/tracking.py)."""
         st = self.state
+        outbox = self.monitor.outbox()
+        extra = {"tracker_outbox": outbox} if outbox else {}
         if not st.batch_in_epoch:
-            return st.to_dict(), None
+            return st.to_dict() | extra, None
         sums, batches = self.sums.totals(st.sums)
         rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
                           st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
-                          st.resumes, st.not_bitwise, st.evals, st.stopped).to_dict(), rng
+                          st.resumes, st.not_bitwise, st.evals, st.stopped).to_dict() | extra, rng
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -296,6 +299,7 @@ class Trainer:
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
         self._check_best_metric(entry)
         st.evals.append(entry)
+        self.monitor.evaluated(entry)
         if self.info.is_main:
             log.info("step %d: eval %s", st.step,
                      _fmt({k[5:]: v for k, v in entry.items() if k.startswith("eval_")}),

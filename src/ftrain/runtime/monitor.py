@@ -224,16 +224,19 @@ class Monitor:
             if cfg.heartbeat_file and info.local_rank == 0 else None
         self._server = None
         self._tb = None
+        self._saver = self._tracking = None
         self._bar = None
         self._redirect = None
         self.main = info.is_main
         self.use_bar = (self.main and cfg.log_format == "text" and sys.stderr.isatty()
                         and cfg.progress != "off")
 
-    def attach(self, saver: Any, resumes: int, resumed_step: int | None) -> None:
+    def attach(self, saver: Any, resumes: int, resumed_step: int | None,
+               tracking: Any = None) -> None:
         """Once the run is resumed and its saver exists: rank 0 starts the metrics endpoint and
-        the TensorBoard writer."""
+        the TensorBoard writer, and publishes to its tracker (tracking.py)."""
         self.live.resumes = resumes
+        self._saver, self._tracking = saver, tracking
         if resumed_step is not None:
             self.live.step = resumed_step
         if not self.main:
@@ -276,6 +279,18 @@ class Monitor:
             self.heartbeat.beat()
         if self._bar is not None:
             self._bar.update(1)
+        if self._tracking is not None:  # rank 0: a commit since the last step publishes
+            self._tracking.publish_upto(self._saver.last_committed_step)
+
+    def outbox(self) -> list:
+        """Points made and not yet published, for the checkpoint being taken (rank 0)."""
+        return self._tracking.outbox() if self._tracking is not None else []
+
+    def evaluated(self, entry: dict[str, Any]) -> None:
+        """Rank 0: an evaluation inside an epoch (--eval-every-steps)."""
+        if self._tracking is not None:
+            self._tracking.add(entry["step"], {f"eval/{k[5:]}": v for k, v in entry.items()
+                                               if k.startswith("eval_")})
 
     def logged(self, step: int, metrics: dict[str, float], lr: float,
                samples_per_s: float) -> None:
@@ -286,6 +301,9 @@ class Monitor:
             self._bar.set_postfix({**{k: f"{v:.4f}" for k, v in metrics.items()},
                                    "lr": f"{lr:.3g}", "samples/s": f"{samples_per_s:.0f}"},
                                   refresh=False)
+        if self._tracking is not None:
+            self._tracking.add(step, {**{f"train/{k}": v for k, v in metrics.items()},
+                                      "train/lr": lr, "train/samples_per_s": samples_per_s})
         if self._tb is not None:
             for name, value in metrics.items():
                 self._tb.add_scalar(f"train/{name}", value, step)
@@ -302,6 +320,10 @@ class Monitor:
 
     def epoch_done(self, entry: dict[str, Any]) -> None:
         """Rank 0: an epoch's history entry (train_*, eval_*, lr, samples_per_s, ...)."""
+        if self._tracking is not None:
+            self._tracking.add(entry["step"], {f"epoch/{k}": v for k, v in entry.items()
+                                               if k not in ("epoch", "step")
+                                               and isinstance(v, (int, float))})
         if self._tb is None:
             return
         for key, value in entry.items():
@@ -310,8 +332,17 @@ class Monitor:
             self._tb.add_scalar(f"epoch/{key}", value, entry["step"])
         self._tb.flush()
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status``: how the run ends, for the tracker (FINISHED, KILLED: a retryable stop,
+        FAILED). What committed is published first."""
         self.end_epoch()
+        if self._tracking is not None:
+            tracking, self._tracking = self._tracking, None
+            try:
+                tracking.publish_upto(self._saver.last_committed_step)
+                tracking.close(status)
+            except Exception as e:  # noqa: BLE001 - a tracker must not change the exit code
+                log.warning("%s: closing the run failed: %s", self.cfg.tracker, e)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
