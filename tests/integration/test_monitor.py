@@ -184,3 +184,28 @@ def test_progress_bar_on_a_terminal_replaces_the_periodic_lines(tmp_path):
     r = run_train([*QUICK, "--epochs", "1", "--log-every-steps", "4",
                    "--checkpoint-dir", str(tmp_path / "ck2")])
     assert "  batch 4/16  " in r.stderr and "step/s" not in r.stderr
+
+
+def _step_events(stderr: str) -> dict[int, dict]:
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    return {e["step"]: e for e in events if e.get("event") == "step"}
+
+
+@pytest.mark.slow
+def test_logged_step_figures_are_the_jobs_not_rank_0s(tmp_path):
+    """The periodic loss, the task's metrics and the gradient norm are those of the global
+    batch: 2 workers log what one process logs for the same steps."""
+    args = ["--model", "mlp", "--synthetic-train-size", "1024", "--batch-size", "64",
+            "--epochs", "1", "--log-every-steps", "4", "--clip-grad-norm", "5",
+            "--log-format", "json", "--save-every-seconds", "0"]
+    logged = {}
+    for nproc in (0, 2):
+        r = run_train([*args, "--checkpoint-dir", str(tmp_path / str(nproc))], nproc=nproc)
+        assert r.returncode == 0, r.stderr[-3000:]
+        logged[nproc] = _step_events(r.stderr)
+    assert sorted(logged[0]) == sorted(logged[2]) == [4, 8, 12, 16]
+    for step, one in logged[0].items():
+        two = logged[2][step]["metrics"]
+        assert set(one["metrics"]) == set(two) == {"loss", "acc", "grad_norm"}
+        for name, value in one["metrics"].items():
+            assert two[name] == pytest.approx(value, rel=1e-5), (step, name)

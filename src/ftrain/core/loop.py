@@ -60,6 +60,7 @@ class Trainer:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
+        self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__)
         self._trace = None
@@ -137,7 +138,7 @@ class Trainer:
             st.batch_in_epoch += 1
             n_log += 1
             self.monitor.step(st.step)
-            if info.is_main and cfg.log_every_steps and st.step % cfg.log_every_steps == 0:
+            if cfg.log_every_steps and st.step % cfg.log_every_steps == 0:  # every rank
                 self._log_step(n_log * cfg.batch_size / max(time.perf_counter() - t_log, 1e-9))
                 t_log, n_log = time.perf_counter(), 0
 
@@ -178,11 +179,22 @@ class Trainer:
         return seconds
 
     def _log_step(self, samples_per_s: float) -> None:
-        """Rank 0's periodic figures: this rank's share of the newest step, through the task's
-        metrics (a host sync, only on logging steps), to the log (or the progress bar) and
-        the monitor's outlets."""
+        """The periodic figures of the job (collective, on logging steps only): the newest
+        step's metric sums added over the ranks, through the task's metrics over the global
+        batch; the gradient norm (with --clip-grad-norm, which computes it); the job's
+        samples/s. Rank 0 sends the same numbers to the log (or the progress bar) and every
+        outlet of the monitor (Prometheus, TensorBoard, the tracker)."""
         st, cfg = self.state, self.cfg
-        metrics = self.task.metrics(self.sums.newest(), self.per_rank_batch)
+        sums = self.coll.sum_(self.sums.rows[-1].clone())  # one small all-reduce
+        norm = self._grad_norm
+        if norm is not None and hasattr(norm, "full_tensor"):  # FSDP: a DTensor (collective)
+            norm = norm.full_tensor()
+        if not self.info.is_main:
+            return
+        metrics = self.task.metrics(dict(zip(self.sums.names, sums.tolist(), strict=True)),
+                                    cfg.batch_size)
+        if norm is not None:
+            metrics["grad_norm"] = float(norm)
         lr = self.p.scheduler.get_last_lr()[0]
         self.monitor.logged(st.step, metrics, lr, samples_per_s)
         if not self.monitor.bar_active:
@@ -218,8 +230,9 @@ class Trainer:
             step_sums = row if step_sums is None else step_sums + row
         if p.scaler is not None:
             p.scaler.unscale_(p.optimizer)  # clip the true gradients
-        if cfg.clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(p.model.parameters(), cfg.clip_grad_norm)
+        if cfg.clip_grad_norm:  # the norm before clipping: logged on logging steps
+            self._grad_norm = torch.nn.utils.clip_grad_norm_(p.model.parameters(),
+                                                             cfg.clip_grad_norm)
         if p.scaler is not None:
             p.scaler.step(p.optimizer)  # skipped when the gradients overflowed
             p.scaler.update()

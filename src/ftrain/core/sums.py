@@ -33,10 +33,6 @@ class MetricSums:
     def append(self, step_row: torch.Tensor) -> None:
         self.rows.append(step_row)
 
-    def newest(self) -> dict[str, float]:
-        """The newest step's sums on this rank (a host sync: for logging steps only)."""
-        return dict(zip(self.names, self.rows[-1].tolist(), strict=True))
-
     def totals(self, base: dict[str, float]) -> tuple[dict[str, float], int]:
         """``base`` plus this run's part of the epoch: the metric sums over ranks, each
         batch's sum taken in rank order and the batches added in order, and the number of

@@ -114,7 +114,7 @@ class Live:
     def __init__(self) -> None:
         self.step = 0
         self.epoch = 0  # the epoch being trained, 1-based
-        self.metrics: dict[str, float] = {}  # rank 0's share of the newest logged step
+        self.metrics: dict[str, float] = {}  # the newest logged step's, over the global batch
         self.lr = 0.0
         self.samples_per_s = 0.0
         self.resumes = 0
@@ -141,10 +141,10 @@ class _Collector:
         yield gauge("step", "Global optimizer steps completed.", live.step)
         yield gauge("epoch", "The epoch being trained (1-based).", live.epoch)
         if "loss" in live.metrics:
-            yield gauge("loss", "Training loss of the newest logged step (rank 0's share).",
+            yield gauge("loss", "Training loss of the newest logged step (the global batch).",
                         live.metrics["loss"])
         train = GaugeMetricFamily("ftrain_train_metric", "The task's training metrics of the "
-                                  "newest logged step (rank 0's share).", labels=["name"])
+                                  "newest logged step (the global batch).", labels=["name"])
         for name, value in live.metrics.items():
             train.add_metric([name], value)
         yield train
