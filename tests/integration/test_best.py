@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 
 import pytest
 
 from ftrain.checkpoint import load_uri, step_dirname
 from tests.harness.checkpoints import assert_bitwise_equal, committed_steps, strip_timing
 from tests.harness.processes import (
+    PY,
+    base_env,
     ckpt,
     kill_group,
     kill_leftovers,
@@ -98,6 +101,10 @@ def test_keep_best_and_early_stopping_survive_two_sigkills(tmp_path):
     assert out.returncode == 0 and f"step {stop['best_step']})" in out.stdout, out.stderr
     inspected = json.loads(ckpt("inspect", str(run / "best"), "--json").stdout)
     assert inspected["step"] == stop["best_step"]
+    r = subprocess.run([PY, "-m", "ftrain.predict", "--checkpoint", str(run / "best"),
+                        "--limit", "8", "--show", "0"], env=base_env(), text=True,
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0 and f"(step {stop['best_step']})" in r.stdout, r.stderr[-2000:]
 
 
 def test_best_metric_that_no_evaluation_records_is_refused(tmp_path):

@@ -25,7 +25,9 @@ FLAGS = _flags()
 
 def test_the_list_covers_the_service_and_the_default_task():
     for flag in ("--epochs", "--checkpoint-dir", "--log-level", "--storage-retry-attempts",
-                 "--s3-part-mb", "--model", "--dataset", "--no-deterministic"):
+                 "--s3-part-mb", "--model", "--dataset", "--no-deterministic",
+                 "--keep-best", "--best-metric", "--best-mode", "--early-stop-patience",
+                 "--tracker", "--tracker-uri", "--tracker-project", "--tracker-run-name"):
         assert flag in FLAGS
 
 
