@@ -37,7 +37,7 @@ def run_chaos(workdir: Path, *args: str, reference: Path | None = None,
     return summary
 
 
-@pytest.mark.slow
+@pytest.mark.soak  # opt-in since the default suite passed 20 minutes: test_fsdp.py kills too
 def test_short_chaos_run_under_fsdp_passes(tmp_path, tmp_path_factory):
     # The kill plan of the S3 run below under --parallel fsdp (sharded checkpoints, emergency sharded
     # checkpoint on SIGTERM); shares its reference with tests/integration/test_fsdp.py (same command).
