@@ -219,7 +219,7 @@ class _Wandb:
         self.record.pop("published_step", None)
         self.run = wandb.init(project=self.record.get("project", cfg.tracker_project),
                               id=run_id, resume="allow", name=cfg.tracker_run_name or None,
-                              config=params, allow_val_change=True, reinit="create_new")
+                              config=params, allow_val_change=True)
         self.run.config.update({RESUMES_TAG: resumes}, allow_val_change=True)
         if resumes:
             self.run.tags = (*self.run.tags, f"resume {resumes} at step {step}")
