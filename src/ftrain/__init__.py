@@ -24,12 +24,13 @@ __all__ = ["Config", "ConfigError", "FitResult", "FtrainError", "InputError", "I
 
 
 def __getattr__(name: str) -> Any:
-    # Imported on first use: importing ftrain.train here would make `python -m ftrain.train`
-    # (and -m ftrain.ckpt, -m ftrain.checkpoint.rules) find the module half-imported already.
+    # Imported on first use: importing ftrain.api (and with fit() train.py) here would make
+    # `python -m ftrain.train` (and -m ftrain.ckpt, -m ftrain.checkpoint.rules) find the module
+    # half-imported already.
     if name in ("fit", "FitResult"):
-        from . import train
+        from . import api
 
-        return getattr(train, name)
+        return getattr(api, name)
     if name == "load_model":
         from .ckpt import load_model
 

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=4 -m ftrain.train [options]   (or -m src.train from a checkout)
     python -m ftrain.train [options]                        # one process
-    ftrain.fit(task, config)                                # from Python
+    ftrain.fit(task, config)                                # from Python (api.py)
 
 It wires the parts together and holds no policy: the task builds the model, data and loss
 (tasks/), which checkpoint to resume and what may change is checkpoint/resume.py's and
@@ -12,29 +12,25 @@ core/loop.py's.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import faulthandler
 import json
 import logging
 import os
 import signal
-import threading
 import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from . import storage
+from .api import FitResult
 from .checkpoint import Checkpointer, CheckpointStore, ShardedCheckpointer, resume, rules
 from .checkpoint.best import Selection
 from .checkpoint.format import TrainState
 from .checkpoint.plain import load_plain
 from .checkpoint.policy import SavePolicy
-from .config import Config, ConfigError, config_from, load_config, options_of
+from .config import Config, ConfigError, load_config
 from .core.loop import Parts, Trainer
 from .core.rng import SEEDS_DOC, init_seed, seed_all
 from .data.fingerprint import fingerprint
@@ -46,7 +42,6 @@ from .runtime.distributed import (
     Collectives,
     DistInfo,
     env_rank,
-    launched_by_torchrun,
     ordered_mean_hook,
     setup,
     teardown,
@@ -61,7 +56,6 @@ from .tasks import (
     TaskError,
     TaskRef,
     load_task,
-    script_target,
     task_ref,
 )
 from .tasks.declarations import check_declarations, check_scheduler
@@ -225,7 +219,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
     trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor, resume_rng)
     try:
-        trainer.fit()  # a peer failure propagates to _train(): PeerFailed
+        trainer.fit()  # a peer failure propagates to train(): PeerFailed
     finally:
         saver.close()
     return FitResult(state.step, state.epoch, state.history, saver.checkpoint_uri(state.step),
@@ -250,91 +244,8 @@ def _checkpoint_meta(cfg: Config, info: DistInfo, ref: TaskRef, task: Task,
     return meta
 
 
-# ---------------------------------------------------------------------------- from Python
-@dataclass
-class FitResult:
-    """What ``ftrain.fit`` returns: where training ended."""
-
-    step: int  # global optimizer steps done
-    epoch: int  # epochs done
-    history: list[dict[str, Any]]  # one entry per epoch: train_*, eval_*, lr, ...
-    checkpoint: str | None  # the URI of the newest committed checkpoint (None: none)
-    state: TrainState  # the whole train state (sums and position of an unfinished epoch)
-
-
-def fit(task: str | Callable[..., Task] | Task, config: Config | dict[str, Any] | None = None,
-        **task_args: Any) -> FitResult:
-    """Train ``task`` from Python, in this process or as one torchrun worker; returns a
-    FitResult. Raises ConfigError or InputError for bad input, Preempted (SIGTERM) or
-    Interrupted (Ctrl-C, a KeyboardInterrupt) after the emergency checkpoint, StorageError,
-    PeerFailed (ftrain.errors). The caller's signal handlers, logging and deterministic-mode
-    setting are as they were when it returns or raises, so it can be called again.
-
-    ``task``: an import string ``"package.module:attr"``, a Task class or factory (called with
-    ``task_args``), or a Task instance. Checkpoints record the import string and the
-    arguments, so that ``ckpt export``, ``predict`` and ``load_model`` can rebuild the model;
-    a task defined in the script itself is recorded by the script's path (the call to fit()
-    must then be under ``if __name__ == "__main__":``, or InputError says so at once).
-    ``config``: a Config, or a mapping of its options by their flat names (``{"epochs": 3,
-    "checkpoint_dir": ...}``, the task's own options too).
-    """
-    instance = task if isinstance(task, Task) else None
-    if isinstance(task, str):
-        target = task
-    else:
-        try:
-            target = script_target(type(task) if instance is not None else task)
-        except TaskError as e:
-            raise InputError(str(e)) from None
-    if instance is not None and task_args:
-        raise TypeError("fit(): task_args go with a task class or factory, not an instance")
-    if isinstance(config, Config):
-        values = dataclasses.asdict(config)
-        values["task_options"] = dict(config.task_options)
-    else:
-        values = dict(config or {})
-    values["task"] = target
-    if task_args:
-        values["task_args"] = task_args
-    options = type(instance).options if instance is not None else options_of(target)[0]
-    cfg = config_from(values, options)
-    with _as_a_library(cfg) as signals:
-        return _train(cfg, signals, instance)
-
-
-@contextlib.contextmanager
-def _as_a_library(cfg: Config) -> Iterator[StopSignals]:
-    """Our logging, signal handlers and deterministic mode for the call, then the caller's."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    benchmark = torch.backends.cudnn.benchmark
-    setup_logging(env_rank(), cfg.log_format, cfg.log_level)
-    signals = StopSignals()
-    main_thread = threading.current_thread() is threading.main_thread()
-    if main_thread:  # signal handlers can only be set there
-        # No watchdog that ends the process, unless a launcher supervises it: a notebook's
-        # kernel must outlive a stuck emergency checkpoint.
-        signals.install(hard_deadline_s=cfg.preemption_deadline + 30.0
-                        if launched_by_torchrun() else None)
-    try:
-        yield signals
-    finally:
-        signals.restore()
-        for handler in list(root.handlers):
-            if handler not in handlers:
-                root.removeHandler(handler)
-                handler.close()
-        for handler in handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(level)
-        torch.use_deterministic_algorithms(deterministic)
-        torch.backends.cudnn.benchmark = benchmark
-
-
 # ---------------------------------------------------------------------------- training
-def _train(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
+def train(cfg: Config, signals: StopSignals, task: Task | None) -> FitResult:
     """Set up the process group, train, tear it down. Raises the errors fit() documents."""
     if cfg.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -391,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     # (for a job that seems stuck: in a collective, a storage call, a lock).
     faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
-        _train(cfg, signals, None)
+        train(cfg, signals, None)
         return exitcodes.OK
     except (Preempted, Interrupted) as e:
         if e.abandoned:

@@ -11,25 +11,23 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from ..checkpoint.best import Selection
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
-from ..errors import InputError, Interrupted, Preempted
-from ..runtime import exitcodes
+from ..errors import InputError
 from ..runtime.distributed import Collectives, DistInfo
 from ..runtime.monitor import Monitor
-from ..storage import StorageError
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
 from .rng import epoch_seed, restore_rng, resume_seed, rng_state, seed_all
+from .stopping import Stopping
 from .sums import MetricSums
 
 log = logging.getLogger(__name__)
@@ -55,7 +53,7 @@ class Trainer:
         self.state = state
         self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
-        self.selection = Selection.from_config(cfg)  # --best-metric, early stopping
+        self.stopping = Stopping(cfg, info, state, saver)
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
@@ -85,10 +83,7 @@ class Trainer:
 
     def _fit(self) -> None:
         cfg, st = self.cfg, self.state
-        if st.stopped:
-            if self.info.is_main:
-                log.info("training already stopped early at step %d (%s); nothing to do",
-                         st.step, _why(st.stopped))
+        if self.stopping.already_stopped():
             return
         while st.epoch < cfg.epochs:
             outcome = self._run_epoch()
@@ -146,7 +141,7 @@ class Trainer:
             evaluated = early = False
             if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch:
                 self._evaluate_mid_epoch()
-                evaluated, early = True, self._early_stop()
+                evaluated, early = True, self.stopping.early()
             decision = self.saver.after_step(
                 st.step, last_batch, lambda t0=t_start: self._progress(time.perf_counter() - t0),
                 evaluated, early)
@@ -154,7 +149,7 @@ class Trainer:
                 continue
             st.elapsed += time.perf_counter() - t_start
             if decision.stop == "storage":
-                self._storage_failed()
+                self.stopping.storage_failed()
             if decision.epoch_end:
                 self._fold_sums()
                 return decision.stop
@@ -283,7 +278,7 @@ class Trainer:
         if st.not_bitwise:
             entry["not_bitwise"] = list(st.not_bitwise)
             st.not_bitwise = []
-        self._check_best_metric(entry)
+        self.stopping.check_best_metric(entry)
         if self.task.scheduler_interval == "epoch":
             self._step_epoch_schedule(entry)
         st.history.append(entry)
@@ -310,7 +305,7 @@ class Trainer:
         st = self.state
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
-        self._check_best_metric(entry)
+        self.stopping.check_best_metric(entry)
         st.evals.append(entry)
         self.monitor.evaluated(entry)
         if self.info.is_main:
@@ -338,26 +333,25 @@ class Trainer:
         # A signal may have reached any rank during evaluation: agree before deciding.
         decision = self.saver.agree_now()
         if decision.storage_failed:
-            self._storage_failed()
+            self.stopping.storage_failed()
         if decision.preempt:
             stop = "preempt"
         final = st.epoch >= cfg.epochs
         hit_max = bool(cfg.max_steps) and st.step >= cfg.max_steps
         if stop == "preempt":
-            self._stop_on_signal(self._emergency_save("epoch"))
-        early = not final and self._early_stop()
+            self.stopping.on_signal(self._emergency_save("epoch"))
+        early = not final and self.stopping.early()
         if final or stop is not None or hit_max or early:
             if not self.saver.save_blocking(*self._progress(), st.step,
                                             reason="early_stop" if early else "epoch"):
-                self._storage_failed()
+                self.stopping.storage_failed()
         else:
             self.saver.save(*self._progress(), st.step, blocking=False, reason="epoch")
         if early:
-            self._log_early_stop()
+            self.stopping.log_early()
             return True
         if hit_max and not final:
-            if self.info.is_main:
-                log.info("reached --max-steps %d at step %d; stopping", cfg.max_steps, st.step)
+            self.stopping.log_max_steps()
             return True
         return False
 
@@ -365,83 +359,19 @@ class Trainer:
     def _emergency_save(self, reason: str) -> bool:
         return self.saver.emergency_save(self._progress, self.state.step, reason)
 
-    def _early_stop(self) -> bool:
-        """After an evaluation: whether --early-stop-patience ends training here (the record
-        of why goes into the train state, so the final checkpoint holds it)."""
-        if self.selection is None:
-            return False
-        self.state.stopped = self.selection.should_stop(self.state.to_dict())
-        return self.state.stopped is not None
-
-    def _log_early_stop(self) -> None:
-        if self.info.is_main:
-            log.info("stopping early at step %d: %s; the final checkpoint is %s", self.state.step,
-                     _why(self.state.stopped), self.saver.checkpoint_uri(self.state.step),
-                     extra={"fields": {"event": "early_stop", "step": self.state.step,
-                                       **(self.state.stopped or {})}})
-
-    def _check_best_metric(self, entry: dict[str, Any]) -> None:
-        sel = self.selection
-        if sel is not None and sel.metric not in entry:
-            names = ", ".join(sorted(k for k in entry if k.startswith("eval_")))
-            raise InputError(f"--best-metric {sel.metric}: the evaluation recorded no such "
-                             f"metric; it has {names}")
-
     def _stop_mid_epoch(self, why: str) -> str:
         st = self.state
         if why == "preempt":
-            self._stop_on_signal(self._emergency_save("preempt"))
+            self.stopping.on_signal(self._emergency_save("preempt"))
         reason = "early_stop" if why == "early" else "max_steps"
         if not self.saver.save_blocking(*self._progress(), st.step, reason=reason):
-            self._storage_failed()
+            self.stopping.storage_failed()
         if why == "early":
-            self._log_early_stop()
-            return "stopped"
-        if self.info.is_main:
-            log.info("reached --max-steps %d at step %d; stopping", self.cfg.max_steps, st.step)
+            self.stopping.log_early()
+        else:
+            self.stopping.log_max_steps()
         return "stopped"
-
-    def _stop_on_signal(self, saved: bool) -> NoReturn:
-        """Raise Preempted (SIGTERM) or Interrupted (SIGINT), after the emergency checkpoint
-        (``saved``) or without it."""
-        code = self.saver.signal_exit_code()
-        stop = Interrupted if code == exitcodes.INTERRUPTED else Preempted
-        step = self.state.step
-        if saved:
-            if self.info.is_main:
-                log.warning("stopped at step %d after an emergency checkpoint; exit %d "
-                            "(retryable): rerun the same command to resume", step, code)
-            raise stop(f"stopped at step {step} after an emergency checkpoint", step, True,
-                       checkpoint=self.saver.checkpoint_uri(step))
-        abandoned = self.saver.abandoned
-        last = self.saver.last_committed_step
-        if self.info.is_main:
-            log.error("EMERGENCY CHECKPOINT AT STEP %d %s; exiting %d (retryable) without it: "
-                      "the rerun resumes from the newest committed checkpoint (%s)",
-                      step, f"MISSED --preemption-deadline "
-                      f"{self.cfg.preemption_deadline:g}s" if abandoned else "FAILED", code,
-                      f"step {last}" if last is not None else "from an earlier run, if any")
-        # Abandoned: the write goes on in a thread; a partial checkpoint is invisible (no
-        # manifest). The command line leaves at once (hard_exit), fit() raises.
-        raise stop(f"stopped at step {step} without the emergency checkpoint", step, False,
-                   abandoned, self.saver.checkpoint_uri(last) if last is not None else None)
-
-    def _storage_failed(self) -> NoReturn:
-        failed = self.saver.failed_in_a_row
-        text = (f"checkpoints failed {failed} times in a row (--max-failed-saves "
-                f"{self.cfg.max_failed_saves})")
-        if self.info.is_main:
-            log.error("%s; exiting with %d (retryable) so the job restarts once storage is back",
-                      text, exitcodes.STORAGE_FAILED)
-        raise StorageError(text)
-
-
-def _why(stopped: dict[str, Any]) -> str:
-    return (f"{stopped.get('metric')} did not improve on {stopped.get('best'):.6g} (step "
-            f"{stopped.get('best_step')}) for {stopped.get('evaluations_since_best')} "
-            f"evaluations, --early-stop-patience {stopped.get('patience')}")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
     return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-
