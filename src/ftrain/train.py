@@ -153,7 +153,10 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         if info.is_main:
             log.info("resumed from %s: %d epochs done, step %d, batch %d of epoch %d",
                      choice["uri"], state.epoch, state.step, state.batch_in_epoch,
-                     state.epoch + 1)
+                     state.epoch + 1,
+                     extra={"fields": {"event": "resumed", "uri": choice["uri"],
+                                       "step": state.step, "epoch": state.epoch,
+                                       "batch_in_epoch": state.batch_in_epoch}})
         del loaded
         memory.log("resume", f"resume from step {state.step}", log)
     elif cfg.init_from:

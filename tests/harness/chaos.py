@@ -65,7 +65,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -221,6 +220,7 @@ class Job:
         self.env = {k: v for k, v in os.environ.items() if k != PAUSE_ENV}
         self.env.setdefault("OMP_NUM_THREADS", "1")
         self.env["PYTHONUNBUFFERED"] = "1"
+        self.env.setdefault("FTT_LOG_FORMAT", "json")  # read back as events (harness/logs.py)
         self.env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")) if p)
         for key, value in (env or {}).items():
@@ -662,7 +662,7 @@ class Chaos:
                 # Rank 0 logs "epoch N/M done" when the evaluation is over: look just before
                 # the kill (a SIGTERM lets the evaluation finish).
                 epoch = job.epoch_ended(self.ref.steps_per_epoch)
-                done = re.search(rf"epoch {epoch + 1}/\d+ done", job.log_text())
+                done = logs.epoch_done(job.log_text(), epoch + 1)
                 moment = "epoch-end save" if done else "evaluation"
         step = max(job.trained_steps(), default=0)
         target, pid, rank = job.kill(SIGNALS[plan.signal], plan.target, self.rng)

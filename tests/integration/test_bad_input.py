@@ -34,6 +34,7 @@ from ftrain.checkpoint import MANIFEST, step_dirname
 from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
+from tests.harness import logs
 from tests.harness.checkpoints import committed_steps
 from tests.harness.processes import ROOT, ckpt, free_port, run_train, start_train
 from tests.harness.s3 import Fault
@@ -321,7 +322,9 @@ def test_a_known_secret_appears_nowhere(s3, fault_proxy, tmp_path, monkeypatch, 
     r = subprocess.CompletedProcess(proc.args, 0, output, "")
     assert scrapes and "ftrain_step" in scrapes[-1], output[-2000:]
     assert list((local / "tb").glob("events.out.tfevents.*"))
-    assert "retry 1/" in output  # errors were logged
+    assert "retry 1/" in output  # errors were logged, as events too
+    assert logs.storage_retries(output) >= 1
+    assert all({"what", "attempt", "delay_s"} <= set(e) for e in logs.events(output, "retry"))
     assert s3.committed("run")
     objects = {key: s3.read(key) for key in s3.keys("run/")}
 

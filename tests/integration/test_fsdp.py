@@ -245,7 +245,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
     model, and predict runs from it in one CPU process."""
     import re
 
-    from tests.harness import chaos
+    from tests.harness import chaos, logs
     from tests.harness.traces import assert_epoch_exactly_once, read_trace
 
     args = FOUR_RANKS[job]
@@ -262,7 +262,7 @@ def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_pa
 
     again = chaos.Job(4, args, d, tmp_path / "trace-again", tmp_path / "again.log")
     assert chaos.run_to_end(again, timeout=300) == 0, again.log_text()[-3000:]
-    assert f"resumed from {d}/{step_dirname(at)}" in again.log_text()
+    assert logs.resumed(again.log_text())["uri"] == f"{d}/{step_dirname(at)}"
     verdict = chaos.compare_runs(ref, d, [killed.trace_dir, again.trace_dir])
     assert not verdict["problems"], verdict
 

@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from tests.harness import logs
 from tests.harness.checkpoints import committed_steps
 from tests.harness.processes import (
     ROOT,
@@ -98,7 +99,17 @@ def test_metrics_heartbeat_and_json_logs_of_a_resumed_run(tmp_path):
                          for x in steps)
     assert [x["step"] % 5 for x in steps] == [0] * len(steps)
     assert any(x.get("event") == "epoch" and "eval_acc" in x for x in lines)
-    assert any("resumed from" in x["message"] for x in lines)
+    # The lines a program acts on are events, read back by the harness as the chaos tool does.
+    text = log.read_text()
+    resumed = logs.resumed(text)
+    assert resumed == {**resumed, "step": 6, "epoch": 0, "batch_in_epoch": 6,
+                       "uri": f"{d}/step_0000000006"}
+    committed = list(logs.events(text, "committed"))
+    assert any(c["step"] % 4 == 0 for c in committed)
+    assert all(c["uri"] == f"{d}/step_{c['step']:010d}" and c["mib"] > 0 and c["seconds"] >= 0
+               for c in committed)
+    assert logs.slowest_save_s(text) == max(c["seconds"] for c in committed)
+    assert logs.epoch_done(text, 1) and logs.saves_failed(text) == 0
 
 
 def test_metrics_port_in_use_is_refused_with_the_flag_named(tmp_path):

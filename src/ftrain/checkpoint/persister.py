@@ -229,8 +229,10 @@ class Checkpointer:
             secs = time.monotonic() - req.started
             self.memory.log(req.serial, f"save of step {req.step}", log)
             if committed and self.is_main:
-                log.info("checkpoint %s committed (%.1f MiB, %.2fs)", self.store.storage.uri(name),
-                         self.store.last_commit_bytes / 2**20, secs)
+                uri, mib = self.store.storage.uri(name), self.store.last_commit_bytes / 2**20
+                log.info("checkpoint %s committed (%.1f MiB, %.2fs)", uri, mib, secs,
+                         extra={"fields": {"event": "committed", "step": req.step, "uri": uri,
+                                           "mib": mib, "seconds": secs}})
             self.consecutive_failures = 0
             self.last_committed_step = req.step
             self.committed += 1
@@ -257,8 +259,10 @@ class Checkpointer:
     def _failed(self, name: str, e: BaseException) -> None:
         self.consecutive_failures += 1
         self.failed += 1
-        log.error("SAVE FAILED for %s (%d in a row): %s: %s", self.store.storage.uri(name),
-                  self.consecutive_failures, type(e).__name__, redact(str(e))[:2000])
+        uri, error = self.store.storage.uri(name), f"{type(e).__name__}: {redact(str(e))[:2000]}"
+        log.error("SAVE FAILED for %s (%d in a row): %s", uri, self.consecutive_failures, error,
+                  extra={"fields": {"event": "save_failed", "uri": uri, "error": error,
+                                    "in_a_row": self.consecutive_failures}})
 
     def close(self) -> None:
         """Persist what is waiting, then stop the persister thread."""

@@ -79,7 +79,10 @@ class Stopping:
                       "the rerun resumes from the newest committed checkpoint (%s)",
                       step, f"MISSED --preemption-deadline "
                       f"{self.cfg.preemption_deadline:g}s" if abandoned else "FAILED", code,
-                      f"step {last}" if last is not None else "from an earlier run, if any")
+                      f"step {last}" if last is not None else "from an earlier run, if any",
+                      extra={"fields": {"event": "emergency_checkpoint_missed", "step": step,
+                                        "abandoned": abandoned, "exit_code": code,
+                                        "last_committed_step": last}})
         # Abandoned: the write goes on in a thread; a partial checkpoint is invisible (no
         # manifest). The command line leaves at once (hard_exit), fit() raises.
         raise stop(f"stopped at step {step} without the emergency checkpoint", step, False,

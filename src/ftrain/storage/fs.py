@@ -126,7 +126,9 @@ class Storage:
                 delay = random.uniform(delay / 2, delay)  # jitter: replicas don't retry in step
                 delay = min(delay, max(0.0, policy.deadline - elapsed))
                 log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__,
-                            redact(str(e))[:200], attempt, policy.attempts - 1, delay)
+                            redact(str(e))[:200], attempt, policy.attempts - 1, delay,
+                            extra={"fields": {"event": "retry", "what": what,
+                                              "attempt": attempt, "delay_s": delay}})
                 if hasattr(self._fs, "invalidate_cache"):
                     self._fs.invalidate_cache()
                 time.sleep(delay)
