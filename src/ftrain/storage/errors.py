@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -57,6 +58,12 @@ class RetryPolicy:
         p.deadline = float(os.environ.get("FTT_STORAGE_RETRY_DEADLINE", p.deadline))
         p.base_delay = float(os.environ.get("FTT_STORAGE_RETRY_BASE_DELAY", p.base_delay))
         return p
+
+    def delay(self, attempt: int, elapsed: float) -> float:
+        """The wait before retry ``attempt``: exponential, capped, with jitter (replicas do
+        not retry in step), and never past the deadline."""
+        delay = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
+        return min(random.uniform(delay / 2, delay), max(0.0, self.deadline - elapsed))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -136,3 +143,30 @@ def redact(text: str) -> str:
     text = re.sub(r"(?i)(secret|token|password|key)([\"']?\s*[:=]\s*)[^\s,}&]+", r"\1\2***", text)
     return re.sub(r"(?i)(X-Amz-Signature|X-Amz-Credential|X-Amz-Security-Token)=[^&\s]+",
                   r"\1=***", text)
+
+
+def s3_refusal(what: str, e: BaseException, bucket: str, root_uri: str
+               ) -> StorageAccessError | None:
+    """A StorageAccessError when S3 refuses this configuration for good (``e`` from ``what``
+    on ``root_uri``): the bucket does not exist, or the credentials may not use it (403). None
+    for any other error."""
+    missing = next((type(c).__name__ for c in _chain(e)
+                    if type(c).__name__ in _NO_CREDENTIALS), None)
+    if missing is not None:  # botocore found none: no request was even sent
+        return StorageAccessError(
+            f"no S3 credentials found for {what} ({missing}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or key and secret in the storage "
+            'options; {"anon": true} for a public bucket)', root_uri)
+    answer = _refusal_answer(e)
+    if answer is None:
+        return None
+    status, code = answer
+    if code == "NoSuchBucket":
+        return StorageAccessError(f"the bucket {bucket!r} does not exist (S3 NoSuchBucket): "
+                                  "create it, or fix the bucket name", root_uri)
+    shown = f"S3 {code}, HTTP {status}" if code and not code.isdigit() else f"HTTP {status}"
+    return StorageAccessError(
+        f"access to the bucket {bucket!r} was denied ({shown}) for {what}: check the "
+        "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key and "
+        f"secret in the storage options) and that they may read and write {root_uri}",
+        root_uri)

@@ -19,7 +19,6 @@ import io
 import logging
 import mmap
 import os
-import random
 import time
 import uuid
 from collections.abc import Callable
@@ -29,16 +28,15 @@ import fsspec
 
 from .checksums import HashingWriter, checksum
 from .errors import (
-    _NO_CREDENTIALS,
     _PERMANENT,
     RetryPolicy,
     StorageAccessError,
     StorageError,
-    _chain,
     _errno_in_chain,
     _refusal_answer,
     is_transient,
     redact,
+    s3_refusal,
 )
 from .local import local_atomic_write_stream
 from .tuning import s3_defaults, tuning
@@ -122,9 +120,7 @@ class Storage:
                 if attempt == policy.attempts or elapsed >= policy.deadline:
                     raise StorageError(f"{what}: still failing after {attempt} attempts "
                                        f"({elapsed:.1f}s): {redact(str(e))}") from e
-                delay = min(policy.max_delay, policy.base_delay * 2 ** (attempt - 1))
-                delay = random.uniform(delay / 2, delay)  # jitter: replicas don't retry in step
-                delay = min(delay, max(0.0, policy.deadline - elapsed))
+                delay = policy.delay(attempt, elapsed)
                 log.warning("%s failed (%s: %s); retry %d/%d in %.2fs", what, type(e).__name__,
                             redact(str(e))[:200], attempt, policy.attempts - 1, delay,
                             extra={"fields": {"event": "retry", "what": what,
@@ -139,27 +135,7 @@ class Storage:
         not exist, or the credentials may not use it (403). None for any other error."""
         if self.protocol != "s3":
             return None
-        bucket = self.full().split("/", 1)[0]
-        missing = next((type(c).__name__ for c in _chain(e)
-                        if type(c).__name__ in _NO_CREDENTIALS), None)
-        if missing is not None:  # botocore found none: no request was even sent
-            return StorageAccessError(
-                f"no S3 credentials found for {what} ({missing}): set AWS_ACCESS_KEY_ID and "
-                "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, or key and secret in the storage "
-                'options; {"anon": true} for a public bucket)', self.root_uri)
-        answer = _refusal_answer(e)
-        if answer is None:
-            return None
-        status, code = answer
-        if code == "NoSuchBucket":
-            return StorageAccessError(f"the bucket {bucket!r} does not exist (S3 NoSuchBucket): "
-                                      "create it, or fix the bucket name", self.root_uri)
-        shown = f"S3 {code}, HTTP {status}" if code and not code.isdigit() else f"HTTP {status}"
-        return StorageAccessError(
-            f"access to the bucket {bucket!r} was denied ({shown}) for {what}: check the "
-            "credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or key and "
-            f"secret in the storage options) and that they may read and write {self.root_uri}",
-            self.root_uri)
+        return s3_refusal(what, e, self.full().split("/", 1)[0], self.root_uri)
 
     def _fresh(self) -> None:
         if hasattr(self.fs, "invalidate_cache"):
