@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 4
 
-.PHONY: run test test-soak lint clean
+.PHONY: run test test-docs test-soak lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,10 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# Every command of the README and the guides, run as written (tests/system/test_documented_commands.py).
+test-docs: $(VENV)/.installed
+	$(PY) -m pytest -q -m docs
 
 test-soak: $(VENV)/.installed
 	$(PY) -m pytest -q -m soak

@@ -7,6 +7,15 @@ import re
 from pathlib import Path
 
 MARKER = re.compile(r"^<!--\s*(\S+?)\s*-->$")
+ROOT = Path(__file__).resolve().parents[2]
+DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
+# Where commands, code and config files are the reader's to copy.
+HOW_TO = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",
+          *sorted((ROOT / "docs" / "guide").glob("*.md"))]
+
+
+def rel(path: Path) -> str:
+    return str(path.relative_to(ROOT))
 
 
 def blocks(path: Path) -> list[tuple[str, int, list[str], str]]:
@@ -36,3 +45,13 @@ def logical_lines(lines: list[str], first: int) -> list[tuple[int, str]]:
         out.append((start, joined + line))
         joined = ""
     return out
+
+
+def save_modules(path: Path, folder: Path) -> list[str]:
+    """Write the blocks marked ``<!-- NAME.py -->`` into ``folder``; their module names."""
+    names = []
+    for lang, _first, lines, marker in blocks(path):
+        if lang == "python" and marker.endswith(".py"):
+            (folder / marker).write_text("\n".join(lines) + "\n")
+            names.append(marker[:-3])
+    return names

@@ -27,20 +27,11 @@ from torch.utils.data import default_collate
 from ftrain.config import ConfigError, load_config
 from ftrain.config.reference import markdown
 from ftrain.tasks import Task, TaskContext
-from tests.harness.markdown import blocks, logical_lines
+from tests.harness.markdown import DOCS, HOW_TO, ROOT, blocks, logical_lines, rel, save_modules
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = [ROOT / "README.md", ROOT / "CHANGELOG.md", *sorted((ROOT / "docs").rglob("*.md"))]
-# Where commands, code and config files are the reader's to copy.
-HOW_TO = [ROOT / "README.md", ROOT / "docs" / "getting-started.md",
-          *sorted((ROOT / "docs" / "guide").glob("*.md"))]
 TRAIN = re.compile(r"^(ftrain|src)\.train$")
 CKPT = re.compile(r"^(ftrain|src)\.ckpt$")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
-
-
-def rel(path: Path) -> str:
-    return str(path.relative_to(ROOT))
 
 
 # ------------------------------------------------------------------ reading Markdown
@@ -143,16 +134,6 @@ def test_guides_carry_no_dated_history(path):
 
 
 # ------------------------------------------------------------------ code and commands
-def save_modules(path: Path, folder: Path) -> list[str]:
-    """Write the blocks marked ``<!-- NAME.py -->`` into ``folder``; their module names."""
-    names = []
-    for lang, _first, lines, marker in blocks(path):
-        if lang == "python" and marker.endswith(".py"):
-            (folder / marker).write_text("\n".join(lines) + "\n")
-            names.append(marker[:-3])
-    return names
-
-
 @pytest.fixture
 def doc_modules(tmp_path, monkeypatch):
     """Make a document's marked modules importable, and forget them afterwards."""
