@@ -16,6 +16,7 @@ steps of a small MLP give other bits with 1 and with 2 intra-op threads, and wit
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -60,13 +61,20 @@ def differences(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
 
 
 def match_inductor_to_aten() -> None:
-    """--compile on the CPU: make torch.compile's generated code use ATen's vector width.
-    With ATEN_CPU_CAPABILITY=avx2 (or default) on an AVX-512 machine, inductor still emits
-    AVX-512 code and its compiled Linear layers compute wrong results (measured with torch
-    2.14: 0.56 off for a 16-32-4 MLP, NaN losses in training); capping its SIMD width to
-    ATen's makes them equal to eager again. A width the user set is kept."""
-    import torch._inductor.config as inductor
+    """--compile on the CPU: keep torch.compile's on-disk cache apart for each ATen vector
+    width. Inductor's cache keys leave ATen's capability out, so code compiled under one
+    (``ATEN_CPU_CAPABILITY=avx2``) and reused under another (AVX-512, the default here)
+    computes wrong results without an error: measured with torch 2.14 on an AVX-512 machine, a
+    16-32-4 MLP 0.56 off eager, NaN losses or a crash (``free(): invalid pointer``) in
+    training. Each capability gets its own folder below inductor's default one
+    (``/tmp/torchinductor_$USER/aten-avx512``); a TORCHINDUCTOR_CACHE_DIR the user set is kept
+    as it is."""
+    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
+        return
+    try:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+    except ImportError:  # another torch's layout: its cache as it is
+        return
 
-    width = {"AVX2": 256, "DEFAULT": 1}.get(torch.backends.cpu.get_cpu_capability())
-    if width is not None and inductor.cpp.simdlen is None:
-        inductor.cpp.simdlen = width
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten-{capability}")
