@@ -114,6 +114,9 @@ def test_emergency_checkpoint_respects_the_deadline(tmp_path, s3, fault_proxy):
     text = log.read_text()
     assert code == 143, text[-3000:]
     assert "MISSED --preemption-deadline 2s" in text, text[-3000:]
+    # It left then: before the abandoned upload's retries ran out (30 s later, as they did
+    # while the process still waited for the write it had given up).
+    assert "SAVE FAILED" not in text and "retry 1/" not in text, text[-3000:]
     assert fault_proxy.injected().get("slow", 0) >= 1
     stopped_at = last_step(read_trace(trace))
     assert f"run/step_{stopped_at:010d}/manifest.json" not in s3.keys("run/")

@@ -254,7 +254,10 @@ class SavePolicy:
         return False
 
     def close(self) -> None:
-        """Wait for the save in flight and stop the writer (rank 0)."""
-        if self.ckpt is not None:
+        """Wait for the save in flight and stop the writer (rank 0). A save that missed its
+        deadline (``abandoned``) is not waited for: the process is past its grace period
+        already (the command line exits at once; fit() raises while the write goes on in its
+        thread, a checkpoint without a manifest that no one reads)."""
+        if self.ckpt is not None and not self.abandoned:
             self.ckpt.wait()
             self.ckpt.close()
