@@ -67,8 +67,9 @@ def test_compiled_code_is_not_shared_across_aten_vector_widths(tmp_path):
     """Inductor's on-disk cache keys leave ATen's capability out: code compiled under
     ATEN_CPU_CAPABILITY=avx2 and reused under AVX-512 (or the other way round) computed a
     wrong MLP (0.56 off on an AVX-512 machine, NaN or a crash in training). --compile keeps a
-    cache folder for each capability: one default cache (TMPDIR here), three processes
-    alternating the capabilities, each compiled model equal to eager."""
+    cache folder for each capability: one default cache (TMPDIR here), a process under each
+    capability, each compiled model equal to eager (with one cache for both, the second was
+    0.563 off)."""
     import subprocess
 
     from tests.harness.processes import PY, base_env
@@ -76,7 +77,7 @@ def test_compiled_code_is_not_shared_across_aten_vector_widths(tmp_path):
     env = base_env({"TMPDIR": str(tmp_path)})
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     diffs = []
-    for capability in (None, "avx2", None):
+    for capability in (None, "avx2"):
         run_env = dict(env, **({"ATEN_CPU_CAPABILITY": capability} if capability else {}))
         r = subprocess.run([PY, "-c", _COMPILED_VS_EAGER], env=run_env, text=True,
                            capture_output=True, timeout=300)

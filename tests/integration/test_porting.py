@@ -25,8 +25,8 @@ def _train(tmp_path, name, task, *extra, nproc=0):
 
 def test_a_mean_loss_gives_the_sum_contracts_gradients(tmp_path):
     """The same steps with the loss as a sum and as a mean: the same weights within float
-    rounding, on one process, on 2 and 4 workers, and with --grad-accum 2."""
-    for extra, nproc in (([], 0), ([], 2), ([], 4), (["--grad-accum", "2"], 2)):
+    rounding, on one process, on 4 workers, and on 2 with --grad-accum 2."""
+    for extra, nproc in (([], 0), ([], 4), (["--grad-accum", "2"], 2)):
         tag = f"{nproc}-{len(extra)}"
         a = _train(tmp_path, f"sum{tag}", "SumTask", *extra, nproc=nproc)
         b = _train(tmp_path, f"mean{tag}", "MeanTask", *extra, nproc=nproc)
