@@ -68,13 +68,15 @@ def match_inductor_to_aten() -> None:
     16-32-4 MLP 0.56 off eager, NaN losses or a crash (``free(): invalid pointer``) in
     training. Each capability gets its own folder below inductor's default one
     (``/tmp/torchinductor_$USER/aten-avx512``); a TORCHINDUCTOR_CACHE_DIR the user set is kept
-    as it is."""
-    if "TORCHINDUCTOR_CACHE_DIR" in os.environ:
-        return
+    as it is. (torch itself puts its default into the variable once it has used the cache:
+    that one is not the user's.)"""
     try:
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
     except ImportError:  # another torch's layout: its cache as it is
         return
-
+    default = os.path.abspath(default_cache_dir())
+    current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if current is not None and os.path.abspath(current) != default:
+        return
     capability = torch.backends.cpu.get_cpu_capability().lower()
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default_cache_dir(), f"aten-{capability}")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(default, f"aten-{capability}")
