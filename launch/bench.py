@@ -204,6 +204,29 @@ def p2(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[t
     return rows
 
 
+def tiny(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[tuple]:
+    """The loop's own cost per step: an MLP 16-32-4 (676 parameters, batch 64, one process,
+    data gathered on the device) through the command line, against the plain loop over the
+    same model, data, optimizer and schedule computing the same metric sums (the task's own
+    loss), each in a fresh process; samples/s over epoch 2."""
+    n = 16384 if quick else 65536
+    args = ["--task", "launch.bench_tasks:TinyMLP", "--task-args", json.dumps({"size": n}),
+            "--batch-size", "64", "--epochs", "2", "--log-every-steps", "0",
+            "--save-every-seconds", "0", "--device", device]
+    plain = (f"from launch.bench_tasks import tiny_plain_rate; "
+             f"print(tiny_plain_rate({n}, device={device!r}))")
+    ours_runs, ref_runs = [], []
+    for rep in range(repeats):  # interleaved: the machine's noise hits both alike
+        ours_runs.append(_epoch_rate(_train([*args, "--checkpoint-dir",
+                                             str(work / f"tiny-{rep}")]), 2))
+        r = subprocess.run([PY, "-c", plain], cwd=ROOT, env=_env({"OMP_NUM_THREADS": "1"}),
+                           capture_output=True, text=True, timeout=600, check=True)
+        ref_runs.append(float(r.stdout.split()[-1]))
+    ours, ref = statistics.median(ours_runs), statistics.median(ref_runs)
+    return [("T1", "tiny MLP samples/s / plain loop (1 process, data on the device, epoch 2)",
+             ours, ref, ours / ref, ">= 0.95", ours / ref >= 0.95)]
+
+
 # ---------------------------------------------------------------------------- P3-P5, P7
 def checkpoint_measures(work: Path, quick: bool, device: str = "cpu",
                         repeats: int = 3) -> list[tuple]:
@@ -346,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
-    p.add_argument("--only", default="", help="comma-separated subset: p1,p2,ckpt,p6,p8")
+    p.add_argument("--only", default="", help="comma-separated subset: p1,p2,tiny,ckpt,p6,p8")
     p.add_argument("--out", default="", help="write the Markdown table here (after each part)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the jobs train: cuda measures P1/P9, P2 and P3-P7 on the GPU "
@@ -356,8 +379,8 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick 1)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    parts = {"p1": p1, "p2": p2, "ckpt": checkpoint_measures, "p6": p6, "p8": p8}
-    gpu_parts = ("ckpt", "p1", "p2")
+    parts = {"p1": p1, "p2": p2, "tiny": tiny, "ckpt": checkpoint_measures, "p6": p6, "p8": p8}
+    gpu_parts = ("ckpt", "p1", "p2", "tiny")
     chosen = [x.strip().lower() for x in args.only.split(",") if x.strip()] or (
         list(gpu_parts) if args.device == "cuda" else list(parts))
     unknown = [x for x in chosen if x not in parts]

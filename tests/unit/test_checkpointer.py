@@ -5,6 +5,7 @@ logged once with the numbers); what is persisted is always the state at the time
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
@@ -50,3 +51,17 @@ def test_saves_due_during_a_persist_never_wait_and_the_newest_wins(tmp_path, cap
     assert save(6, blocking=True) is True
     assert committed_steps(tmp_path)[-1] == 6 and saver.dropped == 2
     saver.close()
+
+
+def test_manifest_versions_do_not_import_torchvision(monkeypatch):
+    """The first save's manifest once imported torchvision for its version: 0.19 s in the
+    persister thread, holding the GIL while the loop trained (the next epoch ran at 60%
+    speed). Its version comes from the package metadata unless it is imported already."""
+    import importlib.metadata
+
+    from ftrain.checkpoint import format as fmt
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # an import of it would fail
+    versions = fmt._library_versions.__wrapped__()
+    assert versions["torchvision"] == importlib.metadata.version("torchvision")
+    assert versions["torch"] == torch.__version__

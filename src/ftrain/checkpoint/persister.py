@@ -17,7 +17,14 @@ import torch
 from ..runtime.memory import PeakRss
 from ..storage import StorageError, redact
 from .best import Selection
-from .format import FORMAT_VERSION, SHARDED, SHARDED_FORMAT, Manifest, step_dirname
+from .format import (
+    FORMAT_VERSION,
+    SHARDED,
+    SHARDED_FORMAT,
+    Manifest,
+    library_versions,
+    step_dirname,
+)
 from .staging import HostBuffers
 from .store import CheckpointStore
 
@@ -70,6 +77,7 @@ class Checkpointer:
         self.store = store
         self.keep_last = keep_last
         self.selection = selection  # --keep-best: from the train state just committed
+        library_versions()  # read here, not by the persister thread while the loop trains
         self.orphan_grace_s = orphan_grace_s
         self.is_main = True  # logs commits and applies retention
         self.writer = uuid.uuid4().hex[:12]
