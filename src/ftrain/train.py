@@ -48,7 +48,7 @@ from .runtime.distributed import (
 )
 from .runtime.memory import PeakRss
 from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
-from .runtime.numerics import match_inductor_to_aten, numeric_environment
+from .runtime.numerics import compile_cache_per_capability, numeric_environment
 from .runtime.tracking import open_tracking
 from .storage import Storage, StorageAccessError, StorageError
 from .tasks import (
@@ -184,7 +184,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     # evaluation and the tools see) is not, so its state_dict keys stay the model's own (no
     # "_orig_mod." prefix): a compiled run and a plain one read each other's checkpoints.
     if cfg.compile != "off" and info.device.type == "cpu":
-        match_inductor_to_aten()
+        compile_cache_per_capability()
     ddp: torch.nn.Module = model if cfg.compile == "off" else torch.compile(
         model, mode=None if cfg.compile == "default" else cfg.compile)
     # At world size 1 there is nothing to all-reduce: DDP's hooks would only cost time (47% of

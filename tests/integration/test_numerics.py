@@ -54,9 +54,9 @@ _COMPILED_VS_EAGER = """
 import torch
 from torch import nn
 from torch._inductor.runtime.cache_dir_utils import cache_dir
-from ftrain.runtime.numerics import match_inductor_to_aten
+from ftrain.runtime.numerics import compile_cache_per_capability
 cache_dir()  # as in a training process: torch has put its default into the variable
-match_inductor_to_aten()  # what --compile does on the CPU
+compile_cache_per_capability()  # what --compile does on the CPU
 torch.manual_seed(0)
 m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
 x = torch.randn(32, 16)

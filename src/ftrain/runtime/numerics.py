@@ -60,7 +60,7 @@ def differences(before: dict[str, Any] | None, now: dict[str, Any]) -> list[str]
     return out
 
 
-def match_inductor_to_aten() -> None:
+def compile_cache_per_capability() -> None:
     """--compile on the CPU: keep torch.compile's on-disk cache apart for each ATen vector
     width. Inductor's cache keys leave ATen's capability out, so code compiled under one
     (``ATEN_CPU_CAPABILITY=avx2``) and reused under another (AVX-512, the default here)
