@@ -3,6 +3,9 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 NPROC ?= 4
+# Test processes (pytest-xdist), each taking whole test files: a serial run keeps a 2-core
+# machine 40% idle while processes start, wait on signals and sleep between polls.
+TEST_JOBS ?= 2
 
 .PHONY: run test test-docs test-soak lint clean
 
@@ -15,11 +18,11 @@ run: $(VENV)/.installed
 	$(VENV)/bin/torchrun --nproc_per_node=$(NPROC) -m src.train
 
 test: $(VENV)/.installed
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile
 
 # Every command of the README and the guides, run as written (tests/system/test_documented_commands.py).
 test-docs: $(VENV)/.installed
-	$(PY) -m pytest -q -m docs
+	$(PY) -m pytest -q -m docs -n $(TEST_JOBS)
 
 test-soak: $(VENV)/.installed
 	$(PY) -m pytest -q -m soak

@@ -404,6 +404,24 @@ def ensure_reference(folder: Path, nproc: int, train_args: list[str],
     return want
 
 
+def shared_reference(tmp_path_factory, nproc: int, train_args: list[str]) -> Reference:
+    """The reference run of ``train_args`` on ``nproc`` workers, run once per test session and
+    shared by every test that needs the same one, also across pytest-xdist's processes (they
+    share the session's temporary root; a file lock makes the others wait for the first). The
+    folder is named by the command, so two different references never overwrite each other."""
+    import hashlib
+
+    from filelock import FileLock  # a dependency of torch
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # each xdist process has a folder of its own under the session's
+    key = hashlib.sha256(json.dumps([nproc, list(train_args)]).encode()).hexdigest()[:12]
+    folder = root / f"reference-{nproc}w-{key}"
+    with FileLock(str(folder) + ".lock"):
+        return ensure_reference(folder, nproc, train_args)
+
+
 # ---------------------------------------------------------------------------- comparison
 def compare_runs(ref: Reference, ckpt_dir: Path | str, trace_dirs: list[Path],
                  options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -31,8 +31,7 @@ TRAIN_ARGS = chaos.effective_train_args([], kills=4)
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> chaos.Reference:
-    return chaos.ensure_reference(tmp_path_factory.getbasetemp() / "reference", NPROC,
-                                  TRAIN_ARGS)
+    return chaos.shared_reference(tmp_path_factory, NPROC, TRAIN_ARGS)
 
 
 def start_job(tmp_path: Path, name: str, extra: tuple[str, ...] = (),

@@ -185,7 +185,7 @@ def cnn_ref(tmp_path_factory) -> Path:
 
     args = chaos.effective_train_args([*FSDP, *FSDP_CHAOS_EXTRA], kills=4)
     assert load_config(args, {}) == load_config(CNN, {})  # the same run
-    ref = chaos.ensure_reference(tmp_path_factory.getbasetemp() / "fsdp_reference", 2, args)
+    ref = chaos.shared_reference(tmp_path_factory, 2, args)
     return ref.ckpt_dir
 
 

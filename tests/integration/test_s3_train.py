@@ -28,8 +28,7 @@ TRAIN_ARGS = chaos.effective_train_args([], kills=3)  # 2 epochs of 32 steps, a 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory) -> chaos.Reference:
-    return chaos.ensure_reference(tmp_path_factory.getbasetemp() / "reference", NPROC,
-                                  TRAIN_ARGS)
+    return chaos.shared_reference(tmp_path_factory, NPROC, TRAIN_ARGS)
 
 
 def test_s3_run_sigkilled_and_resumed_is_bitwise_identical(s3, reference, tmp_path):

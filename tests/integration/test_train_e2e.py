@@ -37,8 +37,7 @@ KILL_ARGS = chaos.effective_train_args([], kills=4)
 @pytest.fixture(scope="module")
 def reference_2w(tmp_path_factory) -> Path:
     """An uninterrupted 2-worker run of the KILL_ARGS job."""
-    return chaos.ensure_reference(tmp_path_factory.getbasetemp() / "reference", 2,
-                                  KILL_ARGS).ckpt_dir
+    return chaos.shared_reference(tmp_path_factory, 2, KILL_ARGS).ckpt_dir
 
 
 def test_full_run_4_workers_rerun_and_continue(tmp_path):

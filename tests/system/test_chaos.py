@@ -37,13 +37,23 @@ def run_chaos(workdir: Path, *args: str, reference: Path | None = None,
     return summary
 
 
+def _shared(tmp_path_factory, *train_args: str) -> Path:
+    """The reference run of a 2-worker, 4-kill chaos run with these training flags, shared with
+    the tests that run the same command (tests/harness/chaos.shared_reference)."""
+    from tests.harness import chaos
+
+    args = chaos.effective_train_args(list(train_args), kills=4)
+    return Path(chaos.shared_reference(tmp_path_factory, 2, args).folder)
+
+
 @pytest.mark.soak  # opt-in since the default suite passed 20 minutes: test_fsdp.py kills too
 def test_short_chaos_run_under_fsdp_passes(tmp_path, tmp_path_factory):
     # The kill plan of the S3 run below under --parallel fsdp (sharded checkpoints, emergency sharded
     # checkpoint on SIGTERM); shares its reference with tests/integration/test_fsdp.py (same command).
     summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "4", "--seed", "1",
                         "--parallel", "fsdp", "--", *FSDP_CHAOS_EXTRA,
-                        reference=tmp_path_factory.getbasetemp() / "fsdp_reference")
+                        reference=_shared(tmp_path_factory, "--parallel", "fsdp",
+                                          *FSDP_CHAOS_EXTRA))
     assert summary["parallel"] == "fsdp"
     assert summary["kills"] == 4
     assert set(summary["kills_by_kind"]) == {f"{s} {t}" for s in ("SIGKILL", "SIGTERM")
@@ -61,7 +71,7 @@ def test_short_chaos_run_against_faulty_s3_passes(tmp_path, tmp_path_factory):
     # (Chaos on local disk: the fsdp run above, and every kill test of test_exact_resume.py.)
     summary = run_chaos(tmp_path, "--nproc", "2", "--kills", "4", "--seed", "1",
                         "--storage", "s3", "--storage-faults", "0.1",
-                        reference=tmp_path_factory.getbasetemp() / "reference")
+                        reference=_shared(tmp_path_factory))
     assert summary["kills"] == 4
     assert set(summary["kills_by_kind"]) == {f"{s} {t}" for s in ("SIGKILL", "SIGTERM")
                                              for t in ("worker", "launcher")}
