@@ -7,7 +7,7 @@ NPROC ?= 4
 # machine 40% idle while processes start, wait on signals and sleep between polls.
 TEST_JOBS ?= 2
 
-.PHONY: run test test-docs test-soak lint clean
+.PHONY: run test test-docs test-extended test-soak lint clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ test: $(VENV)/.installed
 # Every command of the README and the guides, run as written (tests/system/test_documented_commands.py).
 test-docs: $(VENV)/.installed
 	$(PY) -m pytest -q -m docs -n $(TEST_JOBS)
+
+# Second cases of promises the default suite already proves once (pytest -m extended).
+test-extended: $(VENV)/.installed
+	$(PY) -m pytest -q -m extended -n $(TEST_JOBS)
 
 test-soak: $(VENV)/.installed
 	$(PY) -m pytest -q -m soak

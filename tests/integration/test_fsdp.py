@@ -235,7 +235,8 @@ FOUR_RANKS = {
 
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # export, predict: no group
-@pytest.mark.parametrize("job", ["cnn", "lm"])
+# The language model (a user's task) is the second case: `pytest -m extended`, run by CI.
+@pytest.mark.parametrize("job", ["cnn", pytest.param("lm", marks=pytest.mark.extended)])
 def test_4_ranks_killed_resume_bitwise_on_4_once_on_2_export_predict(job, tmp_path, capsys):
     """Issue 11's test of done, for the default job (a BatchNorm CNN) and the language model:
     4 ranks SIGKILLed mid-epoch after a committed checkpoint. Rerun on 4, the run ends bitwise

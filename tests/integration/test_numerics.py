@@ -65,6 +65,7 @@ print((m(x) - torch.compile(m)(x)).abs().max().item())
 
 
 @pytest.mark.slow
+@pytest.mark.extended  # two cold inductor compiles (36 s); --compile's resume: test_porting.py
 def test_compiled_code_is_not_shared_across_aten_vector_widths(tmp_path):
     """Inductor's on-disk cache keys leave ATen's capability out: code compiled under
     ATEN_CPU_CAPABILITY=avx2 and reused under AVX-512 (or the other way round) computed a
