@@ -6,9 +6,9 @@ workers, gloo): a run SIGTERMed (emergency sharded checkpoint, exit 143) resumes
 to an uninterrupted one; on S3, a run cut at a step does too; a corrupt or missing shard
 invalidates its checkpoint as a whole; a ddp checkpoint resumes under fsdp and the other way
 round; the tools read sharded checkpoints. With 4 workers, for the default CNN and the language
-model of examples/charlm.py (a user's task): SIGKILLed mid-epoch and rerun on 4, bitwise equal
-to an uninterrupted run; resumed on 2 (the CNN then on 1), every sample once; exported and
-predicted in one process. (SIGKILLs inside saves and during evaluation:
+model of examples/charlm.py (a user's task; ``pytest -m extended``): SIGKILLed mid-epoch and
+rerun on 4, bitwise equal to an uninterrupted run; resumed on 2 (the CNN then on 1), every
+sample once; exported and predicted in one process. (SIGKILLs inside saves and during evaluation:
 tests/system/test_chaos.py's fsdp run, against the same reference. Each rank's peak RSS in a
 save and a resume: tests/system/test_memory.py. The sharded storage layer in-process:
 tests/unit/test_fsdp.py.)
