@@ -136,7 +136,6 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         facts["init_from"] = {"uri": cfg.init_from, "digest": plain.digest}
     choice, loaded = resume.resume(cfg, info, coll, store, options, facts)
     state = TrainState()
-    resume_rng = None
     resumed = loaded is not None
     tracked = None  # the resumed checkpoint's tracker run and unpublished points
     if loaded is not None:
@@ -147,9 +146,6 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         state.resumes += 1
         state.not_bitwise += [f"resumed at step {state.step}: {change}"
                               for change in choice["numerics"]]
-        saved_rng = loaded.state.get("rng")
-        if saved_rng and len(saved_rng) == info.world_size:
-            resume_rng = saved_rng[info.rank]
         if info.is_main:
             log.info("resumed from %s: %d epochs done, step %d, batch %d of epoch %d",
                      choice["uri"], state.epoch, state.step, state.batch_in_epoch,
@@ -220,7 +216,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                  cfg.checkpoint_dir)
     monitor.attach(saver, state.resumes, state.step if resumed else None, tracking)
     parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
-    trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor, resume_rng)
+    trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor)
     try:
         trainer.fit()  # a peer failure propagates to train(): PeerFailed
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftrain.core.rng import epoch_seed
+from ftrain.core.rng import step_seed
 from ftrain.data.items import mix_seed
 from ftrain.data.sampler import EvalShardSampler, ResumableDistributedSampler
 from ftrain.tasks.builtin.datasets import make_synthetic
@@ -75,7 +75,7 @@ def test_eval_shards_cover_test_set_exactly_once():
 
 def test_seeds_are_stable_and_distinct():
     assert mix_seed(1, 2, 3) == mix_seed(1, 2, 3)
-    assert len({epoch_seed(0, e, r) for e in range(10) for r in range(8)}) == 80
+    assert len({step_seed(0, e, b, r) for e in range(10) for b in range(4) for r in range(8)}) == 320
     assert 0 <= mix_seed(2**70, -5) < 2**63
 
 

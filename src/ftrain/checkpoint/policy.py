@@ -39,8 +39,8 @@ MANIFEST_KEYS = ("epoch", "batch_in_epoch", "world_size", "global_batch_size", "
 
 
 # What the loop passes to have its progress recorded: a function returning the train state
-# (with the unfinished epoch's sums) and, mid-epoch, every rank's RNG states. Collective.
-Progress = Callable[[], tuple[dict[str, Any], list[dict[str, Any]] | None]]
+# (with the unfinished epoch's sums). Collective unless every rank holds every rank's sums.
+Progress = Callable[[], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class SavePolicy:
             if agreed.storage_busy:
                 self.skip(step)
             else:
-                self.save(*progress(), step, blocking=False,
+                self.save(progress(), step, blocking=False,
                           reason="timed" if agreed.timed_save else "step")
         return StepDecision()
 
@@ -121,7 +121,7 @@ class SavePolicy:
         emergency checkpoint costs only the steps since the last committed one), bounded by
         what is left of --preemption-deadline. Whether it committed."""
         timeout = self.control.emergency_timeout(self.cfg.preemption_deadline)
-        return self.save(*progress(), step, blocking=True, reason=reason, timeout=timeout)
+        return self.save(progress(), step, blocking=True, reason=reason, timeout=timeout)
 
     @property
     def failed_in_a_row(self) -> int:
@@ -184,10 +184,9 @@ class SavePolicy:
         return self.ckpt.last_committed_step if self.ckpt is not None else None
 
     # ------------------------------------------------------------------ what and how
-    def save(self, progress: dict[str, Any], rng: list[dict[str, Any]] | None, step: int,
-             blocking: bool, reason: str, timeout: float | None = None) -> bool:
+    def save(self, progress: dict[str, Any], step: int, blocking: bool, reason: str,
+             timeout: float | None = None) -> bool:
         """Collective. ``progress``: the trainer's state (epoch, step, sums, history);
-        ``rng``: every rank's RNG states (mid-epoch), restored on a resume at this step.
         ``timeout``: a blocking save not done by then counts as failed (and is left running).
         Returns whether it committed (always True for a background save)."""
         self.last_save_time = time.monotonic()
@@ -199,7 +198,7 @@ class SavePolicy:
             facts = {k: train_state[k] for k in MANIFEST_KEYS}
             facts.update(model_args=self.meta.get("model_args"), reason=reason,
                          numerics=(self.meta.get("run") or {}).get("numerics"))  # rank 0's
-            tensors = self._sharded(rng) if self.sharded else self._tensors(rng)
+            tensors = self._sharded() if self.sharded else self._tensors()
             try:
                 result = self.ckpt.save(step, tensors, train_state, facts, blocking=blocking,
                                         timeout=timeout)
@@ -212,36 +211,33 @@ class SavePolicy:
             ok = self.coll.agree_flags([0 if ok else 1])[0] == 0
         return ok
 
-    def _tensors(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def _tensors(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                **self._small(rng)}
+                **self._small()}
 
-    def _small(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def _small(self) -> dict[str, Any]:
         """Schedule, gradient scaler, every rank's RNG states, the task's own state."""
         small: dict[str, Any] = {"scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             small["scaler"] = self.scaler.state_dict()
-        if rng is not None:
-            small["rng"] = rng
         extra = self.task.state_dict()
         if extra:
             small["task"] = extra
         return small
 
-    def _sharded(self, rng: list[dict[str, Any]] | None) -> dict[str, Any]:
+    def _sharded(self) -> dict[str, Any]:
         """This rank's shards of model and optimizer (keyed by parameter names, so that they
         load on any world size) and, on rank 0, the small replicated state."""
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model, optimizer = get_state_dict(self.model, self.optimizer)
         return {"sharded": {"model": model, "optimizer": optimizer},
-                "small": self._small(rng) if self.info.is_main else None}
+                "small": self._small() if self.info.is_main else None}
 
-    def save_blocking(self, progress: dict[str, Any], rng: list[dict[str, Any]] | None,
-                      step: int, reason: str) -> bool:
+    def save_blocking(self, progress: dict[str, Any], step: int, reason: str) -> bool:
         """A save that must commit (final, --max-steps, epoch end before a stop): retried with
         backoff up to --max-failed-saves attempts."""
-        if self.save(progress, rng, step, blocking=True, reason=reason):
+        if self.save(progress, step, blocking=True, reason=reason):
             return True
         for attempt in range(1, self.cfg.max_failed_saves):
             delay = min(30.0, 2.0 * 2 ** (attempt - 1))
@@ -249,7 +245,7 @@ class SavePolicy:
                 log.warning("retrying the checkpoint in %.0fs (attempt %d/%d)", delay,
                             attempt + 1, self.cfg.max_failed_saves)
             time.sleep(delay)
-            if self.save(progress, rng, step, blocking=True, reason="retry"):
+            if self.save(progress, step, blocking=True, reason="retry"):
                 return True
         return False
 

@@ -26,7 +26,7 @@ from ..runtime.monitor import Monitor
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
-from .rng import epoch_seed, restore_rng, resume_seed, rng_state, seed_all
+from .rng import seed_step, step_seed
 from .stopping import Stopping
 from .sums import MetricSums
 
@@ -46,12 +46,10 @@ class Parts:
 
 class Trainer:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives, task: Task, parts: Parts,
-                 state: TrainState, saver: SavePolicy, monitor: Monitor,
-                 resume_rng: dict[str, Any] | None = None) -> None:
+                 state: TrainState, saver: SavePolicy, monitor: Monitor) -> None:
         self.cfg, self.info, self.coll, self.task, self.p = cfg, info, coll, task, parts
         self.monitor = monitor
         self.state = state
-        self.resume_rng = resume_rng  # this rank's RNG states at the resumed step, if saved
         self.saver = saver
         self.stopping = Stopping(cfg, info, state, saver)
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
@@ -101,14 +99,8 @@ class Trainer:
         (--max-steps; a signal raises), or, at the epoch's end, the stop agreed during it
         ("preempt", "max" or None)."""
         cfg, st, info = self.cfg, self.state, self.info
-        # Seeded once per epoch: a reseed per step touches every CUDA device (30% of a small
-        # model's step on an H100). A mid-epoch resume restores the RNG states this rank had
-        # at that step instead.
         if st.batch_in_epoch == 0:
-            seed_all(epoch_seed(cfg.seed, st.epoch, info.rank))
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
-        elif self.resume_rng is None:
-            seed_all(resume_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank))
         self.p.model.train()
         t_start = time.perf_counter()
         t_log, n_log = t_start, 0
@@ -116,11 +108,10 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
-        if self.resume_rng is not None:
-            if st.batch_in_epoch:
-                restore_rng(self.resume_rng, info.device)
-            self.resume_rng = None
         for (inputs, targets), idx in batches:
+            # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
+            # at any step boundary is derivable, with nothing to save, by any rank.
+            seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
             if self._compiling:
                 t_start += self._first_compiled_step(inputs, targets)
             else:
@@ -246,22 +237,20 @@ class Trainer:
         st.seen += batches * self.cfg.batch_size
         self.sums.clear()
 
-    def _progress(self, running_s: float = 0.0
-                  ) -> tuple[dict[str, Any], list[dict[str, Any]] | None]:
-        """The state with the unfinished epoch's sums folded in, without consuming them, and
-        mid-epoch every rank's RNG states in rank order (collective). ``running_s``: the time
+    def _progress(self, running_s: float = 0.0) -> dict[str, Any]:
+        """The state with the unfinished epoch's sums folded in, without consuming them
+        (collective unless every rank holds every rank's sums). ``running_s``: the time
         trained since the epoch's part in ``elapsed`` was last added up. Rank 0's carries
         the tracker's points not yet published (runtime/tracking.py)."""
         st = self.state
         outbox = self.monitor.outbox()
         extra = {"tracker_outbox": outbox} if outbox else {}
         if not st.batch_in_epoch:
-            return st.to_dict() | extra, None
+            return st.to_dict() | extra
         sums, batches = self.sums.totals(st.sums)
-        rng = self.coll.gather_objects(rng_state(self.info.device))
         return TrainState(st.epoch, st.step, st.batch_in_epoch, st.history, sums,
                           st.seen + batches * self.cfg.batch_size, st.elapsed + running_s,
-                          st.resumes, st.not_bitwise, st.evals, st.stopped).to_dict() | extra, rng
+                          st.resumes, st.not_bitwise, st.evals, st.stopped).to_dict() | extra
 
     # ------------------------------------------------------------------ epoch end
     def _end_epoch(self) -> None:
@@ -342,11 +331,11 @@ class Trainer:
             self.stopping.on_signal(self._emergency_save("epoch"))
         early = not final and self.stopping.early()
         if final or stop is not None or hit_max or early:
-            if not self.saver.save_blocking(*self._progress(), st.step,
+            if not self.saver.save_blocking(self._progress(), st.step,
                                             reason="early_stop" if early else "epoch"):
                 self.stopping.storage_failed()
         else:
-            self.saver.save(*self._progress(), st.step, blocking=False, reason="epoch")
+            self.saver.save(self._progress(), st.step, blocking=False, reason="epoch")
         if early:
             self.stopping.log_early()
             return True
@@ -364,7 +353,7 @@ class Trainer:
         if why == "preempt":
             self.stopping.on_signal(self._emergency_save("preempt"))
         reason = "early_stop" if why == "early" else "max_steps"
-        if not self.saver.save_blocking(*self._progress(), st.step, reason=reason):
+        if not self.saver.save_blocking(self._progress(), st.step, reason=reason):
             self.stopping.storage_failed()
         if why == "early":
             self.stopping.log_early()
