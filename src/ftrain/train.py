@@ -42,10 +42,11 @@ from .runtime.distributed import (
     Collectives,
     DistInfo,
     env_rank,
-    ordered_mean_hook,
+    peer_failure,
     setup,
     teardown,
 )
+from .runtime.exchange import StepExchange
 from .runtime.memory import PeakRss
 from .runtime.monitor import Monitor, say_error, setup_logging, wants_json
 from .runtime.numerics import compile_cache_per_capability, numeric_environment
@@ -186,11 +187,19 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     # At world size 1 there is nothing to all-reduce: DDP's hooks would only cost time (47% of
     # a small CNN's step on an H100); the gradients are bitwise the same without them.
     # Under fsdp the model is its own wrapper (FSDP2 reduce-scatters the gradients).
+    exchange = None
     if info.is_distributed and info.world_size > 1 and cfg.parallel == "ddp":
+        # On CPU and under --deterministic the gradients travel through StepExchange: their
+        # mean in rank order (exact resume), with the step's metric sums and rank 0's buffers
+        # (which DDP would broadcast at the next forward pass), so that a survivor holds the
+        # whole state of the newest step.
+        if info.device.type == "cpu" or cfg.deterministic:
+            exchange = StepExchange(model, info.world_size)
         ddp = torch.nn.parallel.DistributedDataParallel(
-            ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None)
-        if info.device.type == "cpu" or cfg.deterministic:  # exact resume (see the hook)
-            ddp.register_comm_hook(None, ordered_mean_hook)
+            ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None,
+            broadcast_buffers=exchange is None)
+        if exchange is not None:
+            ddp.register_comm_hook(None, exchange.hook)
     checkpointer: Checkpointer | None = None
     if cfg.parallel == "fsdp":
         # Every rank persists its shards; the persisters agree among themselves on a gloo
@@ -207,6 +216,9 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                              state.step) if info.is_main else None
     if tracking is not None:
         meta["tracker"] = tracking.record
+    # Rank 0's facts (data digests, numerics, the tracker's run) on every rank: a survivor
+    # that checkpoints after rank 0 died records the same as rank 0 would.
+    meta = coll.broadcast_object(meta)
     saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
                        signals, scaler)
     if info.is_main:
@@ -215,7 +227,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                  info.backend or "single process", cfg.batch_size, steps_per_epoch,
                  cfg.checkpoint_dir)
     monitor.attach(saver, state.resumes, state.step if resumed else None, tracking)
-    parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler)
+    parts = Parts(model, ddp, optimizer, scheduler, train_set, test_set, scaler, exchange)
     trainer = Trainer(cfg, info, coll, task, parts, state, saver, monitor)
     try:
         trainer.fit()  # a peer failure propagates to train(): PeerFailed
@@ -267,13 +279,11 @@ def _train_tuned(cfg: Config, signals: StopSignals, task: Task | None) -> FitRes
     try:
         return run(cfg, info, signals, task)
     except RuntimeError as e:  # torch.distributed.DistError is one
-        # A peer may die at any moment, during start-up and resume as well as in training.
-        text = str(e)
-        if not isinstance(e, torch.distributed.DistError) and not any(
-                s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
-                                    "Connection reset")):
+        # A peer may die at any moment, during start-up and resume as well as in training
+        # (where the loop checkpoints the newest step first: Trainer.fit).
+        if not peer_failure(e):
             raise
-        raise PeerFailed(f"a peer failed or a collective timed out: {text[:300]}") from e
+        raise PeerFailed(f"a peer failed or a collective timed out: {str(e)[:300]}") from e
     finally:
         teardown()
 

@@ -10,6 +10,7 @@ tests/unit/test_augmentation.py), and every rank checks that all resumed at the 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import random
 import signal
 from pathlib import Path
@@ -125,3 +126,46 @@ def test_every_rank_checks_that_all_resumed_at_the_same_step(tmp_path):
     for p in procs:
         p.join(30)
     assert got == [(0, True, False), (1, True, False)]
+
+
+def _kill_rank(job: chaos.Job, rank: int, after_steps: int) -> int:
+    """SIGKILL one worker (by rank) at a random moment after rank 0 has trained
+    ``after_steps`` steps in this launch; returns the newest step any rank had trained then."""
+    assert job.wait_until(lambda: job.steps_done() >= after_steps, 120), job.log_text()[-3000:]
+    job.sleep(random.uniform(0.0, 0.3))
+    pid = next(int(p.name.split("-pid")[1].split(".")[0])
+               for p in job.trace_dir.glob(f"rank{rank}-pid*.jsonl"))
+    trained = max(job.trained_steps())
+    os.kill(pid, signal.SIGKILL)
+    assert job.wait(120) is not None
+    assert job.reap(30) == 0
+    return trained
+
+
+@pytest.mark.slow
+def test_a_sigkilled_worker_costs_at_most_the_step_in_flight(reference, tmp_path):
+    """One worker SIGKILLed (no warning, no emergency checkpoint of its own): the survivor
+    checkpoints the newest step it completed, which every rank's gradients went into, without
+    any collective, and exits 141 (retryable). First rank 1 dies (rank 0 survives), then, in
+    the rerun, rank 0 (rank 1 survives and writes for it). Each kill loses at most the step in
+    flight, and the run ends bitwise equal to the uninterrupted one, history included."""
+    ckpt = tmp_path / "ckpt"
+    killed = []
+    for victim, after in ((1, 9), (0, 6)):
+        job = start_job(tmp_path, f"kill-rank{victim}")
+        killed.append(job)
+        newest = _kill_rank(job, victim, after)
+        text = job.log_text()
+        saved = list(logs.events(text, "survivor_checkpoint"))
+        assert saved, text[-3000:]
+        survivor = 1 - victim
+        assert {e["rank"] for e in saved} == {survivor}, saved
+        assert logs.worker_exits(text).count(141) == 1, text[-3000:]
+        committed = latest_committed(ckpt)
+        lost = sorted(s for s in job.trained_steps() if s > committed)
+        assert len(lost) <= 1 and committed >= newest - 1, (lost, committed, newest)
+    job = chaos.Job(NPROC, TRAIN_ARGS, ckpt, tmp_path / "resumed" / "trace",
+                    tmp_path / "resumed" / "log.txt")
+    assert chaos.run_to_end(job, timeout=300) == 0, job.log_text()[-3000:]
+    verdict = chaos.compare_runs(reference, ckpt, [*(k.trace_dir for k in killed), job.trace_dir])
+    assert not verdict["problems"], verdict

@@ -28,7 +28,7 @@ from ..config import Config
 from ..runtime.control import StopControl, StopSignals
 from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
-from .format import step_dirname
+from .format import MANIFEST, step_dirname
 from .persister import Checkpointer, SaveTimeout, warn_saves_outpace_storage
 
 log = logging.getLogger(__name__)
@@ -233,6 +233,51 @@ class SavePolicy:
         model, optimizer = get_state_dict(self.model, self.optimizer)
         return {"sharded": {"model": model, "optimizer": optimizer},
                 "small": self._small() if self.info.is_main else None}
+
+    def survivor_save(self, progress: dict[str, Any], step: int) -> bool:
+        """After a peer died: checkpoint ``step`` from this rank alone, with no collective.
+        Under DDP with the step exchange every rank holds the same state of ``step``
+        (runtime/exchange.py), so any survivor's checkpoint is rank 0's. Rank 0 writes at once;
+        another rank first waits a little for a commit of the step (rank 0 may be alive), then
+        writes its own: the create-only manifest settles several writers, and nothing is
+        half-written. Bounded by --preemption-deadline (torchrun stops the survivors soon
+        after it sees the death). Returns whether the step is committed (by this rank or
+        another survivor: the same state)."""
+        from ..storage import Storage
+        from .store import CheckpointStore
+
+        rank = self.info.rank
+        deadline = time.monotonic() + self.cfg.preemption_deadline
+        name = step_dirname(step)
+        if self.ckpt is not None and self.ckpt.last_committed_step == step:
+            return True  # committed just before the failure
+        store = (self.ckpt.store if self.ckpt is not None else
+                 CheckpointStore(Storage(self.cfg.checkpoint_dir, self.cfg.storage_options)))
+        if rank:
+            # Rank 0 first: it may be alive and writing; a rank further down waits longer.
+            wait_until = min(time.monotonic() + 2.0 * rank, deadline)
+            while time.monotonic() < wait_until:
+                if store.storage.exists(f"{name}/{MANIFEST}"):
+                    return True
+                time.sleep(0.05)
+        ckpt = self.ckpt
+        if ckpt is None:
+            ckpt = Checkpointer(store, self.cfg.keep_last, self.cfg.orphan_grace_seconds)
+            ckpt.is_main = False  # retention is the next run's rank 0's
+        train_state = dict(progress, **self.meta)
+        facts = {k: train_state[k] for k in MANIFEST_KEYS}
+        facts.update(model_args=self.meta.get("model_args"), reason="peer_failed",
+                     numerics=(self.meta.get("run") or {}).get("numerics"))
+        try:
+            ok = bool(ckpt.save(step, self._tensors(), train_state, facts, blocking=True,
+                                timeout=max(0.0, deadline - time.monotonic())))
+        except SaveTimeout as e:
+            log.error("%s", e)
+            self.abandoned = True  # the write goes on in its thread; the process leaves
+            return False
+        if ckpt is not self.ckpt:
+            ckpt.close()
+        return ok
 
     def save_blocking(self, progress: dict[str, Any], step: int, reason: str) -> bool:
         """A save that must commit (final, --max-steps, epoch end before a stop): retried with

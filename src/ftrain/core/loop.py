@@ -20,8 +20,9 @@ from torch.utils.data import Dataset
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
-from ..errors import InputError
-from ..runtime.distributed import Collectives, DistInfo
+from ..errors import InputError, PeerFailed
+from ..runtime.distributed import Collectives, DistInfo, peer_failure
+from ..runtime.exchange import StepExchange
 from ..runtime.monitor import Monitor
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
@@ -42,6 +43,7 @@ class Parts:
     train_set: Dataset  # the task's datasets
     test_set: Dataset
     scaler: torch.amp.GradScaler | None = None  # --precision fp16 only
+    exchange: StepExchange | None = None  # DDP's comm hook, when it carries the step's state
 
 
 class Trainer:
@@ -57,8 +59,12 @@ class Trainer:
         self.per_rank_batch = self.batches.per_rank_batch
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
+        self._start_step = state.step  # what this run resumed from
+        self._epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
+        self._evaluating = False  # inside an evaluation mid-epoch (its result not yet recorded)
         # This run's per-step metric sums on this rank, not yet folded into the state.
-        self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__)
+        self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__,
+                               exchanged=parts.exchange is not None)
         self._trace = None
         if cfg.trace_samples:
             os.makedirs(cfg.trace_samples, exist_ok=True)
@@ -73,6 +79,10 @@ class Trainer:
         try:
             self.batches.start()
             return self._fit()
+        except RuntimeError as e:
+            if not peer_failure(e):
+                raise
+            self._peer_failed(e)
         finally:
             self.monitor.end_epoch()
             self.batches.stop()
@@ -102,7 +112,7 @@ class Trainer:
         if st.batch_in_epoch == 0:
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
         self.p.model.train()
-        t_start = time.perf_counter()
+        t_start = self._epoch_t0 = time.perf_counter()
         t_log, n_log = t_start, 0
         self.sums.clear()
         self.saver.start_epoch()
@@ -114,6 +124,7 @@ class Trainer:
             seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
             if self._compiling:
                 t_start += self._first_compiled_step(inputs, targets)
+                self._epoch_t0 = t_start
             else:
                 self._step(inputs, targets)
             if self._trace:
@@ -171,7 +182,7 @@ class Trainer:
         samples/s. Rank 0 sends the same numbers to the log (or the progress bar) and every
         outlet of the monitor (Prometheus, TensorBoard, the tracker)."""
         st, cfg = self.state, self.cfg
-        sums = self.coll.sum_(self.sums.rows[-1].clone())  # one small all-reduce
+        sums = self.sums.newest()  # one small all-reduce, unless exchanged
         norm = self._grad_norm
         if norm is not None and hasattr(norm, "full_tensor"):  # FSDP: a DTensor (collective)
             norm = norm.full_tensor()
@@ -211,9 +222,11 @@ class Trainer:
                 # ranks' gradients): a sum over the micro-batch's items, or their mean.
                 loss = (loss_value / accum if task.loss_reduction == "mean"
                         else loss_value / self.per_rank_batch)
+                row = self.sums.row(sums)
+                step_sums = row if step_sums is None else step_sums + row
+                if sync and p.exchange is not None:  # travels with the gradients
+                    p.exchange.send(step_sums)
                 (p.scaler.scale(loss) if p.scaler is not None else loss).backward()
-            row = self.sums.row(sums)
-            step_sums = row if step_sums is None else step_sums + row
         if p.scaler is not None:
             p.scaler.unscale_(p.optimizer)  # clip the true gradients
         if cfg.clip_grad_norm:  # the norm before clipping: logged on logging steps
@@ -228,7 +241,7 @@ class Trainer:
         if task.scheduler_interval == "step":
             p.scheduler.step()
         task.after_step(p.model)
-        self.sums.append(step_sums)
+        self.sums.append(step_sums if p.exchange is None else p.exchange.completed())
 
     def _fold_sums(self) -> None:
         """Move this run's running sums into the state (collective)."""
@@ -292,8 +305,10 @@ class Trainer:
         train state's ``evals``. It draws no random number the training would: a run resumed
         between two of them trains the same steps and records the same evaluations."""
         st = self.state
+        self._evaluating = True
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
+        self._evaluating = False
         self.stopping.check_best_metric(entry)
         st.evals.append(entry)
         self.monitor.evaluated(entry)
@@ -343,6 +358,52 @@ class Trainer:
             self.stopping.log_max_steps()
             return True
         return False
+
+    # ------------------------------------------------------------------ a peer died
+    def _peer_failed(self, error: RuntimeError) -> None:
+        """A collective failed because a peer died (or timed out). This rank still holds the
+        whole state of the newest completed step: under DDP with the step exchange, every
+        rank's parameters, optimizer, buffers (rank 0's) and the epoch's metric sums of every
+        rank arrived with that step's gradients; the RNG states and the data position are
+        derived from the step. Checkpoint it without any collective, then raise PeerFailed
+        (exit 141, retryable): the restart resumes at it and loses only the step in flight."""
+        st = self.state
+        text = f"a peer failed or a collective timed out: {str(error)[:300]}"
+        why = self._cannot_save_alone()
+        if why is None:
+            running = time.perf_counter() - self._epoch_t0 if st.batch_in_epoch else 0.0
+            self.p.exchange.restore_buffers()  # the step in flight's forward pass changed them
+            if self.saver.survivor_save(self._progress(running), st.step):
+                log.warning("a peer failed after step %d: checkpointed step %d from this "
+                            "rank's copy of the state; exiting %d (retryable)", st.step,
+                            st.step, PeerFailed.exit_code,
+                            extra={"fields": {"event": "survivor_checkpoint", "step": st.step,
+                                              "rank": self.info.rank}})
+                raise PeerFailed(f"{text}; step {st.step} checkpointed by the survivors") \
+                    from error
+            why = "the checkpoint failed"
+        last = self.saver.last_committed_step
+        log.error("a peer failed after step %d: not checkpointed (%s); the restart resumes "
+                  "from the newest committed checkpoint%s", st.step, why,
+                  f" (step {last})" if last is not None else "",
+                  extra={"fields": {"event": "survivor_checkpoint_missed", "step": st.step,
+                                    "reason": why}})
+        raise PeerFailed(text) from error
+
+    def _cannot_save_alone(self) -> str | None:
+        """Why this rank cannot checkpoint the newest step without its peers, or None."""
+        if self.cfg.parallel == "fsdp":
+            return "under --parallel fsdp each rank holds only its shards; the dead rank's are gone"
+        if self.p.exchange is None:
+            return ("the other ranks' metric sums are not held here: the step exchange runs on "
+                    "CPU and under --deterministic")
+        if self._evaluating:
+            return "the failure came during an evaluation, which the checkpoint would miss"
+        if self.state.step == self._start_step:
+            return "no step was trained since the checkpoint this run resumed from"
+        if self.saver.abandoned:
+            return "an emergency checkpoint is still being written"
+        return None
 
     # ------------------------------------------------------------------ stopping
     def _emergency_save(self, reason: str) -> bool:

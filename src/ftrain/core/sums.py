@@ -9,13 +9,18 @@ from ..runtime.distributed import Collectives
 
 
 class MetricSums:
-    """This run's per-step metric sums on this rank, not yet folded into the train state."""
+    """This run's per-step metric sums, not yet folded into the train state.
+
+    ``exchanged``: each step's row holds every rank's sums (world, metrics), received with the
+    step's gradients (runtime/exchange.py), so adding them up needs no collective; otherwise
+    each row is this rank's (metrics,) and adding up gathers the other ranks'."""
 
     def __init__(self, coll: Collectives, device: torch.device, names: list[str],
-                 owner: str) -> None:
+                 owner: str, exchanged: bool = False) -> None:
         self.coll, self.device = coll, device
         self.names = list(names)  # fixed by the first batch (or the resumed state)
         self.owner = owner  # the task's class name, for the error below
+        self.exchanged = exchanged
         self.rows: list[torch.Tensor] = []
 
     def row(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -33,15 +38,25 @@ class MetricSums:
     def append(self, step_row: torch.Tensor) -> None:
         self.rows.append(step_row)
 
+    def newest(self) -> torch.Tensor:
+        """The newest step's sums over ranks (collective unless exchanged)."""
+        if self.exchanged:
+            return _over_ranks(self.rows[-1].unsqueeze(0))[0]
+        return self.coll.sum_(self.rows[-1].clone())
+
     def totals(self, base: dict[str, float]) -> tuple[dict[str, float], int]:
         """``base`` plus this run's part of the epoch: the metric sums over ranks, each
         batch's sum taken in rank order and the batches added in order, and the number of
-        batches; collective."""
+        batches; collective unless exchanged."""
         k = len(self.names)
-        local = torch.stack(self.rows) if self.rows else torch.zeros(
-            (0, k), dtype=torch.float64, device=self.device)
-        rows = self.coll.gather_rows(local)  # (world, batches, metrics)
-        per_batch = rows.sum(dim=0).cpu().tolist()
+        if self.exchanged:  # (batches, world, metrics)
+            rows = torch.stack(self.rows) if self.rows else torch.zeros(
+                (0, self.coll.info.world_size, k), dtype=torch.float64, device=self.device)
+        else:
+            local = torch.stack(self.rows) if self.rows else torch.zeros(
+                (0, k), dtype=torch.float64, device=self.device)
+            rows = self.coll.gather_rows(local).transpose(0, 1)  # (batches, world, metrics)
+        per_batch = _over_ranks(rows).cpu().tolist()
         totals = dict(base)
         for row in per_batch:
             for name, value in zip(self.names, row, strict=True):
@@ -50,3 +65,11 @@ class MetricSums:
 
     def clear(self) -> None:
         self.rows = []
+
+
+def _over_ranks(rows: torch.Tensor) -> torch.Tensor:
+    """(batches, world, metrics) -> (batches, metrics): each sum taken in rank order."""
+    total = rows[:, 0].clone()
+    for r in range(1, rows.shape[1]):
+        total += rows[:, r]
+    return total

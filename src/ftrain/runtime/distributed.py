@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-# torch >= 2.13 deprecates the name all_gather_into_tensor (used by ordered_mean_hook, and the
+# torch >= 2.13 deprecates the name all_gather_into_tensor (used by exchange.StepExchange, the
 # only one torch 2.10/2.11 have); one warning per step per rank buries the progress lines.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated",
                         category=FutureWarning)
@@ -206,31 +206,16 @@ class _Pending:
         return [int(x) for x in self._tensor.tolist()]
 
 
+def peer_failure(e: BaseException) -> bool:
+    """Whether ``e`` is how a collective fails when a peer died or timed out (gloo, NCCL)."""
+    if isinstance(e, dist.DistError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Gloo", "gloo", "NCCL",
+                            "Connection reset"))
+
+
 def teardown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def ordered_mean_hook(process_group, bucket):  # -> Future[Tensor]; DDP rejects a str annotation
-    """DDP comm hook: the gradient mean, summed in rank order, identical bits on every rank.
-
-    DDP's own all-reduce sums each element in an order set by where it sits in its bucket (the
-    ring's chunks), and DDP re-packs its buckets after the first iteration, so the first step
-    after a resume would sum differently from the uninterrupted run (with 3+ ranks). Gathering
-    and adding in rank order makes each element's sum independent of the bucket layout.
-    Costs an all-gather (world x bucket memory) instead of an all-reduce.
-    """
-    group = process_group if process_group is not None else dist.group.WORLD
-    world = dist.get_world_size(group)
-    grad = bucket.buffer()
-    flat = torch.empty(world * grad.numel(), dtype=grad.dtype, device=grad.device)
-    work = dist.all_gather_into_tensor(flat, grad.reshape(-1), group=group, async_op=True)
-    rows = flat.view(world, -1)
-
-    def mean(_fut) -> torch.Tensor:
-        total = rows[0].clone()
-        for r in range(1, world):
-            total.add_(rows[r])
-        return total.div_(world).reshape(grad.shape)
-
-    return work.get_future().then(mean)

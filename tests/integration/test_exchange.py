@@ -1,0 +1,81 @@
+"""DDP's gradient exchange (runtime/exchange.py) on three spawned gloo ranks, each training on
+its own data: once a step's gradients have arrived, every rank holds every rank's metric sums
+of that step and rank 0's BatchNorm statistics, bit for bit, and the same parameters. That is
+what lets a survivor checkpoint the newest step of a peer that died in the next one."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import torch
+
+from tests.harness.processes import rank_then_exit_now
+
+WORLD = 3
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                               torch.nn.Linear(8, 2))
+
+
+def _train_on_ranks(rank: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from ftrain.runtime.exchange import StepExchange
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank,
+                            world_size=WORLD)
+    model = _model()
+    exchange = StepExchange(model, WORLD)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
+                                                    bucket_cap_mb=0.0001)  # several buckets
+    ddp.register_comm_hook(None, exchange.hook)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = []
+    for step in range(3):
+        gen = torch.Generator().manual_seed(100 * step + rank)  # this rank's own batch
+        x, y = torch.randn(4, 6, generator=gen) * (rank + 1), torch.randint(0, 2, (4,),
+                                                                             generator=gen)
+        loss = torch.nn.functional.cross_entropy(ddp(x), y, reduction="sum")
+        own_buffers = [b.clone() for b in model.buffers()]  # after this rank's forward
+        row = torch.stack([loss.detach().double(), torch.tensor(float(rank + step),
+                                                                 dtype=torch.float64)])
+        exchange.send(row)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        steps.append({"row": row, "rows": exchange.rows.clone(), "own_buffers": own_buffers,
+                      "buffers": [b.clone() for b in model.buffers()],
+                      "params": [p.detach().clone() for p in model.parameters()]})
+    torch.save(steps, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
+def test_every_rank_holds_every_ranks_sums_and_rank0s_buffers_after_each_step(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "result"
+    procs = [ctx.Process(target=rank_then_exit_now,
+                         args=(_train_on_ranks, r, str(tmp_path / "store"), str(out)))
+             for r in range(WORLD)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    assert [p.exitcode for p in procs] == [0] * WORLD
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    for step in range(3):
+        sent = torch.stack([ranks[r][step]["row"] for r in range(WORLD)])
+        rank0 = ranks[0][step]
+        # The ranks' own statistics differ (each normalised its own batch) ...
+        assert not torch.equal(rank0["own_buffers"][0], ranks[1][step]["own_buffers"][0])
+        for r in range(WORLD):
+            got = ranks[r][step]
+            assert torch.equal(got["rows"], sent)  # every rank's sums, in rank order
+            # ... and after the exchange every rank holds rank 0's, as DDP's broadcast of
+            # buffers at the next forward pass would give it.
+            for mine, want in zip(got["buffers"], rank0["own_buffers"], strict=True):
+                assert torch.equal(mine, want)
+            for mine, want in zip(got["params"], rank0["params"], strict=True):
+                assert torch.equal(mine, want)
