@@ -782,6 +782,12 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
     term_lost = [a for a in term if a.lost]
     clean = [a for a in term if a.trained and not a.lost]
     sigkill_lost = [a.lost for a in kills if a.kill.signal == "SIGKILL"]
+    # One worker SIGKILLed: under DDP the survivors checkpoint the newest step they completed
+    # (runtime/exchange.py), so at most the step in flight is lost; under fsdp they cannot
+    # (the dead rank's shards are gone) and the save-interval bound below holds.
+    worker_kills = [a for a in kills if a.kill.signal == "SIGKILL" and a.kill.target == "worker"]
+    job_kills = [a for a in kills if a.kill.signal == "SIGKILL" and a.kill.target != "worker"]
+    survivors_save = flag_value(ref.train_args, "--parallel", "ddp") == "ddp"
     # While storage fails on purpose, an emergency checkpoint may fail after its retries; the
     # job says so and exits retryable, and the SIGTERM loses what came after the last commit.
     term_waived = [a.index for a in term_lost if chaos.storage_faults and a.emergency_failed]
@@ -797,6 +803,9 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
             bounds[a.index] = bound
             if a.kill.signal == "SIGKILL" and a.saves_failed:
                 waived.append(a.index)
+            elif a in worker_kills and survivors_save and a.lost > 1:
+                problems.append(f"attempt {a.index}: a worker's SIGKILL lost {a.lost} steps; "
+                                "the survivors' checkpoint allows only the step in flight")
             elif a.kill.signal == "SIGKILL" and a.lost > bound:
                 problems.append(f"attempt {a.index}: SIGKILL lost {a.lost} steps, more than "
                                 f"the bound {bound} (--save-every-steps {chaos.save_every} plus "
@@ -839,6 +848,10 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
         - len(term_lost), "steps_lost": lost, "steps_trained": sum(a.trained for a in attempts),
         "total_steps": ref.total_steps, "sigkill_max_lost": max(sigkill_lost, default=0),
         "sigkill_mean_lost": (sum(sigkill_lost) / len(sigkill_lost)) if sigkill_lost else 0.0,
+        "sigkill_worker_max_lost": max((a.lost for a in worker_kills), default=0),
+        "sigkill_worker_lost": [a.lost for a in worker_kills],
+        "sigkill_job_max_lost": max((a.lost for a in job_kills), default=0),
+        "survivors_save": survivors_save,
         "sigkill_max_bound": max((bounds[a.index] for a in kills if a.kill.signal == "SIGKILL"),
                                  default=0),
         "storage": storage,
@@ -864,8 +877,15 @@ def format_summary(s: dict[str, Any], seed: int) -> str:
         f"no step lost), {s['sigterm_before_training']} before training began",
         f"  steps lost   {s['steps_lost']} trained twice ({s['steps_trained']} trained for "
         f"{s['total_steps']}); per SIGKILL max {s['sigkill_max_lost']}, mean "
-        f"{s['sigkill_mean_lost']:.1f} (bound up to {s.get('sigkill_max_bound', '-')}); "
-        "per SIGTERM 0 required",
+        f"{s['sigkill_mean_lost']:.1f}; per SIGTERM 0 required",
+        f"    one worker SIGKILLed: max {s.get('sigkill_worker_max_lost', '-')} "
+        f"{s.get('sigkill_worker_lost', [])} ("
+        + ("the step in flight, 1, allowed: the survivors checkpoint"
+           if s.get("survivors_save") else
+           f"bound up to {s.get('sigkill_max_bound', '-')}: no survivor checkpoint under fsdp")
+        + ")",
+        f"    whole job SIGKILLed: max {s.get('sigkill_job_max_lost', '-')} (bound up to "
+        f"{s.get('sigkill_max_bound', '-')})",
         f"  weights      {s['weights']}",
         f"  history      {s['history']}",
         f"  samples      {s['samples']}",

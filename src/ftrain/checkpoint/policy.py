@@ -30,6 +30,7 @@ from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
 from .format import MANIFEST, step_dirname
 from .persister import Checkpointer, SaveTimeout, warn_saves_outpace_storage
+from .store import UNEVALUATED, CheckpointStore
 
 log = logging.getLogger(__name__)
 
@@ -234,17 +235,18 @@ class SavePolicy:
         return {"sharded": {"model": model, "optimizer": optimizer},
                 "small": self._small() if self.info.is_main else None}
 
-    def survivor_save(self, progress: dict[str, Any], step: int) -> bool:
+    def survivor_save(self, progress: dict[str, Any], step: int, unevaluated: bool) -> bool:
         """After a peer died: checkpoint ``step`` from this rank alone, with no collective.
         Under DDP with the step exchange every rank holds the same state of ``step``
         (runtime/exchange.py), so any survivor's checkpoint is rank 0's. Rank 0 writes at once;
         another rank first waits a little for a commit of the step (rank 0 may be alive), then
         writes its own: the create-only manifest settles several writers, and nothing is
         half-written. Bounded by --preemption-deadline (torchrun stops the survivors soon
-        after it sees the death). Returns whether the step is committed (by this rank or
+        after it sees the death). ``unevaluated``: the epoch's end before its evaluation (the
+        resumed run evaluates it, and its checkpoint of the step replaces this one). Returns
+        whether the step is committed (by this rank or
         another survivor: the same state)."""
         from ..storage import Storage
-        from .store import CheckpointStore
 
         rank = self.info.rank
         deadline = time.monotonic() + self.cfg.preemption_deadline
@@ -266,7 +268,8 @@ class SavePolicy:
             ckpt.is_main = False  # retention is the next run's rank 0's
         train_state = dict(progress, **self.meta)
         facts = {k: train_state[k] for k in MANIFEST_KEYS}
-        facts.update(model_args=self.meta.get("model_args"), reason="peer_failed",
+        facts.update(model_args=self.meta.get("model_args"),
+                     reason=UNEVALUATED if unevaluated else "peer_failed",
                      numerics=(self.meta.get("run") or {}).get("numerics"))
         try:
             ok = bool(ckpt.save(step, self._tensors(), train_state, facts, blocking=True,

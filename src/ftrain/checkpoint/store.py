@@ -28,7 +28,10 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
-BEST = "best"  # ROOT/best: the best checkpoint by the run's --best-metric (load_uri)
+BEST = "best"
+# The reason of a survivor's checkpoint of an epoch's end taken before its evaluation (a peer
+# died in it): the evaluated one of the same step replaces it (CheckpointStore.commit).
+UNEVALUATED = "peer_failed_unevaluated"  # ROOT/best: the best checkpoint by the run's --best-metric (load_uri)
 
 
 class CheckpointStore:
@@ -247,6 +250,7 @@ class CheckpointStore:
         checksum, listed in the manifest too (and removed if another writer wins).
         """
         name = step_dirname(step)
+        self._supersede_unevaluated(name, manifest, writer)
         if not self.may_write(name, writer):
             if written and not self._is_ours(name, writer, quiet=True):
                 self._remove_files(name, written)
@@ -299,6 +303,26 @@ class CheckpointStore:
         log.warning("checkpoint %s is already committed by writer %s; this writer (%s) does not "
                     "overwrite it and discards its own copy", self.storage.uri(name), other, writer)
         return False
+
+    def _supersede_unevaluated(self, name: str, manifest: Manifest, writer: str) -> None:
+        """A survivor may have checkpointed an epoch's end before its evaluation (reason
+        UNEVALUATED: a peer died in it). The run that resumed from it evaluates the epoch and
+        saves the same step again, evaluated: that checkpoint takes the place of the first
+        (whose manifest is kept next to it as ``manifest.json.superseded-*``)."""
+        if manifest.reason == UNEVALUATED or not self.storage.exists(f"{name}/{MANIFEST}"):
+            return
+        try:
+            old = self.read_manifest(name)
+        except CorruptCheckpoint:
+            return  # may_write's business
+        if old.reason != UNEVALUATED or manifest.epoch <= old.epoch:
+            return
+        raw = self.storage.read(f"{name}/{MANIFEST}")
+        self.storage.write(f"{name}/{MANIFEST}.superseded-{int(time.time())}-{writer}", raw)
+        self.storage.remove(f"{name}/{MANIFEST}")
+        log.info("checkpoint %s: the evaluated end of epoch %d replaces the survivors' "
+                 "checkpoint taken before its evaluation", self.storage.uri(name),
+                 manifest.epoch)
 
     def _make_way(self, name: str, writer: str) -> bool:
         """A manifest exists at this step. If its checkpoint is corrupt, un-commit it (keeping

@@ -373,7 +373,8 @@ class Trainer:
         if why is None:
             running = time.perf_counter() - self._epoch_t0 if st.batch_in_epoch else 0.0
             self.p.exchange.restore_buffers()  # the step in flight's forward pass changed them
-            if self.saver.survivor_save(self._progress(running), st.step):
+            unevaluated = st.batch_in_epoch == self.steps_per_epoch
+            if self.saver.survivor_save(self._progress(running), st.step, unevaluated):
                 log.warning("a peer failed after step %d: checkpointed step %d from this "
                             "rank's copy of the state; exiting %d (retryable)", st.step,
                             st.step, PeerFailed.exit_code,
