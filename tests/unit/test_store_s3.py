@@ -23,6 +23,7 @@ from ftrain.checkpoint import (
     load_uri,
     step_dirname,
 )
+from ftrain.checkpoint.store import UNEVALUATED
 from ftrain.storage import Storage, StorageError, checksum
 from tests.harness.checkpoints import assert_bitwise_equal
 from tests.harness.s3 import CORRUPTIONS, Fault, S3Bucket, save_checkpoint
@@ -97,14 +98,28 @@ def test_a_long_lived_store_sees_new_checkpoints(backend):
     assert store.latest().name == D20
 
 
-def _commit(store: CheckpointStore, step: int, writer: str) -> bool:
+def _commit(store: CheckpointStore, step: int, writer: str, epoch: int = 0,
+            reason: str | None = None) -> bool:
     """A commit with stand-in bytes (what is verified is sizes and hashes, not tensors)."""
     files = {f"state-{writer}.pt": b"weights of " + writer.encode(),
              f"train_state-{writer}.json": b"{}"}
-    manifest = Manifest(format_version=FORMAT_VERSION, step=step, epoch=0,
+    manifest = Manifest(format_version=FORMAT_VERSION, step=step, epoch=epoch,
                         state_file=f"state-{writer}.pt",
-                        train_state_file=f"train_state-{writer}.json")
+                        train_state_file=f"train_state-{writer}.json", reason=reason)
     return store.commit(step, files, manifest, writer)
+
+
+def test_the_evaluated_epoch_end_replaces_the_survivors_unevaluated_one(backend):
+    """A peer died in the evaluation of epoch 1, ending at step 10: the survivor checkpointed
+    step 10 unevaluated. The resumed run evaluates and saves step 10 again (epoch 1 done): it
+    takes the place of the survivor's; nothing else replaces a committed step."""
+    store = store_at(backend)
+    assert _commit(store, 10, "survivor", epoch=0, reason=UNEVALUATED) is True
+    assert _commit(store, 10, "other", epoch=0, reason="peer_failed") is False  # not evaluated
+    assert _commit(store, 10, "resumed", epoch=1, reason="epoch") is True
+    assert store.read_manifest(D10).writer == "resumed"
+    assert [k for k in backend.keys(f"run/{D10}/") if ".superseded-" in k]
+    assert _commit(store, 10, "late", epoch=1, reason="epoch") is False
 
 
 def test_second_writer_of_a_step_fails_cleanly(backend, caplog):
