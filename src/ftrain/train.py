@@ -190,16 +190,19 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     exchange = None
     if info.is_distributed and info.world_size > 1 and cfg.parallel == "ddp":
         # On CPU and under --deterministic the gradients travel through StepExchange: their
-        # mean in rank order (exact resume), with the step's metric sums and rank 0's buffers
-        # (which DDP would broadcast at the next forward pass), so that a survivor holds the
-        # whole state of the newest step.
-        if info.device.type == "cpu" or cfg.deterministic:
-            exchange = StepExchange(model, info.world_size)
+        # mean in rank order (exact resume). On CPU the step's metric sums and rank 0's
+        # buffers (which DDP would broadcast at the next forward pass) go with them, so that a
+        # survivor holds the whole state of the newest step. Not yet on GPU: a dead peer hangs
+        # NCCL, and what the device has executed is not what the host has queued (unverified).
+        hook = StepExchange(model, info.world_size) if (
+            info.device.type == "cpu" or cfg.deterministic) else None
+        if hook is not None and info.device.type == "cpu":
+            exchange = hook
         ddp = torch.nn.parallel.DistributedDataParallel(
             ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None,
             broadcast_buffers=exchange is None)
-        if exchange is not None:
-            ddp.register_comm_hook(None, exchange.hook)
+        if hook is not None:
+            ddp.register_comm_hook(None, hook.hook)
     checkpointer: Checkpointer | None = None
     if cfg.parallel == "fsdp":
         # Every rank persists its shards; the persisters agree among themselves on a gloo

@@ -91,6 +91,7 @@ class Checkpointer:
         self._thread = threading.Thread(target=self._work, name="ckpt-persist", daemon=True)
         self.consecutive_failures = 0
         self.last_committed_step: int | None = None
+        self._own_commit: int | None = None  # the newest step this writer's files committed
         self.last_stall_s = 0.0
         self.last_persist_s = 0.0  # duration of the newest finished persist
         self.dropped = 0  # snapshots superseded before their persist started
@@ -140,6 +141,11 @@ class Checkpointer:
         if blocking:
             return self._wait_for(req, deadline)
         return None
+
+    def committed_by_me(self, step: int) -> bool:
+        """Whether this writer's files are the committed checkpoint of ``step`` (not another
+        writer's, which won the create-only manifest)."""
+        return self._own_commit == step
 
     def persist_left_s(self) -> float:
         """Estimated seconds until the persist in flight ends: the newest finished persist's
@@ -243,6 +249,8 @@ class Checkpointer:
                                            "mib": mib, "seconds": secs}})
             self.consecutive_failures = 0
             self.last_committed_step = req.step
+            if committed:
+                self._own_commit = req.step
             self.committed += 1
             self.last_commit_time = time.time()
             if self.is_main:

@@ -235,7 +235,8 @@ class SavePolicy:
         return {"sharded": {"model": model, "optimizer": optimizer},
                 "small": self._small() if self.info.is_main else None}
 
-    def survivor_save(self, progress: dict[str, Any], step: int, unevaluated: bool) -> bool:
+    def survivor_save(self, progress: dict[str, Any], step: int, unevaluated: bool
+                      ) -> str | None:
         """After a peer died: checkpoint ``step`` from this rank alone, with no collective.
         Under DDP with the step exchange every rank holds the same state of ``step``
         (runtime/exchange.py), so any survivor's checkpoint is rank 0's. Rank 0 writes at once;
@@ -244,15 +245,15 @@ class SavePolicy:
         half-written. Bounded by --preemption-deadline (torchrun stops the survivors soon
         after it sees the death). ``unevaluated``: the epoch's end before its evaluation (the
         resumed run evaluates it, and its checkpoint of the step replaces this one). Returns
-        whether the step is committed (by this rank or
-        another survivor: the same state)."""
+        who committed the step ("this rank", or "another survivor": the same state), or None
+        when it is not committed."""
         from ..storage import Storage
 
         rank = self.info.rank
         deadline = time.monotonic() + self.cfg.preemption_deadline
         name = step_dirname(step)
         if self.ckpt is not None and self.ckpt.last_committed_step == step:
-            return True  # committed just before the failure
+            return "this rank"  # committed just before the failure
         store = (self.ckpt.store if self.ckpt is not None else
                  CheckpointStore(Storage(self.cfg.checkpoint_dir, self.cfg.storage_options)))
         if rank:
@@ -260,7 +261,7 @@ class SavePolicy:
             wait_until = min(time.monotonic() + 2.0 * rank, deadline)
             while time.monotonic() < wait_until:
                 if store.storage.exists(f"{name}/{MANIFEST}"):
-                    return True
+                    return "another survivor"
                 time.sleep(0.05)
         ckpt = self.ckpt
         if ckpt is None:
@@ -277,10 +278,12 @@ class SavePolicy:
         except SaveTimeout as e:
             log.error("%s", e)
             self.abandoned = True  # the write goes on in its thread; the process leaves
-            return False
+            return None
         if ckpt is not self.ckpt:
             ckpt.close()
-        return ok
+        if not ok:
+            return None
+        return "this rank" if ckpt.committed_by_me(step) else "another survivor"
 
     def save_blocking(self, progress: dict[str, Any], step: int, reason: str) -> bool:
         """A save that must commit (final, --max-steps, epoch end before a stop): retried with

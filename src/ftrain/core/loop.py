@@ -374,12 +374,12 @@ class Trainer:
             running = time.perf_counter() - self._epoch_t0 if st.batch_in_epoch else 0.0
             self.p.exchange.restore_buffers()  # the step in flight's forward pass changed them
             unevaluated = st.batch_in_epoch == self.steps_per_epoch
-            if self.saver.survivor_save(self._progress(running), st.step, unevaluated):
-                log.warning("a peer failed after step %d: checkpointed step %d from this "
-                            "rank's copy of the state; exiting %d (retryable)", st.step,
-                            st.step, PeerFailed.exit_code,
+            by = self.saver.survivor_save(self._progress(running), st.step, unevaluated)
+            if by is not None:
+                log.warning("a peer failed after step %d: step %d checkpointed by %s; exiting "
+                            "%d (retryable)", st.step, st.step, by, PeerFailed.exit_code,
                             extra={"fields": {"event": "survivor_checkpoint", "step": st.step,
-                                              "rank": self.info.rank}})
+                                              "rank": self.info.rank, "by": by}})
                 raise PeerFailed(f"{text}; step {st.step} checkpointed by the survivors") \
                     from error
             why = "the checkpoint failed"
@@ -396,8 +396,8 @@ class Trainer:
         if self.cfg.parallel == "fsdp":
             return "under --parallel fsdp each rank holds only its shards; the dead rank's are gone"
         if self.p.exchange is None:
-            return ("the other ranks' metric sums are not held here: the step exchange runs on "
-                    "CPU and under --deterministic")
+            return ("on GPU the survivors do not checkpoint yet (a dead peer hangs NCCL; "
+                    "unverified)")
         if self._evaluating:
             return "the failure came during an evaluation, which the checkpoint would miss"
         if self.state.step == self._start_step:
