@@ -200,7 +200,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
             exchange = hook
         ddp = torch.nn.parallel.DistributedDataParallel(
             ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None,
-            broadcast_buffers=exchange is None)
+            **(_no_forward_buffer_sync() if exchange is not None else {}))
         if hook is not None:
             ddp.register_comm_hook(None, hook.hook)
     checkpointer: Checkpointer | None = None
@@ -238,6 +238,17 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         saver.close()
     return FitResult(state.step, state.epoch, state.history, saver.checkpoint_uri(state.step),
                      state)
+
+
+def _no_forward_buffer_sync() -> dict[str, bool]:
+    """DDP's flag that keeps it from broadcasting rank 0's buffers at every forward pass:
+    ``forward_sync_buffers`` since torch 2.13 (``broadcast_buffers`` is deprecated there),
+    ``broadcast_buffers`` before."""
+    import inspect
+
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return ({"forward_sync_buffers": False} if "forward_sync_buffers" in params
+            else {"broadcast_buffers": False})
 
 
 def _describe(ref: TaskRef) -> str:

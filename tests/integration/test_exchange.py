@@ -24,13 +24,14 @@ def _train_on_ranks(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
     from ftrain.runtime.exchange import StepExchange
+    from ftrain.train import _no_forward_buffer_sync
 
     dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank,
                             world_size=WORLD)
     model = _model()
     exchange = StepExchange(model, WORLD)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False,
-                                                    bucket_cap_mb=0.0001)  # several buckets
+    ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0001,  # buckets
+                                                    **_no_forward_buffer_sync())
     ddp.register_comm_hook(None, exchange.hook)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     steps = []

@@ -1,7 +1,9 @@
 """--tracker mlflow and wandb against real stores (MLflow's own client on a local SQLite
 database; W&B in offline mode, its run files read back): a job SIGKILLed twice, each time after
 training steps it never committed, is one run in the tracker whose every metric has the same
-steps, values and count as an uninterrupted run's; no secret reaches the tracker."""
+steps, values and count as an uninterrupted run's; no secret reaches the tracker. With MLflow,
+rank 0 alone is SIGKILLed first: the survivor's checkpoint carries the points rank 0 had not
+published yet."""
 
 from __future__ import annotations
 
@@ -13,8 +15,14 @@ import pytest
 
 from ftrain.checkpoint import step_dirname
 from tests.harness.checkpoints import committed_steps
-from tests.harness.processes import kill_group, kill_leftovers, run_train, start_train, wait_for
-from tests.harness.stores import held_commit_env
+from tests.harness.processes import (
+    kill_group,
+    kill_leftovers,
+    run_train,
+    start_train,
+    wait_for,
+)
+from tests.harness.stores import die_after_env, held_commit_env
 
 pytestmark = pytest.mark.slow
 
@@ -50,6 +58,21 @@ def _train_killed_twice(args: list[str], tmp_path: Path, env: dict[str, str]) ->
     return r.stderr
 
 
+def _kill_rank0_after_a_logged_step(args: list[str], tmp_path: Path) -> None:
+    """Rank 0 alone SIGKILLed right after it logged step 12 (its points made, none published
+    past step 8's commit): rank 1 checkpoints step 12 with its shadow of those points."""
+    log = tmp_path / "rank0-kill.log"
+    proc = start_train(args, nproc=2, log_path=log, env=die_after_env(0, 12))
+    try:
+        proc.wait(timeout=240)
+    finally:
+        kill_leftovers(str(tmp_path))
+    text = log.read_text()
+    assert "[rank 1] WARNING a peer failed after step 12: step 12 checkpointed" in text, \
+        text[-3000:]
+    assert max(committed_steps(args[args.index("--checkpoint-dir") + 1])) == 12
+
+
 def _series(points: dict[str, list[tuple[int, float]]]) -> dict[str, list[tuple[int, float]]]:
     return {k: v for k, v in points.items() if not k.endswith(TIMING)}
 
@@ -79,8 +102,10 @@ def test_mlflow_one_run_every_point_exactly_once_across_two_sigkills(tmp_path):
     r = run_train([*common, "--tracker-project", "ref", "--checkpoint-dir",
                    str(tmp_path / "ref")], nproc=2)
     assert r.returncode == 0, r.stderr[-3000:]
-    _train_killed_twice([*common, "--tracker-project", "killed", "--tracker-run-name", "cut",
-                         "--checkpoint-dir", str(tmp_path / "run")], tmp_path, {})
+    killed = [*common, "--tracker-project", "killed", "--tracker-run-name", "cut",
+              "--checkpoint-dir", str(tmp_path / "run")]
+    _kill_rank0_after_a_logged_step(killed, tmp_path)
+    _train_killed_twice(killed, tmp_path, {})
     (ref,), runs = _mlflow_runs(db, "ref"), _mlflow_runs(db, "killed")
     assert len(runs) == 1, [r.info.run_id for r in runs]  # one run, whatever the restarts
     run = runs[0]
@@ -89,7 +114,7 @@ def test_mlflow_one_run_every_point_exactly_once_across_two_sigkills(tmp_path):
     assert len(want["train/loss"]) == 96 // 4 and len(want["eval/loss"]) == 3  # 16, 48, 80
     assert got == want
     assert run.info.status == "FINISHED" and run.info.run_name == "cut"
-    assert run.data.tags["ftrain.resumes"] == "2" and run.data.tags["ftrain.published_step"] == "96"
+    assert run.data.tags["ftrain.resumes"] == "3" and run.data.tags["ftrain.published_step"] == "96"
     assert run.data.params["epochs"] == "3" and run.data.params["task.model"] == "mlp"
     blob = json.dumps([run.data.params, run.data.tags, ref.data.params, ref.data.tags])
     assert SECRET not in blob and "secret_token" not in blob
@@ -101,7 +126,7 @@ def test_mlflow_one_run_every_point_exactly_once_across_two_sigkills(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     (run,) = _mlflow_runs(db, "killed")
     assert run.data.params["epochs"] == "3"
-    assert run.data.tags["ftrain.changed.epochs"] == "3 -> 4 (resume 3, step 96)"
+    assert run.data.tags["ftrain.changed.epochs"] == "3 -> 4 (resume 4, step 96)"
     assert len(_mlflow_points(db, run)["train/loss"]) == 128 // 4
 
 

@@ -72,8 +72,12 @@ class SavePolicy:
         self.skipped = 0  # saves not snapshotted: storage was busy for a while yet
         self._last_due: float | None = None  # monotonic time of the previous due save
         self.due_interval_s = 0.0  # time between the two newest due saves
+        # Rank 0's tracker: the newest step it holds for good (set by the monitor); every
+        # rank learns it with the stop flags, a step late (``agreed_published``).
+        self.tracker_published: Callable[[], int] = lambda: 0
+        self.agreed_published = 0
         self.control = StopControl(coll, signals, self.timed_due, self.saves_failing,
-                                   self.storage_busy)
+                                   self.storage_busy, lambda: self.tracker_published())
 
     # ------------------------------------------------------------------ the loop's call
     def start_epoch(self) -> None:
@@ -86,6 +90,7 @@ class SavePolicy:
         (under --keep-best a save follows, so that the evaluation has its checkpoint);
         ``early_stop``: the evaluation ended training (every rank computed the same)."""
         agreed = self.control.after_step()
+        self.agreed_published = agreed.published
         if agreed.storage_failed:
             self.control.drain()
             return StepDecision("storage", last_batch)

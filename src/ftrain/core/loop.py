@@ -186,15 +186,13 @@ class Trainer:
         norm = self._grad_norm
         if norm is not None and hasattr(norm, "full_tensor"):  # FSDP: a DTensor (collective)
             norm = norm.full_tensor()
-        if not self.info.is_main:
-            return
         metrics = self.task.metrics(dict(zip(self.sums.names, sums.tolist(), strict=True)),
                                     cfg.batch_size)
         if norm is not None:
             metrics["grad_norm"] = float(norm)
         lr = self.p.scheduler.get_last_lr()[0]
-        self.monitor.logged(st.step, metrics, lr, samples_per_s)
-        if not self.monitor.bar_active:
+        self.monitor.logged(st.step, metrics, lr, samples_per_s)  # every rank: the shadow
+        if self.info.is_main and not self.monitor.bar_active:
             log.info("epoch %d/%d  batch %d/%d  step %d  %s  lr %.4g  %.0f samples/s",
                      st.epoch + 1, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch, st.step,
                      _fmt(metrics), lr, samples_per_s,
@@ -292,7 +290,7 @@ class Trainer:
                      entry["epoch"], cfg.epochs, _fmt(train), _fmt(evaluated), entry["lr"],
                      entry["samples_per_s"], entry["seconds"],
                      extra={"fields": {"event": "epoch", **entry}})
-            self.monitor.epoch_done(entry)
+        self.monitor.epoch_done(entry)  # every rank: the tracker's shadow
 
     def _evaluate(self) -> dict[str, float]:
         cfg, st = self.cfg, self.state

@@ -101,6 +101,11 @@ class Decision:
     timed_save: bool
     storage_failed: bool
     storage_busy: bool = False  # a due save skips its snapshot (SavePolicy.storage_busy)
+    published: int = 0  # the newest step rank 0's tracker holds for good (Shadow)
+
+    @classmethod
+    def of(cls, agreed: list[int]) -> Decision:
+        return cls(*(bool(x) for x in agreed[:4]), published=int(agreed[4]))
 
 
 class StopControl:
@@ -113,17 +118,19 @@ class StopControl:
 
     def __init__(self, coll: Collectives, signals: StopSignals, timed_due: Callable[[], bool],
                  saves_failing: Callable[[], bool],
-                 storage_busy: Callable[[], bool] = lambda: False) -> None:
+                 storage_busy: Callable[[], bool] = lambda: False,
+                 published: Callable[[], int] = lambda: 0) -> None:
         self.coll = coll
         self.signals = signals
         self.timed_due = timed_due
         self.saves_failing = saves_failing
         self.storage_busy = storage_busy
+        self.published = published
         self._pending = None
 
     def _flags(self) -> list[int]:
         return [int(self.signals.received is not None), int(self.timed_due()),
-                int(self.saves_failing()), int(self.storage_busy())]
+                int(self.saves_failing()), int(self.storage_busy()), int(self.published())]
 
     def start_epoch(self) -> None:
         """Start the pipelined agreement (one exchange in flight from here on)."""
@@ -139,7 +146,7 @@ class StopControl:
             self._pending = self.coll.start_agree(flags)
         else:
             agreed = flags
-        return Decision(*(bool(x) for x in agreed))
+        return Decision.of(agreed)
 
     def drain(self) -> None:
         """Finish the exchange in flight (before any other collective)."""
@@ -150,7 +157,7 @@ class StopControl:
     def agree_now(self) -> Decision:
         """A blocking agreement (at the epoch end, where a signal may have come during
         evaluation)."""
-        return Decision(*(bool(x) for x in self.coll.agree_flags(self._flags())))
+        return Decision.of(self.coll.agree_flags(self._flags()))
 
     # ------------------------------------------------------------------ exits
     def exit_code(self) -> int:

@@ -234,8 +234,15 @@ class Monitor:
     def attach(self, saver: Any, resumes: int, resumed_step: int | None,
                tracking: Any = None) -> None:
         """Once the run is resumed and its saver exists: rank 0 starts the metrics endpoint and
-        the TensorBoard writer, and publishes to its tracker (tracking.py)."""
+        the TensorBoard writer, and publishes to its tracker (tracking.py); the other ranks
+        keep a shadow of its points (for a survivor's checkpoint when rank 0 died)."""
         self.live.resumes = resumes
+        if tracking is not None:
+            saver.tracker_published = tracking.durable
+        elif not self.main and self.cfg.tracker != "none":
+            from .tracking import Shadow
+
+            tracking = Shadow()
         self._saver, self._tracking = saver, tracking
         if resumed_step is not None:
             self.live.step = resumed_step
@@ -280,21 +287,23 @@ class Monitor:
         if self._bar is not None:
             self._bar.update(1)
         if self._tracking is not None:  # rank 0: a commit since the last step publishes
-            self._tracking.publish_upto(self._saver.last_committed_step)
+            self._tracking.publish_upto(self._saver.last_committed_step if self.main
+                                        else self._saver.agreed_published)
 
     def outbox(self) -> list:
-        """Points made and not yet published, for the checkpoint being taken (rank 0)."""
+        """Points made and not yet published, for the checkpoint being taken (rank 0; another
+        rank's shadow of them)."""
         return self._tracking.outbox() if self._tracking is not None else []
 
     def evaluated(self, entry: dict[str, Any]) -> None:
-        """Rank 0: an evaluation inside an epoch (--eval-every-steps)."""
+        """Every rank: an evaluation inside an epoch (--eval-every-steps)."""
         if self._tracking is not None:
             self._tracking.add(entry["step"], {f"eval/{k[5:]}": v for k, v in entry.items()
                                                if k.startswith("eval_")})
 
     def logged(self, step: int, metrics: dict[str, float], lr: float,
                samples_per_s: float) -> None:
-        """Rank 0, every --log-every-steps steps, with the figures it just computed."""
+        """Every rank, every --log-every-steps steps, with the figures it just computed."""
         live = self.live
         live.metrics, live.lr, live.samples_per_s = dict(metrics), lr, samples_per_s
         if self._bar is not None:
@@ -319,7 +328,7 @@ class Monitor:
             self._redirect = None
 
     def epoch_done(self, entry: dict[str, Any]) -> None:
-        """Rank 0: an epoch's history entry (train_*, eval_*, lr, samples_per_s, ...)."""
+        """Every rank: an epoch's history entry (train_*, eval_*, lr, samples_per_s, ...)."""
         if self._tracking is not None:
             self._tracking.add(entry["step"], {f"epoch/{k}": v for k, v in entry.items()
                                                if k not in ("epoch", "step")

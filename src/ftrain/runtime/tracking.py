@@ -57,7 +57,7 @@ class Tracking:
                  published: int) -> None:
         self.backend = backend
         self.record = record  # {"kind", "run_id", ...}: in tracker.json and every checkpoint
-        self.published = published
+        self.published = self.resumed_published = published
         self.pending: list[Point] = [p for p in outbox if p[0] > published]
         # Published, but not known to be on disk yet (W&B writes its run file in blocks, and
         # a SIGKILL loses what it holds): kept in the outbox until the run ends cleanly.
@@ -86,6 +86,36 @@ class Tracking:
 
     def close(self, status: str) -> None:
         self.backend.close(status, self.published)
+
+    def durable(self) -> int:
+        """The newest step whose points the tracker holds for good: published, and on disk
+        (W&B's offline files: only once the run ends cleanly, so the resumed step)."""
+        return self.published if self.backend.durable else self.resumed_published
+
+
+class Shadow:
+    """Another rank's copy of rank 0's tracker points, for the checkpoint a survivor writes
+    when rank 0 died (core/loop.py): the same points, made by every rank, kept until rank 0's
+    tracker holds them for good (``publish_upto`` with the watermark every rank learns with
+    the stop flags). A resume publishes those above what the tracker has."""
+
+    record: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.pending: list[Point] = []
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.extend([step, k, float(v)] for k, v in metrics.items())
+
+    def outbox(self) -> list[Point]:
+        return [list(p) for p in self.pending]
+
+    def publish_upto(self, step: int | None) -> None:
+        if step:
+            self.pending = [p for p in self.pending if p[0] > step]
+
+    def close(self, status: str) -> None:
+        pass
 
 
 def open_tracking(cfg: Config, storage: Storage, task_args: dict[str, Any],
