@@ -201,6 +201,31 @@ def shell_commands(line: str) -> list[list[str]]:
     return [c for c in commands if c]
 
 
+def build_args(path: Path) -> dict[str, str]:
+    """The defaults of a Dockerfile's ARGs: what a plain ``docker build`` uses. Every ARG has
+    one (a build that must name its base or its torch is not one a user can run as is)."""
+    out: dict[str, str] = {}
+    for word, args in instructions(path):
+        if word == "ARG":
+            name, sep, default = args.partition("=")
+            assert sep and default, f"{path.name}: ARG {name} has no default"
+            out[name] = shlex.split(default)[0]
+    return out
+
+
+def expand(text: str, args: dict[str, str]) -> str:
+    """``text`` with ``$NAME`` and ``${NAME}`` of the build arguments replaced by their
+    defaults."""
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)",
+                  lambda m: args.get(m.group(1) or m.group(2), m.group(0)), text)
+
+
+def base_images(path: Path) -> list[str]:
+    """The images a default build of ``path`` starts FROM."""
+    args = build_args(path)
+    return [expand(a.split()[0], args) for word, a in instructions(path) if word == "FROM"]
+
+
 def entrypoint(path: Path) -> list[str]:
     found = [json.loads(args) for word, args in instructions(path) if word == "ENTRYPOINT"]
     assert len(found) == 1, f"{path.name}: one ENTRYPOINT, in exec (JSON) form"
@@ -225,9 +250,10 @@ def test_hadolint_ignores_say_why():
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_structure(path):
     steps = instructions(path)
-    bases = [args.split()[0] for word, args in steps if word == "FROM"]
+    bases = base_images(path)
     assert bases, f"{path.name}: no FROM"
     for base in bases:
+        assert "$" not in base, f"{path.name}: FROM {base}: give its build argument a default"
         name, _, tag = base.partition("@")[0].rpartition(":")
         assert name and tag and tag != "latest", f"{path.name}: {base} is not pinned to a tag"
         assert re.search(r"\d+\.\d+\.\d+", tag), f"{path.name}: {base}: pin a full version"
@@ -241,11 +267,13 @@ def test_dockerfile_structure(path):
     deps = next(i for i, (w, a) in enumerate(order)
                 if w == "RUN" and "-r docker/requirements.txt" in a)
     assert deps < first_src, f"{path.name}: install the pinned dependencies before COPY src"
-    # Every pip install is pinned: the requirements file, the project itself, or name==version.
+    # Every pip install is pinned: the requirements file, the project itself, or name==version
+    # (with the build arguments' defaults, as a plain build runs it).
+    defaults = build_args(path)
     for word, args in steps:
         if word != "RUN":
             continue
-        for tokens in shell_commands(args):
+        for tokens in shell_commands(expand(args, defaults)):
             if tokens[:2] != ["pip", "install"]:
                 continue
             packages = [t for t in tokens[2:] if not t.startswith("-")
@@ -258,20 +286,27 @@ def test_dockerfile_structure(path):
 
 def test_images_pin_the_same_torch():
     """Both images run the same torch and torchvision (a checkpoint moves between them); the
-    CPU image's are CPU-only builds from the PyTorch CPU index."""
-    cpu = dict(instructions(DOCKER / "Dockerfile.cpu"))
-    cuda_base = dict(instructions(DOCKER / "Dockerfile.cuda"))["FROM"]
-    m = re.fullmatch(r"pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime", cuda_base)
+    CPU image's are CPU-only builds from the PyTorch CPU index, which its build checks (the
+    build arguments that change them are for builders that cannot reach that index)."""
+    cpu, cuda = DOCKER / "Dockerfile.cpu", DOCKER / "Dockerfile.cuda"
+    [cuda_base] = base_images(cuda)
+    m = re.fullmatch(r"docker\.io/pytorch/pytorch:(\d+\.\d+\.\d+)-cuda[\d.]+-cudnn\d+-runtime",
+                     cuda_base)
     assert m, f"Dockerfile.cuda: {cuda_base} is not an official PyTorch runtime image"
-    run = " ".join(a for w, a in instructions(DOCKER / "Dockerfile.cpu") if w == "RUN")
-    assert "--index-url https://download.pytorch.org/whl/cpu" in run
-    torch_pin = re.search(r"torch==(\S+)\+cpu", run)
+    args = build_args(cpu)
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["CUDA_BUILT"] == "False", "the CPU image's default build must refuse CUDA"
+    run = " ".join(a for w, a in instructions(cpu) if w == "RUN")
+    assert '--index-url "$TORCH_INDEX_URL" $TORCH_PACKAGES' in run
+    assert "torch.backends.cuda.is_built() is $CUDA_BUILT" in run
+    torch_pin = re.search(r"\btorch==(\S+)\+cpu", args["TORCH_PACKAGES"])
     assert torch_pin and torch_pin.group(1) == m.group(1), "the images pin different torch"
-    vision_cpu = re.search(r"torchvision==(\S+)\+cpu", run).group(1)
-    cuda_run = " ".join(a for w, a in instructions(DOCKER / "Dockerfile.cuda") if w == "RUN")
+    vision_cpu = re.search(r"\btorchvision==(\S+)\+cpu", args["TORCH_PACKAGES"]).group(1)
+    cuda_run = " ".join(a for w, a in instructions(cuda) if w == "RUN")
     assert f"'{vision_cpu}'" in cuda_run and f"'{m.group(1)}'" in cuda_run, \
         "Dockerfile.cuda must check the base image's torch/torchvision versions"
-    assert "nvidia" not in run.lower() and cpu["FROM"].startswith("python:")
+    assert "nvidia" not in expand(run, args).lower()
+    assert base_images(cpu)[0].startswith("docker.io/library/python:3.11.")
 
 
 def test_requirements_are_pinned():
