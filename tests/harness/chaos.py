@@ -518,6 +518,7 @@ class Attempt:
     strays: int = 0
     saves_failed: int = 0  # "SAVE FAILED" lines logged (retries exhausted)
     emergency_failed: bool = False  # a SIGTERM's emergency checkpoint failed (logged)
+    survivors_missed: list[str] = field(default_factory=list)  # why no survivor checkpoint
     storage_retries: int = 0  # storage calls retried, as logged
 
 
@@ -643,6 +644,8 @@ class Chaos:
         attempt.worker_exits = logs.worker_exits(text)
         attempt.saves_failed = logs.saves_failed(text)
         attempt.emergency_failed = logs.emergency_failed(text)
+        attempt.survivors_missed = sorted({e.get("reason", "") for e in
+                                           logs.events(text, "survivor_checkpoint_missed")})
         attempt.storage_retries = logs.storage_retries(text)
         return attempt
 
@@ -803,7 +806,8 @@ def summarize(chaos: Chaos, verdict: dict[str, Any], wall_s: float,
             bounds[a.index] = bound
             if a.kill.signal == "SIGKILL" and a.saves_failed:
                 waived.append(a.index)
-            elif a in worker_kills and survivors_save and a.lost > 1:
+            elif (a in worker_kills and survivors_save and a.lost > 1
+                  and not (chaos.storage_faults and a.survivors_missed)):
                 problems.append(f"attempt {a.index}: a worker's SIGKILL lost {a.lost} steps; "
                                 "the survivors' checkpoint allows only the step in flight")
             elif a.kill.signal == "SIGKILL" and a.lost > bound:
