@@ -83,8 +83,9 @@ def node_kill(work: Path, py: str, root: Path, env: dict[str, str]) -> tuple[flo
                f"127.0.0.1:{port}", "--rdzv-id", "p6-node", "--rdzv-conf",
                f"is_host={host},{conf}", "-m", "ftrain.train", *ARGS,
                "--checkpoint-dir", str(work / "p6n"), "--trace-samples", str(trace)]
-        procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        with open(work / f"p6n-agent{1 - host}.log", "w") as log:  # kept for a look
+            procs.append(subprocess.Popen(cmd, cwd=root, env=env, stdout=log,
+                                          stderr=subprocess.STDOUT, start_new_session=True))
     _wait(lambda: len(list(trace.glob("rank*.jsonl"))) >= 2)
     try:
         def kill() -> None:  # the node of rank 1: its agent and its worker
