@@ -230,3 +230,11 @@ def test_options_reference_is_generated_from_the_schema():
     page = (ROOT / "docs" / "reference" / "options.md").read_text()
     assert page == markdown(), ("docs/reference/options.md is stale; regenerate it with: "
                                 "python -m ftrain.config.reference > docs/reference/options.md")
+
+
+def test_the_module_map_names_every_module():
+    """docs/development/architecture.md's map of src/ftrain/ names every module."""
+    text = (ROOT / "docs" / "development" / "architecture.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for p in sorted((ROOT / "src" / "ftrain").rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"\b{re.escape(p.name)}\b", text)]
+    assert not missing, f"add them to the module map: {missing}"

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 from ..checkpoint.format import TrainState
 from ..checkpoint.policy import SavePolicy
 from ..config import Config
-from ..errors import InputError, PeerFailed
+from ..errors import InputError
 from ..runtime.distributed import Collectives, DistInfo, peer_failure
 from ..runtime.exchange import StepExchange
 from ..runtime.monitor import Monitor
@@ -30,6 +30,7 @@ from .evaluate import evaluate
 from .rng import seed_step, step_seed
 from .stopping import Stopping
 from .sums import MetricSums
+from .survivor import after_peer_failure
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,9 @@ class Trainer:
         self.per_rank_batch = self.batches.per_rank_batch
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
-        self._start_step = state.step  # what this run resumed from
-        self._epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
-        self._evaluating = False  # inside an evaluation mid-epoch (its result not yet recorded)
+        self.start_step = state.step  # what this run resumed from
+        self.epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
+        self.evaluating = False  # inside an evaluation mid-epoch (its result not yet recorded)
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__,
                                exchanged=parts.exchange is not None)
@@ -82,7 +83,7 @@ class Trainer:
         except RuntimeError as e:
             if not peer_failure(e):
                 raise
-            self._peer_failed(e)
+            after_peer_failure(self, e)
         finally:
             self.monitor.end_epoch()
             self.batches.stop()
@@ -112,7 +113,7 @@ class Trainer:
         if st.batch_in_epoch == 0:
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
         self.p.model.train()
-        t_start = self._epoch_t0 = time.perf_counter()
+        t_start = self.epoch_t0 = time.perf_counter()
         t_log, n_log = t_start, 0
         self.sums.clear()
         self.saver.start_epoch()
@@ -124,7 +125,7 @@ class Trainer:
             seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
             if self._compiling:
                 t_start += self._first_compiled_step(inputs, targets)
-                self._epoch_t0 = t_start
+                self.epoch_t0 = t_start
             else:
                 self._step(inputs, targets)
             if self._trace:
@@ -145,7 +146,7 @@ class Trainer:
                 self._evaluate_mid_epoch()
                 evaluated, early = True, self.stopping.early()
             decision = self.saver.after_step(
-                st.step, last_batch, lambda t0=t_start: self._progress(time.perf_counter() - t0),
+                st.step, last_batch, lambda t0=t_start: self.progress(time.perf_counter() - t0),
                 evaluated, early)
             if decision.stop is None:
                 continue
@@ -248,7 +249,7 @@ class Trainer:
         st.seen += batches * self.cfg.batch_size
         self.sums.clear()
 
-    def _progress(self, running_s: float = 0.0) -> dict[str, Any]:
+    def progress(self, running_s: float = 0.0) -> dict[str, Any]:
         """The state with the unfinished epoch's sums folded in, without consuming them
         (collective unless every rank holds every rank's sums). ``running_s``: the time
         trained since the epoch's part in ``elapsed`` was last added up. Rank 0's carries
@@ -303,10 +304,10 @@ class Trainer:
         train state's ``evals``. It draws no random number the training would: a run resumed
         between two of them trains the same steps and records the same evaluations."""
         st = self.state
-        self._evaluating = True
+        self.evaluating = True
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
-        self._evaluating = False
+        self.evaluating = False
         self.stopping.check_best_metric(entry)
         st.evals.append(entry)
         self.monitor.evaluated(entry)
@@ -344,11 +345,11 @@ class Trainer:
             self.stopping.on_signal(self._emergency_save("epoch"))
         early = not final and self.stopping.early()
         if final or stop is not None or hit_max or early:
-            if not self.saver.save_blocking(self._progress(), st.step,
+            if not self.saver.save_blocking(self.progress(), st.step,
                                             reason="early_stop" if early else "epoch"):
                 self.stopping.storage_failed()
         else:
-            self.saver.save(self._progress(), st.step, blocking=False, reason="epoch")
+            self.saver.save(self.progress(), st.step, blocking=False, reason="epoch")
         if early:
             self.stopping.log_early()
             return True
@@ -357,63 +358,16 @@ class Trainer:
             return True
         return False
 
-    # ------------------------------------------------------------------ a peer died
-    def _peer_failed(self, error: RuntimeError) -> None:
-        """A collective failed because a peer died (or timed out). This rank still holds the
-        whole state of the newest completed step: under DDP with the step exchange, every
-        rank's parameters, optimizer, buffers (rank 0's) and the epoch's metric sums of every
-        rank arrived with that step's gradients; the RNG states and the data position are
-        derived from the step. Checkpoint it without any collective, then raise PeerFailed
-        (exit 141, retryable): the restart resumes at it and loses only the step in flight."""
-        st = self.state
-        text = f"a peer failed or a collective timed out: {str(error)[:300]}"
-        why = self._cannot_save_alone()
-        if why is None:
-            running = time.perf_counter() - self._epoch_t0 if st.batch_in_epoch else 0.0
-            self.p.exchange.restore_buffers()  # the step in flight's forward pass changed them
-            unevaluated = st.batch_in_epoch == self.steps_per_epoch
-            by = self.saver.survivor_save(self._progress(running), st.step, unevaluated)
-            if by is not None:
-                log.warning("a peer failed after step %d: step %d checkpointed by %s; exiting "
-                            "%d (retryable)", st.step, st.step, by, PeerFailed.exit_code,
-                            extra={"fields": {"event": "survivor_checkpoint", "step": st.step,
-                                              "rank": self.info.rank, "by": by}})
-                raise PeerFailed(f"{text}; step {st.step} checkpointed by the survivors") \
-                    from error
-            why = "the checkpoint failed"
-        last = self.saver.last_committed_step
-        log.error("a peer failed after step %d: not checkpointed (%s); the restart resumes "
-                  "from the newest committed checkpoint%s", st.step, why,
-                  f" (step {last})" if last is not None else "",
-                  extra={"fields": {"event": "survivor_checkpoint_missed", "step": st.step,
-                                    "reason": why}})
-        raise PeerFailed(text) from error
-
-    def _cannot_save_alone(self) -> str | None:
-        """Why this rank cannot checkpoint the newest step without its peers, or None."""
-        if self.cfg.parallel == "fsdp":
-            return "under --parallel fsdp each rank holds only its shards; the dead rank's are gone"
-        if self.p.exchange is None:
-            return ("on GPU the survivors do not checkpoint yet (a dead peer hangs NCCL; "
-                    "unverified)")
-        if self._evaluating:
-            return "the failure came during an evaluation, which the checkpoint would miss"
-        if self.state.step == self._start_step:
-            return "no step was trained since the checkpoint this run resumed from"
-        if self.saver.abandoned:
-            return "an emergency checkpoint is still being written"
-        return None
-
     # ------------------------------------------------------------------ stopping
     def _emergency_save(self, reason: str) -> bool:
-        return self.saver.emergency_save(self._progress, self.state.step, reason)
+        return self.saver.emergency_save(self.progress, self.state.step, reason)
 
     def _stop_mid_epoch(self, why: str) -> str:
         st = self.state
         if why == "preempt":
             self.stopping.on_signal(self._emergency_save("preempt"))
         reason = "early_stop" if why == "early" else "max_steps"
-        if not self.saver.save_blocking(self._progress(), st.step, reason=reason):
+        if not self.saver.save_blocking(self.progress(), st.step, reason=reason):
             self.stopping.storage_failed()
         if why == "early":
             self.stopping.log_early()
