@@ -181,6 +181,7 @@ def _wandb_points(folder: Path, run_id: str) -> dict[str, list[tuple[int, float]
     return points
 
 
+@pytest.mark.extended  # a second case: docs/development/testing.md
 def test_wandb_offline_one_run_every_point_exactly_once_across_two_sigkills(tmp_path):
     pytest.importorskip("wandb")
     results = {}
