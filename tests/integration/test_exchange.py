@@ -80,3 +80,48 @@ def test_every_rank_holds_every_ranks_sums_and_rank0s_buffers_after_each_step(tm
                 assert torch.equal(mine, want)
             for mine, want in zip(got["params"], rank0["params"], strict=True):
                 assert torch.equal(mine, want)
+
+
+def _die_in_backward(rank: int, store: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    from ftrain.runtime.distributed import peer_failure
+    from ftrain.runtime.exchange import StepExchange
+    from ftrain.train import _no_forward_buffer_sync
+
+    dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
+    model = _model()
+    exchange = StepExchange(model, 2)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, **_no_forward_buffer_sync())
+    ddp.register_comm_hook(None, exchange.hook)
+    loss = ddp(torch.randn(4, 6)).sum()
+    if rank == 1:
+        os._exit(0)  # dies before its gradients leave: the peer's gather fails
+    exchange.send(torch.zeros(2, dtype=torch.float64))
+    try:
+        loss.backward()
+        outcome = "completed"
+    except RuntimeError as e:
+        outcome = "peer failure" if peer_failure(e) else f"other: {e}"
+    torch.save({"outcome": outcome, "rows": exchange.rows}, out)
+    os._exit(0)  # the group is broken: no teardown
+
+
+def test_a_gather_that_a_dead_peer_fails_raises_instead_of_training_on_half_received_bytes(
+        tmp_path):
+    """Rank 1 dies before its gradients leave. Rank 0's backward pass must fail as a peer
+    failure (the survivor then checkpoints the previous step), not complete with the
+    half-received buffer as the step's mean gradient and metric sums."""
+    ctx = multiprocessing.get_context("spawn")
+    out = tmp_path / "rank0.pt"
+    procs = [ctx.Process(target=_die_in_backward, args=(r, str(tmp_path / "store"), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(180)
+    got = torch.load(out, weights_only=True)
+    assert got["outcome"] == "peer failure", got
+    assert got["rows"] is None  # no sums taken from the broken gather
