@@ -32,8 +32,11 @@ def test_a_job_skips_snapshots_while_storage_is_busy(tmp_path):
     dropped = load_uri(str(d)).train_state["history"][0]["saves_dropped"]
     assert dropped + len(committed) - 1 == due  # each due save committed or counted
     # Once a persist has finished (its length is the estimate), about two snapshots per
-    # persist (one may wait its turn), not one per due save.
+    # persist (one may wait its turn), not one per due save. The estimate is the previous
+    # persist's length; on busy cores persists vary and a wrong estimate lets a few more
+    # through: 16-21 for 14-15 persists with two CPU burners beside the test, 33 for 14 once
+    # in a fresh clone's `make test` (two test processes), against 229 due saves.
     after = r.stderr[r.stderr.index(" committed ("):]
     later = re.findall(r"snapshot of step (\d+): ", after)
-    assert len(later) <= 2 * len(committed) + 2, (len(later), committed)
+    assert len(later) <= 3 * len(committed) + 4, (len(later), committed)
     assert len(later) < (due - snapshots.index(int(later[0]))) // 2, (len(later), snapshots)
