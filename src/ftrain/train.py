@@ -194,7 +194,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         # buffers (which DDP would broadcast at the next forward pass) go with them, so that a
         # survivor holds the whole state of the newest step. Not yet on GPU: a dead peer hangs
         # NCCL, and what the device has executed is not what the host has queued (unverified).
-        hook = StepExchange(model, info.world_size) if (
+        hook = StepExchange(model) if (
             info.device.type == "cpu" or cfg.deterministic) else None
         if hook is not None and info.device.type == "cpu":
             exchange = hook
@@ -219,11 +219,12 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
                              state.step) if info.is_main else None
     if tracking is not None:
         meta["tracker"] = tracking.record
-    # Rank 0's facts (data digests, numerics, the tracker's run) on every rank: a survivor
-    # that checkpoints after rank 0 died records the same as rank 0 would.
-    meta = coll.broadcast_object(meta)
-    saver = SavePolicy(cfg, info, coll, checkpointer, model, optimizer, scheduler, task, meta,
-                       signals, scaler)
+    if exchange is not None:
+        # Rank 0's facts (data digests, numerics, the tracker's run) on every rank: a survivor
+        # that checkpoints after rank 0 died records the same as rank 0 would.
+        meta = coll.broadcast_object(meta)
+    saver = SavePolicy(cfg, info, coll, checkpointer, store, model, optimizer, scheduler, task,
+                       meta, signals, scaler)
     if info.is_main:
         log.info("training %s on %d x %s (%s), global batch %d, %d steps/epoch, checkpoints "
                  "in %s", _describe(ref), info.world_size, info.device.type,

@@ -29,7 +29,7 @@ def _train_on_ranks(rank: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(store, WORLD), rank=rank,
                             world_size=WORLD)
     model = _model()
-    exchange = StepExchange(model, WORLD)
+    exchange = StepExchange(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.0001,  # buckets
                                                     **_no_forward_buffer_sync())
     ddp.register_comm_hook(None, exchange.hook)
@@ -93,7 +93,7 @@ def _die_in_backward(rank: int, store: str, out: str) -> None:
 
     dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)
     model = _model()
-    exchange = StepExchange(model, 2)
+    exchange = StepExchange(model)
     ddp = torch.nn.parallel.DistributedDataParallel(model, **_no_forward_buffer_sync())
     ddp.register_comm_hook(None, exchange.hook)
     loss = ddp(torch.randn(4, 6)).sum()

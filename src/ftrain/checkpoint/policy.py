@@ -57,12 +57,13 @@ class StepDecision:
 
 class SavePolicy:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives,
-                 checkpointer: Checkpointer | None, model: nn.Module,
+                 checkpointer: Checkpointer | None, store: CheckpointStore, model: nn.Module,
                  optimizer: torch.optim.Optimizer, scheduler: Any, task: Task,
                  meta: dict[str, Any], signals: StopSignals,
                  scaler: torch.amp.GradScaler | None = None) -> None:
         self.cfg, self.info, self.coll = cfg, info, coll
         self.ckpt = checkpointer  # rank 0's (ddp), every rank's (fsdp)
+        self.store = store  # the checkpoints' root, on every rank (survivor_save)
         self.model, self.optimizer, self.scheduler, self.task = model, optimizer, scheduler, task
         self.scaler = scaler
         self.meta = meta  # fixed facts of the run, recorded in every checkpoint
@@ -199,11 +200,7 @@ class SavePolicy:
         ok = True
         if self.ckpt is not None:
             train_state = dict(progress, **self.meta)
-            # What the manifest carries besides the files (Manifest.new), so that the tools
-            # list and inspect checkpoints without reading their train state.
-            facts = {k: train_state[k] for k in MANIFEST_KEYS}
-            facts.update(model_args=self.meta.get("model_args"), reason=reason,
-                         numerics=(self.meta.get("run") or {}).get("numerics"))  # rank 0's
+            facts = self._facts(train_state, reason)
             tensors = self._sharded() if self.sharded else self._tensors()
             try:
                 result = self.ckpt.save(step, tensors, train_state, facts, blocking=blocking,
@@ -217,12 +214,20 @@ class SavePolicy:
             ok = self.coll.agree_flags([0 if ok else 1])[0] == 0
         return ok
 
+    def _facts(self, train_state: dict[str, Any], reason: str) -> dict[str, Any]:
+        """What the manifest carries besides the files (Manifest.new), so that the tools list
+        and inspect checkpoints without reading their train state."""
+        facts = {k: train_state[k] for k in MANIFEST_KEYS}
+        facts.update(model_args=self.meta.get("model_args"), reason=reason,
+                     numerics=(self.meta.get("run") or {}).get("numerics"))  # rank 0's
+        return facts
+
     def _tensors(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 **self._small()}
 
     def _small(self) -> dict[str, Any]:
-        """Schedule, gradient scaler, every rank's RNG states, the task's own state."""
+        """Schedule, gradient scaler, the task's own state."""
         small: dict[str, Any] = {"scheduler": self.scheduler.state_dict()}
         if self.scaler is not None:
             small["scaler"] = self.scaler.state_dict()
@@ -252,31 +257,24 @@ class SavePolicy:
         resumed run evaluates it, and its checkpoint of the step replaces this one). Returns
         who committed the step ("this rank", or "another survivor": the same state), or None
         when it is not committed."""
-        from ..storage import Storage
-
         rank = self.info.rank
         deadline = time.monotonic() + self.cfg.preemption_deadline
         name = step_dirname(step)
         if self.ckpt is not None and self.ckpt.last_committed_step == step:
             return "this rank"  # committed just before the failure
-        store = (self.ckpt.store if self.ckpt is not None else
-                 CheckpointStore(Storage(self.cfg.checkpoint_dir, self.cfg.storage_options)))
         if rank:
             # Rank 0 first: it may be alive and writing; a rank further down waits longer.
             wait_until = min(time.monotonic() + 2.0 * rank, deadline)
             while time.monotonic() < wait_until:
-                if store.storage.exists(f"{name}/{MANIFEST}"):
+                if self.store.storage.exists(f"{name}/{MANIFEST}"):
                     return "another survivor"
                 time.sleep(0.05)
         ckpt = self.ckpt
         if ckpt is None:
-            ckpt = Checkpointer(store, self.cfg.keep_last, self.cfg.orphan_grace_seconds)
+            ckpt = Checkpointer(self.store, self.cfg.keep_last, self.cfg.orphan_grace_seconds)
             ckpt.is_main = False  # retention is the next run's rank 0's
         train_state = dict(progress, **self.meta)
-        facts = {k: train_state[k] for k in MANIFEST_KEYS}
-        facts.update(model_args=self.meta.get("model_args"),
-                     reason=UNEVALUATED if unevaluated else "peer_failed",
-                     numerics=(self.meta.get("run") or {}).get("numerics"))
+        facts = self._facts(train_state, UNEVALUATED if unevaluated else "peer_failed")
         try:
             ok = bool(ckpt.save(step, self._tensors(), train_state, facts, blocking=True,
                                 timeout=max(0.0, deadline - time.monotonic())))

@@ -28,10 +28,10 @@ from .format import (
 
 log = logging.getLogger(__name__)
 
-BEST = "best"
+BEST = "best"  # ROOT/best: the best checkpoint by the run's --best-metric (load_uri)
 # The reason of a survivor's checkpoint of an epoch's end taken before its evaluation (a peer
 # died in it): the evaluated one of the same step replaces it (CheckpointStore.commit).
-UNEVALUATED = "peer_failed_unevaluated"  # ROOT/best: the best checkpoint by the run's --best-metric (load_uri)
+UNEVALUATED = "peer_failed_unevaluated"
 
 
 class CheckpointStore:

@@ -113,8 +113,8 @@ class Trainer:
         if st.batch_in_epoch == 0:
             st.sums, st.seen, st.elapsed = {}, 0, 0.0
         self.p.model.train()
-        t_start = self.epoch_t0 = time.perf_counter()
-        t_log, n_log = t_start, 0
+        self.epoch_t0 = time.perf_counter()
+        t_log, n_log = self.epoch_t0, 0
         self.sums.clear()
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
@@ -124,8 +124,7 @@ class Trainer:
             # at any step boundary is derivable, with nothing to save, by any rank.
             seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
             if self._compiling:
-                t_start += self._first_compiled_step(inputs, targets)
-                self.epoch_t0 = t_start
+                self.epoch_t0 += self._first_compiled_step(inputs, targets)
             else:
                 self._step(inputs, targets)
             if self._trace:
@@ -146,11 +145,11 @@ class Trainer:
                 self._evaluate_mid_epoch()
                 evaluated, early = True, self.stopping.early()
             decision = self.saver.after_step(
-                st.step, last_batch, lambda t0=t_start: self.progress(time.perf_counter() - t0),
+                st.step, last_batch, lambda: self.progress(time.perf_counter() - self.epoch_t0),
                 evaluated, early)
             if decision.stop is None:
                 continue
-            st.elapsed += time.perf_counter() - t_start
+            st.elapsed += time.perf_counter() - self.epoch_t0
             if decision.stop == "storage":
                 self.stopping.storage_failed()
             if decision.epoch_end:
@@ -160,7 +159,7 @@ class Trainer:
         # Only reached when the loader had nothing left (a resume at the epoch's last batch).
         self.saver.end_epoch()
         self._fold_sums()
-        st.elapsed += time.perf_counter() - t_start
+        st.elapsed += time.perf_counter() - self.epoch_t0
         return None
 
     def _first_compiled_step(self, inputs: Any, targets: Any) -> float:
@@ -187,6 +186,8 @@ class Trainer:
         norm = self._grad_norm
         if norm is not None and hasattr(norm, "full_tensor"):  # FSDP: a DTensor (collective)
             norm = norm.full_tensor()
+        if not self.monitor.keeps_points:  # another rank without a tracker's shadow
+            return
         metrics = self.task.metrics(dict(zip(self.sums.names, sums.tolist(), strict=True)),
                                     cfg.batch_size)
         if norm is not None:

@@ -27,8 +27,7 @@ class StepExchange:
     """DDP comm hook (``ddp.register_comm_hook(None, exchange.hook)``); ``send`` before the
     backward pass that all-reduces, ``rows`` after it."""
 
-    def __init__(self, model: torch.nn.Module, world: int) -> None:
-        self.world = world
+    def __init__(self, model: torch.nn.Module) -> None:
         self.buffers = [b for b in model.buffers()]
         self._row: torch.Tensor | None = None  # this step's sums, to send
         self.rows: torch.Tensor | None = None  # (world, metrics): the newest step's, received
@@ -50,13 +49,16 @@ class StepExchange:
     def restore_buffers(self) -> None:
         """Put back rank 0's buffers of the newest completed step: a forward pass in flight
         (the step a peer died in) has updated them since."""
-        if self._completed is None:
-            return
+        if self._completed is not None:
+            self._load_buffers(self._completed)
+
+    def _load_buffers(self, raw: torch.Tensor) -> None:
+        """The buffers from their bytes, in ``self.buffers``' order."""
         offset = 0
         with torch.no_grad():
             for b in self.buffers:
                 n = b.numel() * b.element_size()
-                b.copy_(self._completed[offset:offset + n].clone().view(b.dtype).view(b.shape))
+                b.copy_(raw[offset:offset + n].clone().view(b.dtype).view(b.shape))
                 offset += n
 
     def _payload(self, dtype: torch.dtype) -> tuple[torch.Tensor, int]:
@@ -76,13 +78,7 @@ class StepExchange:
         self.rows = raw[:, :8 * k].contiguous().view(torch.float64)
         self._received = raw[0, 8 * k:]  # rank 0's buffers
         if dist.get_rank() != 0:
-            offset = 0
-            with torch.no_grad():
-                for b in self.buffers:
-                    n = b.numel() * b.element_size()
-                    b.copy_(self._received[offset:offset + n].clone().view(b.dtype)
-                            .view(b.shape))
-                    offset += n
+            self._load_buffers(self._received)
 
     def hook(self, process_group, bucket):  # -> Future[Tensor]; DDP rejects a str annotation
         group = process_group if process_group is not None else dist.group.WORLD

@@ -254,6 +254,12 @@ class Monitor:
             self._tb = tensorboard_writer(self.cfg.tensorboard, resumed_step)
 
     @property
+    def keeps_points(self) -> bool:
+        """Whether the logged figures go anywhere on this rank: rank 0, or another rank
+        keeping its tracker's shadow."""
+        return self.main or self._tracking is not None
+
+    @property
     def bar_active(self) -> bool:
         """A progress bar shows the periodic figures: no periodic log lines then."""
         return self._bar is not None

@@ -99,8 +99,6 @@ class Shadow:
     tracker holds them for good (``publish_upto`` with the watermark every rank learns with
     the stop flags). A resume publishes those above what the tracker has."""
 
-    record: dict[str, Any] = {}
-
     def __init__(self) -> None:
         self.pending: list[Point] = []
 
