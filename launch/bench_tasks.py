@@ -39,14 +39,19 @@ class TinyMLP(Task):
 
 
 def tiny_plain_rate(size: int = 16384, batch: int = 64, epochs: int = 2, seed: int = 0,
-                    lr: float = 0.05, device: str = "cpu") -> float:
+                    lr: float = 0.05, device: str = "cpu", feed: str = "indexed") -> float:
     """The plain loop over TinyMLP's model and data, on the tensors themselves (shuffled by a
     permutation each epoch), with the job's default optimizer and schedule (SGD, momentum 0.9,
     weight decay 1e-4, cosine per step) and the task's own loss, its metric sums added up on
-    the device as a script would: samples/s over the last epoch."""
+    the device as a script would: samples/s over the last epoch. ``feed="loader"``: the
+    batches come from a plain shuffled ``DataLoader`` over a ``TensorDataset`` of the CPU
+    tensors instead, each copied to the device."""
     dev = torch.device(device)
     task = TinyMLP(size)
-    x, y = (t.to(dev) for t in tiny_data(seed, size))
+    x, y = tiny_data(seed, size)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch,
+                                         shuffle=True, drop_last=True)
+    x, y = x.to(dev), y.to(dev)
     torch.manual_seed(seed)
     model = task.build_model().to(dev)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
@@ -59,9 +64,11 @@ def tiny_plain_rate(size: int = 16384, batch: int = 64, epochs: int = 2, seed: i
         t0 = time.perf_counter()
         order = torch.randperm(size, device=dev)
         totals = torch.zeros(2, dtype=torch.float64, device=dev)
-        for b in range(steps):
-            idx = order[b * batch:(b + 1) * batch]
-            loss, sums = task.loss(model(x[idx]), y[idx])
+        batches = ((xb.to(dev), yb.to(dev)) for xb, yb in loader) if feed == "loader" else (
+            (x[order[b * batch:(b + 1) * batch]], y[order[b * batch:(b + 1) * batch]])
+            for b in range(steps))
+        for xb, yb in batches:
+            loss, sums = task.loss(model(xb), yb)
             (loss / batch).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -60,3 +60,53 @@ def test_augmentation_is_seeded_per_sample_not_per_worker():
     torch.manual_seed(5)
     data[3], data[7]
     assert torch.equal(torch.rand(3), expected)
+
+
+class ShiftedRows(torch.utils.data.TensorDataset):
+    """A TensorDataset subclass that draws its items its own way (with randomness)."""
+
+    def __getitem__(self, i: int):
+        x, y = super().__getitem__(i)
+        return x + torch.rand(()), y
+
+
+def _batches(items: SeededItems, workers: int, collate) -> list:
+    from ftrain.data.items import EpochTagged
+
+    order = torch.randperm(len(items), generator=torch.Generator().manual_seed(1)).tolist()
+    loader = DataLoader(items, batch_size=5, sampler=EpochTagged(order, items),
+                        num_workers=workers, collate_fn=collate)
+    return list(loader)
+
+
+def test_tensor_datasets_are_gathered_whole_as_the_rows_would_be_collated():
+    """A tensor dataset's batch, taken by one indexing per tensor (no Python per item, no
+    per-item seeding), equals the default collation of its rows: values, dtype, shape and
+    strides; a subclass that draws its items its own way is seeded and collated per item."""
+    from torch.utils.data import TensorDataset, default_collate
+
+    from ftrain.data.items import Gathered, TensorItems, collate_rows
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(23, 3, 4, generator=g), torch.randint(0, 9, (23,), generator=g)
+    mask = torch.rand(23, generator=g) > 0.5
+    for data in (TensorDataset(x, y, mask), TensorItems(x.transpose(1, 2), y)):
+        gathered, per_item = SeededItems(data, 3, gather=True), SeededItems(data, 3)
+        assert gathered.gather and not gathered.seeded and not per_item.seeded
+        gathered.set_epoch(2)
+        assert isinstance(gathered.__getitems__([(2, 4), (2, 0)]), Gathered)
+        for workers in (0, 1):
+            got = _batches(gathered, workers, collate_rows)
+            want = _batches(per_item, 0, default_collate)
+            assert len(got) == len(want) == 5
+            for (tensors_a, idx_a), (tensors_b, idx_b) in zip(got, want, strict=True):
+                assert torch.equal(idx_a, idx_b) and idx_a.dtype == idx_b.dtype
+                for a, b in zip(tensors_a, tensors_b, strict=True):
+                    assert a.dtype == b.dtype and a.stride() == b.stride()
+                    assert torch.equal(a, b)
+        # A single item (the evaluation's padding batch) is a row, as before.
+        assert torch.equal(gathered[4][0][0], data[4][0]) and gathered[4][1] == 4
+    odd = SeededItems(ShiftedRows(x, y), 3, gather=True)
+    assert odd.seeded and not odd.gather
+    first, second = odd[2][0][0], odd[2][0][0]
+    assert torch.equal(first, second)  # seeded per item

@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
 from ..config import Config
-from ..data.items import EpochTagged, SeededItems, TensorItems, mix_seed
+from ..data.items import EpochTagged, SeededItems, TensorItems, collate_rows, mix_seed
 from ..data.sampler import EvalShardSampler, ResumableDistributedSampler
 from ..runtime.control import ignore_stop_signals
 from ..runtime.distributed import DistInfo
@@ -100,10 +100,11 @@ class Batches:
         every batch, training batches too."""
         self.cfg, self.info = cfg, info
         self.collate_fn = collate_fn
-        self.train_items = SeededItems(train_set, cfg.seed)
+        # Without a task's collate_fn, a tensor dataset's batches are gathered whole.
+        self.train_items = SeededItems(train_set, cfg.seed, gather=collate_fn is None)
         self.sampler = ResumableDistributedSampler(self.train_items, info.world_size, info.rank,
                                                    cfg.batch_size, cfg.seed)
-        self.eval_items = SeededItems(test_set, cfg.seed)
+        self.eval_items = SeededItems(test_set, cfg.seed, gather=collate_fn is None)
         self.eval_sampler = EvalShardSampler(len(self.eval_items), info.world_size, info.rank)
         self.steps_per_epoch = self.sampler.batches_per_epoch
         self.per_rank_batch = cfg.batch_size // info.world_size
@@ -160,7 +161,8 @@ class Batches:
     def _new_loader(self, items: SeededItems, sampler: Sampler, batch_size: int,
                     drop_last: bool, salt: int, pin_memory: bool) -> DataLoader:
         workers = self.cfg.num_workers
-        collate = _IndexedCollate(self.collate_fn) if self.collate_fn is not None else None
+        collate = (_IndexedCollate(self.collate_fn) if self.collate_fn is not None
+                   else collate_rows)
         return DataLoader(items, batch_size=batch_size, sampler=EpochTagged(sampler, items),
                           num_workers=workers, drop_last=drop_last, collate_fn=collate,
                           worker_init_fn=ignore_stop_signals, pin_memory=pin_memory,

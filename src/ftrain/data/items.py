@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, TensorDataset, default_collate
 
 
 class DataError(Exception):
@@ -51,6 +51,35 @@ class TensorItems(Dataset):
         return self.x[i], self.y[i]
 
 
+def tensor_rows(data: Dataset) -> tuple[torch.Tensor, ...] | None:
+    """The tensors whose rows are ``data``'s items, for datasets whose items are known to be
+    drawn by indexing them and nothing else: ``TensorItems`` and torch's ``TensorDataset``
+    (not their subclasses, which may draw items their own way). None for any other."""
+    if type(data) is TensorItems:
+        return (data.x, data.y)
+    if type(data) is TensorDataset:
+        return tuple(data.tensors)
+    return None
+
+
+class Gathered:
+    """A batch that ``SeededItems.__getitems__`` gathered whole: ``collate_rows`` passes it
+    through."""
+
+    __slots__ = ("batch",)
+
+    def __init__(self, batch: list[Any]) -> None:
+        self.batch = batch
+
+
+def collate_rows(rows: Any) -> Any:
+    """The DataLoader's collate_fn over ``SeededItems`` (without a task's own): a gathered
+    batch as it is, a list of ``(item, index)`` rows through ``default_collate``."""
+    if isinstance(rows, Gathered):
+        return rows.batch
+    return default_collate(rows)
+
+
 # ---------------------------------------------------------------------------- per-item RNG
 class SeededItems(Dataset):
     """Wraps a task's dataset: item ``i`` of epoch ``e`` is produced with python's, numpy's and
@@ -59,14 +88,22 @@ class SeededItems(Dataset):
     An index is ``i`` (of the epoch last given to ``set_epoch``) or an ``(e, i)`` pair (see
     ``EpochTagged``). The RNG states are saved and restored around each fetch (one item, or a
     batch through ``__getitems__``), so the caller's random streams are untouched. Datasets
-    that declare ``rng_free = True`` are fetched without seeding.
+    that declare ``rng_free = True``, and tensor datasets (``tensor_rows``), are fetched
+    without seeding.
+
+    ``gather``: a batch of a tensor dataset comes back as one ``Gathered`` batch, its rows
+    taken by one indexing of each tensor, equal to what ``default_collate`` stacks from the
+    rows one by one (for a DataLoader whose collate_fn is ``collate_rows``): no Python per
+    item.
     """
 
-    def __init__(self, base: Dataset, seed: int) -> None:
+    def __init__(self, base: Dataset, seed: int, gather: bool = False) -> None:
         self.base = base
         self.seed = seed
         self.epoch = 0
-        self.seeded = not getattr(base, "rng_free", False)
+        self.rows = tensor_rows(base)
+        self.seeded = not (getattr(base, "rng_free", False) or self.rows is not None)
+        self.gather = gather and self.rows is not None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -75,9 +112,19 @@ class SeededItems(Dataset):
         return len(self.base)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int):
-        return self.__getitems__([i])[0]
+        return self._rows([i])[0]
 
-    def __getitems__(self, indices: Sequence[Any]) -> list[tuple[Any, int]]:
+    def __getitems__(self, indices: Sequence[Any]) -> list[tuple[Any, int]] | Gathered:
+        if self.gather:
+            assert self.rows is not None
+            at = torch.tensor([i[1] if isinstance(i, tuple) else i for i in indices],
+                              dtype=torch.int64)
+            # default_collate makes a list of a batch of tuples, and stacks into new
+            # contiguous tensors: the same here.
+            return Gathered([[t[at].contiguous() for t in self.rows], at])
+        return self._rows(indices)
+
+    def _rows(self, indices: Sequence[Any]) -> list[tuple[Any, int]]:
         keys = [i if isinstance(i, tuple) else (self.epoch, i) for i in indices]
         if not self.seeded:
             return [(self.base[i], i) for _epoch, i in keys]
