@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftrain.core.rng import step_seed
+from ftrain.core.rng import step_seed, step_seeds
 from ftrain.data.items import mix_seed
 from ftrain.data.sampler import EvalShardSampler, ResumableDistributedSampler
 from ftrain.tasks.builtin.datasets import make_synthetic
@@ -87,3 +87,31 @@ def test_synthetic_is_deterministic_and_balanced():
     assert not torch.equal(a_train.x, c_train.x)
     assert a_train[3][0].shape == (1, 28, 28) and a_train[3][1].dtype == torch.int64
     assert len(a_test) == 128 and set(a_train.y.tolist()) == set(range(10))
+
+
+def test_an_epochs_step_seeds_computed_at_once_are_the_step_seeds():
+    for seed, epoch, rank in ((0, 0, 0), (12345, 7, 3), (2**62 + 5, 2**40, 511)):
+        assert step_seeds(seed, epoch, rank, 300) == [step_seed(seed, epoch, b, rank)
+                                                      for b in range(300)]
+
+
+def test_metric_sums_rows_are_the_same_exact_float64_whatever_the_sums_types():
+    """A batch's sums as the loop takes them: scalar tensors of any dtype (the quick path),
+    one-element tensors, Python numbers, tensors that require grad; the names checked."""
+    import pytest
+    import torch
+
+    from ftrain.core.sums import MetricSums
+
+    big = 2**40 + 3  # exact in float64, not in float32
+    want = torch.tensor([1.5, float(big), 1.0], dtype=torch.float64)
+    w = torch.tensor(1.5, requires_grad=True)
+    for sums in ({"loss": torch.tensor(1.5), "n": torch.tensor(big), "ok": torch.tensor(True)},
+                 {"loss": w * 1, "n": torch.tensor([big]), "ok": 1},
+                 {"loss": 1.5, "n": big, "ok": torch.tensor([1.0], dtype=torch.float16)}):
+        row = MetricSums(None, torch.device("cpu"), [], "Task").row(sums)
+        assert row.dtype == torch.float64 and not row.requires_grad
+        assert torch.equal(row, want)
+    ms = MetricSums(None, torch.device("cpu"), ["loss", "n"], "MyTask")
+    with pytest.raises(ValueError, match="MyTask.loss returned the metric sums"):
+        ms.row({"loss": torch.tensor(1.0)})

@@ -192,7 +192,8 @@ class Batches:
         on_dev = order.to(self.info.device)
         for b in range(len(order) // self.per_rank_batch):
             cut = slice(b * self.per_rank_batch, (b + 1) * self.per_rank_batch)
-            yield (x[on_dev[cut]], y[on_dev[cut]]), order[cut]
+            rows = on_dev[cut]
+            yield (x[rows], y[rows]), order[cut]
 
     def evaluation(self, epoch: int) -> DataLoader:
         """This rank's share of the evaluation set (every item once over the ranks)."""

@@ -27,7 +27,7 @@ from ..runtime.monitor import Monitor
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
-from .rng import seed_step, step_seed
+from .rng import seed_step, step_seeds
 from .stopping import Stopping
 from .sums import MetricSums
 from .survivor import after_peer_failure
@@ -119,10 +119,11 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
+        seeds = step_seeds(cfg.seed, st.epoch, info.rank, self.steps_per_epoch)
         for (inputs, targets), idx in batches:
             # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
             # at any step boundary is derivable, with nothing to save, by any rank.
-            seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
+            seed_step(seeds[st.batch_in_epoch], info.device)
             if self._compiling:
                 self.epoch_t0 += self._first_compiled_step(inputs, targets)
             else:

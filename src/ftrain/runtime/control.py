@@ -127,6 +127,8 @@ class StopControl:
         self.storage_busy = storage_busy
         self.published = published
         self._pending = None
+        self._last_agreed: list[int] | None = None
+        self._last_decision = Decision(False, False, False)
 
     def _flags(self) -> list[int]:
         return [int(self.signals.received is not None), int(self.timed_due()),
@@ -146,7 +148,9 @@ class StopControl:
             self._pending = self.coll.start_agree(flags)
         else:
             agreed = flags
-        return Decision.of(agreed)
+        if agreed != self._last_agreed:  # mostly the same flags as the step before
+            self._last_agreed, self._last_decision = agreed, Decision.of(agreed)
+        return self._last_decision
 
     def drain(self) -> None:
         """Finish the exchange in flight (before any other collective)."""
