@@ -11,10 +11,11 @@ and the steps/s of each exchange over 30 more steps.
   bucket and re-packs them after it (``compute_bucket_size_limits``); the ring sums each
   element in an order that depends on where it falls in its bucket, so the resumed run's first
   step sums differently from the uninterrupted run's same step.
-- ``allreduce-pinned``: the same all-reduce, after one warm-up backward pass whose gradients
-  are thrown away, so that every counted step, in every process, runs on the re-packed layout.
-- ``gather``: ftrain's ``StepExchange`` (runtime/exchange.py): each bucket all-gathered, summed
-  in rank order.
+- ``allreduce-pinned``: ftrain's ``StepExchange`` on CPU (runtime/exchange.py): the same
+  all-reduce, after one backward pass whose gradients are thrown away (``pin_layout``), so
+  that every counted step, in every process, runs on the re-packed layout.
+- ``gather``: ``StepExchange(model, "gather")`` (``--deterministic`` on GPUs): each bucket
+  all-gathered, summed in rank order.
 """
 
 from __future__ import annotations
@@ -51,12 +52,13 @@ def _wrap(model: nn.Module, mode: str) -> nn.parallel.DistributedDataParallel:
     from ftrain.runtime.exchange import StepExchange
 
     ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
-    if mode == "gather":
-        ddp.register_comm_hook(None, StepExchange(model).hook)
-    elif mode == "allreduce-pinned":  # one thrown-away backward: the buckets get re-packed
-        x, y = _batch(-1, dist.get_rank())
-        nn.functional.cross_entropy(ddp(x), y).backward()
-        model.zero_grad(set_to_none=True)
+    if mode == "allreduce":
+        return ddp
+    hook = StepExchange(model, "gather" if mode == "gather" else "allreduce")
+    ddp.register_comm_hook(None, hook.hook)
+    x, y = _batch(-1, dist.get_rank())
+    # the Trainer's call before the first step (a no-op for the gather)
+    hook.pin_layout(ddp, lambda: nn.functional.cross_entropy(ddp(x), y))
     return ddp
 
 

@@ -189,13 +189,15 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
     # Under fsdp the model is its own wrapper (FSDP2 reduce-scatters the gradients).
     exchange = None
     if info.is_distributed and info.world_size > 1 and cfg.parallel == "ddp":
-        # On CPU and under --deterministic the gradients travel through StepExchange: their
-        # mean in rank order (exact resume). On CPU the step's metric sums and rank 0's
+        # On CPU and under --deterministic the gradients travel through StepExchange: a mean
+        # that a resume reproduces bit for bit (on CPU an all-reduce on a pinned bucket
+        # layout, on GPU the mean in rank order). On CPU the step's metric sums and rank 0's
         # buffers (which DDP would broadcast at the next forward pass) go with them, so that a
         # survivor holds the whole state of the newest step. Not yet on GPU: a dead peer hangs
         # NCCL, and what the device has executed is not what the host has queued (unverified).
-        hook = StepExchange(model) if (
-            info.device.type == "cpu" or cfg.deterministic) else None
+        cpu = info.device.type == "cpu"
+        hook = StepExchange(model, "allreduce" if cpu else "gather") if (
+            cpu or cfg.deterministic) else None
         if hook is not None and info.device.type == "cpu":
             exchange = hook
         ddp = torch.nn.parallel.DistributedDataParallel(

@@ -59,6 +59,8 @@ class Trainer:
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
+        # The exchange all-reduces on a bucket layout pinned before the first step.
+        self._pin_layout = parts.exchange is not None and parts.exchange.reduce == "allreduce"
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
         self.start_step = state.step  # what this run resumed from
         self.epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
@@ -121,6 +123,10 @@ class Trainer:
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
         seeds = step_seeds(cfg.seed, st.epoch, info.rank, self.steps_per_epoch)
         for (inputs, targets), idx in batches:
+            if self._pin_layout:  # this process's first step: not a step, not timed
+                t0 = time.perf_counter()
+                self._pin_buckets(inputs, targets)
+                self.epoch_t0 += time.perf_counter() - t0
             # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
             # at any step boundary is derivable, with nothing to save, by any rank.
             seed_step(seeds[st.batch_in_epoch], info.device)
@@ -162,6 +168,21 @@ class Trainer:
         self._fold_sums()
         st.elapsed += time.perf_counter() - self.epoch_t0
         return None
+
+    def _pin_buckets(self, inputs: Any, targets: Any) -> None:
+        """One thrown-away backward pass on the first micro-batch, before this process's first
+        step: DDP re-packs its gradient buckets after it, and all-reduces every step on that
+        layout, in this process as in any other (runtime/exchange.py). Collective."""
+        self._pin_layout = False
+        cfg, dev, p, task = self.cfg, self.info.device, self.p, self.task
+        x = split_batch(to_device(inputs, dev), cfg.grad_accum)[0]
+        y = split_batch(to_device(targets, dev), cfg.grad_accum)[0]
+
+        def forward_loss() -> torch.Tensor:
+            with autocast(cfg.precision, dev):
+                return task.loss(task.forward(p.ddp, x), y)[0]
+
+        p.exchange.pin_layout(p.ddp, forward_loss)
 
     def _first_compiled_step(self, inputs: Any, targets: Any) -> float:
         """The run's first step under --compile, timed apart: it includes the compilation,
