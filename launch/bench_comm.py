@@ -13,9 +13,11 @@ and the steps/s of each exchange over 30 more steps.
   step sums differently from the uninterrupted run's same step.
 - ``allreduce-pinned``: ftrain's ``StepExchange`` on CPU (runtime/exchange.py): the same
   all-reduce, after one backward pass whose gradients are thrown away (``pin_layout``), so
-  that every counted step, in every process, runs on the re-packed layout.
+  that every counted step, in every process, runs on the re-packed layout; with each step's
+  metric sums (two) in the all-gather of their own, as the Trainer sends them.
 - ``gather``: ``StepExchange(model, "gather")`` (``--deterministic`` on GPUs): each bucket
-  all-gathered, summed in rank order.
+  all-gathered, summed in rank order; gradients only (ftrain's CPU exchange carried the sums
+  in the same gather until 2026-12-05, at no extra collective).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ def _wrap(model: nn.Module, mode: str) -> nn.parallel.DistributedDataParallel:
         return ddp
     hook = StepExchange(model, "gather" if mode == "gather" else "allreduce")
     ddp.register_comm_hook(None, hook.hook)
+    ddp.exchange = hook if mode != "gather" else None  # sends a row of metric sums a step
     x, y = _batch(-1, dist.get_rank())
     # the Trainer's call before the first step (a no-op for the gather)
     hook.pin_layout(ddp, lambda: nn.functional.cross_entropy(ddp(x), y))
@@ -65,7 +68,12 @@ def _wrap(model: nn.Module, mode: str) -> nn.parallel.DistributedDataParallel:
 def _steps(ddp: nn.Module, opt: torch.optim.Optimizer, first: int, n: int) -> None:
     for s in range(first, first + n):
         x, y = _batch(s, dist.get_rank())
+        exchange = getattr(ddp, "exchange", None)
+        if exchange is not None:  # as the Trainer does: two metric sums with the gradients
+            exchange.send(torch.zeros(2, dtype=torch.float64))
         nn.functional.cross_entropy(ddp(x), y).backward()
+        if exchange is not None:
+            exchange.completed()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

@@ -83,6 +83,7 @@ def test_lm_four_to_two_workers_every_sample_once(tmp_path):
     assert [h["epoch"] for h in latest(d).train_state["history"]] == [1, 2]
 
 
+@pytest.mark.extended  # a second case: docs/development/testing.md
 def test_lm_sigterm_writes_an_emergency_checkpoint_and_exits_143(tmp_path):
     d, trace1 = tmp_path / "ckpt", tmp_path / "trace1"
     args = [*LM, "--epochs", "3", "--checkpoint-dir", str(d)]
@@ -110,7 +111,7 @@ def test_lm_sigterm_writes_an_emergency_checkpoint_and_exits_143(tmp_path):
 def test_chaos_sigkills_the_language_model(lm_reference, tmp_path):
     """SIGKILL to a worker and to torchrun with every worker, at moments drawn from the seed;
     each run resumed ends bitwise equal to the uninterrupted one (weights, history, the
-    samples of every step). (SIGTERM: the test above.)"""
+    samples of every step). (SIGTERM: the test above, in make test-extended.)"""
     r = subprocess.run([PY, "-m", "launch.chaos", "--nproc", str(NPROC), "--kills", "2",
                         "--seed", "3", "--signals", "SIGKILL", "--workdir", str(tmp_path),
                         "--reference", lm_reference.folder, "--task", "examples.charlm:CharLM",

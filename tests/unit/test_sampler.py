@@ -93,6 +93,8 @@ def test_an_epochs_step_seeds_computed_at_once_are_the_step_seeds():
     for seed, epoch, rank in ((0, 0, 0), (12345, 7, 3), (2**62 + 5, 2**40, 511)):
         assert step_seeds(seed, epoch, rank, 300) == [step_seed(seed, epoch, b, rank)
                                                       for b in range(300)]
+        assert step_seeds(seed, epoch, rank, 300, first=290) == [
+            step_seed(seed, epoch, b, rank) for b in range(290, 300)]
 
 
 def test_metric_sums_rows_are_the_same_exact_float64_whatever_the_sums_types():

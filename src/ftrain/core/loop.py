@@ -6,6 +6,7 @@ step boundary."""
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -61,6 +62,7 @@ class Trainer:
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         # The exchange all-reduces on a bucket layout pinned before the first step.
         self._pin_layout = parts.exchange is not None and parts.exchange.reduce == "allreduce"
+        self._pinned_s = 0.0
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
         self.start_step = state.step  # what this run resumed from
         self.epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
@@ -121,15 +123,17 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
-        seeds = step_seeds(cfg.seed, st.epoch, info.rank, self.steps_per_epoch)
+        first = st.batch_in_epoch
+        seeds = step_seeds(cfg.seed, st.epoch, info.rank, self.steps_per_epoch, first)
         for (inputs, targets), idx in batches:
             if self._pin_layout:  # this process's first step: not a step, not timed
                 t0 = time.perf_counter()
                 self._pin_buckets(inputs, targets)
-                self.epoch_t0 += time.perf_counter() - t0
+                self._pinned_s = time.perf_counter() - t0  # includes --compile's compilation
+                self.epoch_t0 += self._pinned_s
             # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
             # at any step boundary is derivable, with nothing to save, by any rank.
-            seed_step(seeds[st.batch_in_epoch], info.device)
+            seed_step(seeds[st.batch_in_epoch - first], info.device)
             if self._compiling:
                 self.epoch_t0 += self._first_compiled_step(inputs, targets)
             else:
@@ -182,7 +186,14 @@ class Trainer:
             with autocast(cfg.precision, dev):
                 return task.loss(task.forward(p.ddp, x), y)[0]
 
-        p.exchange.pin_layout(p.ddp, forward_loss)
+        # What the thrown-away pass may change besides the model's buffers: the task's own
+        # checkpointed state, gradients of tensors outside the model.
+        task_state = copy.deepcopy(task.state_dict())
+        try:
+            p.exchange.pin_layout(p.ddp, forward_loss)
+        finally:
+            p.optimizer.zero_grad(set_to_none=True)
+            task.load_state_dict(task_state)
 
     def _first_compiled_step(self, inputs: Any, targets: Any) -> float:
         """The run's first step under --compile, timed apart: it includes the compilation,
@@ -191,10 +202,11 @@ class Trainer:
         self._step(inputs, targets)
         seconds = time.perf_counter() - t0
         self._compiling = False
+        compiled_in = seconds + self._pinned_s  # the layout's pass compiled it, if it ran
         if self.info.is_main:
             log.info("compiled the model (--compile %s): the first step took %.1fs, not "
-                     "counted as training time", self.cfg.compile, seconds,
-                     extra={"fields": {"event": "compiled", "seconds": seconds}})
+                     "counted as training time", self.cfg.compile, compiled_in,
+                     extra={"fields": {"event": "compiled", "seconds": compiled_in}})
         return seconds
 
     def _log_step(self, samples_per_s: float) -> None:

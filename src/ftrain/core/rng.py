@@ -45,11 +45,12 @@ _GOLDEN, _M1, _M2 = (np.uint64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5
                                              0x94D049BB133111EB))
 
 
-def step_seeds(seed: int, epoch: int, rank: int, batches: int) -> list[int]:
-    """``step_seed(seed, epoch, b, rank)`` for every batch ``b`` of an epoch, computed at once
-    (numpy's uint64 arithmetic wraps as ``mix_seed``'s masks do): the loop looks each up."""
+def step_seeds(seed: int, epoch: int, rank: int, batches: int, first: int = 0) -> list[int]:
+    """``step_seed(seed, epoch, b, rank)`` for the batches ``b`` from ``first`` to ``batches``
+    of an epoch, computed at once (numpy's uint64 arithmetic wraps as ``mix_seed``'s masks do):
+    the loop looks each up."""
     mask = (1 << 64) - 1
-    head = np.full(batches, 0x9E3779B97F4A7C15, dtype=np.uint64)
+    head = np.full(max(batches - first, 0), 0x9E3779B97F4A7C15, dtype=np.uint64)
 
     def rounds(x: np.ndarray, part: np.ndarray) -> np.ndarray:
         x = (x ^ part) + _GOLDEN
@@ -60,7 +61,7 @@ def step_seeds(seed: int, epoch: int, rank: int, batches: int) -> list[int]:
     with np.errstate(over="ignore"):
         x = head
         for part in (np.uint64(int(seed) & mask), np.uint64(int(epoch) & mask),
-                     np.arange(batches, dtype=np.uint64), np.uint64(int(rank) & mask),
+                     np.arange(first, batches, dtype=np.uint64), np.uint64(int(rank) & mask),
                      np.uint64(0x5EED)):
             x = rounds(x, part)
     return (x & np.uint64((1 << 63) - 1)).tolist()

@@ -29,7 +29,7 @@ class MetricSums:
         if not self.names:
             self.names = list(sums)
             self._name_set = set(self.names)
-        if sums.keys() != self._name_set:
+        if set(sums) != self._name_set:
             raise ValueError(f"{self.owner}.loss returned the metric sums {sorted(sums)}; "
                              f"earlier batches returned {sorted(self.names)}: return the same "
                              "names every time")

@@ -101,9 +101,9 @@ class SeededItems(Dataset):
         self.base = base
         self.seed = seed
         self.epoch = 0
-        self.rows = tensor_rows(base)
-        self.seeded = not (getattr(base, "rng_free", False) or self.rows is not None)
-        self.gather = gather and self.rows is not None
+        rows = tensor_rows(base) is not None
+        self.seeded = not (getattr(base, "rng_free", False) or rows)
+        self.gather = gather and rows
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -115,13 +115,13 @@ class SeededItems(Dataset):
         return self._rows([i])[0]
 
     def __getitems__(self, indices: Sequence[Any]) -> list[tuple[Any, int]] | Gathered:
-        if self.gather:
-            assert self.rows is not None
+        rows = tensor_rows(self.base) if self.gather else None
+        if rows is not None:  # looked up per batch: the task may have replaced the tensors
             at = torch.tensor([i[1] if isinstance(i, tuple) else i for i in indices],
                               dtype=torch.int64)
             # default_collate makes a list of a batch of tuples, and stacks into new
             # contiguous tensors: the same here.
-            return Gathered([[t[at].contiguous() for t in self.rows], at])
+            return Gathered([[t[at].contiguous() for t in rows], at])
         return self._rows(indices)
 
     def _rows(self, indices: Sequence[Any]) -> list[tuple[Any, int]]:
