@@ -198,7 +198,7 @@ def _run(cfg: Config, info: DistInfo, coll: Collectives, signals: StopSignals,
         cpu = info.device.type == "cpu"
         hook = StepExchange(model, "allreduce" if cpu else "gather") if (
             cpu or cfg.deterministic) else None
-        if hook is not None and info.device.type == "cpu":
+        if hook is not None and cpu:
             exchange = hook
         ddp = torch.nn.parallel.DistributedDataParallel(
             ddp, device_ids=[info.device.index] if info.device.type == "cuda" else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ftrain.core.rng import step_seed, step_seeds
+from ftrain.core.rng import step_seed
 from ftrain.data.items import mix_seed
 from ftrain.data.sampler import EvalShardSampler, ResumableDistributedSampler
 from ftrain.tasks.builtin.datasets import make_synthetic
@@ -87,14 +87,6 @@ def test_synthetic_is_deterministic_and_balanced():
     assert not torch.equal(a_train.x, c_train.x)
     assert a_train[3][0].shape == (1, 28, 28) and a_train[3][1].dtype == torch.int64
     assert len(a_test) == 128 and set(a_train.y.tolist()) == set(range(10))
-
-
-def test_an_epochs_step_seeds_computed_at_once_are_the_step_seeds():
-    for seed, epoch, rank in ((0, 0, 0), (12345, 7, 3), (2**62 + 5, 2**40, 511)):
-        assert step_seeds(seed, epoch, rank, 300) == [step_seed(seed, epoch, b, rank)
-                                                      for b in range(300)]
-        assert step_seeds(seed, epoch, rank, 300, first=290) == [
-            step_seed(seed, epoch, b, rank) for b in range(290, 300)]
 
 
 def test_metric_sums_rows_are_the_same_exact_float64_whatever_the_sums_types():

@@ -28,7 +28,7 @@ from ..runtime.monitor import Monitor
 from ..tasks import Task
 from .batching import Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
-from .rng import seed_step, step_seeds
+from .rng import seed_step, step_seed
 from .stopping import Stopping
 from .sums import MetricSums
 from .survivor import after_peer_failure
@@ -61,7 +61,7 @@ class Trainer:
         self.per_rank_batch = self.batches.per_rank_batch
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         # The exchange all-reduces on a bucket layout pinned before the first step.
-        self._pin_layout = parts.exchange is not None and parts.exchange.reduce == "allreduce"
+        self._pin_layout = parts.exchange is not None
         self._pinned_s = 0.0
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
         self.start_step = state.step  # what this run resumed from
@@ -123,8 +123,6 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
-        first = st.batch_in_epoch
-        seeds = step_seeds(cfg.seed, st.epoch, info.rank, self.steps_per_epoch, first)
         for (inputs, targets), idx in batches:
             if self._pin_layout:  # this process's first step: not a step, not timed
                 t0 = time.perf_counter()
@@ -133,7 +131,7 @@ class Trainer:
                 self.epoch_t0 += self._pinned_s
             # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
             # at any step boundary is derivable, with nothing to save, by any rank.
-            seed_step(seeds[st.batch_in_epoch - first], info.device)
+            seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
             if self._compiling:
                 self.epoch_t0 += self._first_compiled_step(inputs, targets)
             else:

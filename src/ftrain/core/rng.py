@@ -41,31 +41,6 @@ def step_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
     return mix_seed(seed, epoch, batch, rank, 0x5EED)
 
 
-_GOLDEN, _M1, _M2 = (np.uint64(v) for v in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9,
-                                             0x94D049BB133111EB))
-
-
-def step_seeds(seed: int, epoch: int, rank: int, batches: int, first: int = 0) -> list[int]:
-    """``step_seed(seed, epoch, b, rank)`` for the batches ``b`` from ``first`` to ``batches``
-    of an epoch, computed at once (numpy's uint64 arithmetic wraps as ``mix_seed``'s masks do):
-    the loop looks each up."""
-    mask = (1 << 64) - 1
-    head = np.full(max(batches - first, 0), 0x9E3779B97F4A7C15, dtype=np.uint64)
-
-    def rounds(x: np.ndarray, part: np.ndarray) -> np.ndarray:
-        x = (x ^ part) + _GOLDEN
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
-        return x ^ (x >> np.uint64(31))
-
-    with np.errstate(over="ignore"):
-        x = head
-        for part in (np.uint64(int(seed) & mask), np.uint64(int(epoch) & mask),
-                     np.arange(first, batches, dtype=np.uint64), np.uint64(int(rank) & mask),
-                     np.uint64(0x5EED)):
-            x = rounds(x, part)
-    return (x & np.uint64((1 << 63) - 1)).tolist()
-
 
 SEEDS_DOC = {"step": "mix_seed(seed, epoch, batch_in_epoch, rank, 0x5EED) before every step, "
                      "on python, numpy, torch's CPU generator and the rank's own GPU",

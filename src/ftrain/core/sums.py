@@ -19,7 +19,6 @@ class MetricSums:
                  owner: str, exchanged: bool = False) -> None:
         self.coll, self.device = coll, device
         self.names = list(names)  # fixed by the first batch (or the resumed state)
-        self._name_set = set(self.names)
         self.owner = owner  # the task's class name, for the error below
         self.exchanged = exchanged
         self.rows: list[torch.Tensor] = []
@@ -28,8 +27,7 @@ class MetricSums:
         """The metric sums of one batch as a float64 vector, in a fixed order of names."""
         if not self.names:
             self.names = list(sums)
-            self._name_set = set(self.names)
-        if set(sums) != self._name_set:
+        if set(sums) != set(self.names):
             raise ValueError(f"{self.owner}.loss returned the metric sums {sorted(sums)}; "
                              f"earlier batches returned {sorted(self.names)}: return the same "
                              "names every time")

@@ -101,9 +101,9 @@ class SeededItems(Dataset):
         self.base = base
         self.seed = seed
         self.epoch = 0
-        rows = tensor_rows(base) is not None
-        self.seeded = not (getattr(base, "rng_free", False) or rows)
-        self.gather = gather and rows
+        tensors = tensor_rows(base) is not None
+        self.seeded = not (getattr(base, "rng_free", False) or tensors)
+        self.gather = gather and tensors
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
