@@ -14,6 +14,9 @@ P6  SIGKILL of a 2-worker job -> first step after the restart, minus the launche
     trivial torchrun script's start-up + process group), vs 2 s + the checkpoint load
 P7  verified load                                       vs raw read of the same bytes
 P8  steps lost per SIGTERM / per SIGKILL in a short chaos run vs 0 / max(save interval, persist)
+S1  extra wall time per save of a real run (a run with saves every 10 steps minus one without,
+    MLP 4096x4, 409 MiB of state)                     vs a synchronous torch.save + fsync
+S2  the persist time the run logs                      vs raw write + fsync of the same bytes
 
 P1 and P2 are medians of 3 interleaved runs (--quick: 1). It prints a table (measure, ours,
 reference, ratio, target, pass) and writes it as Markdown,
@@ -234,6 +237,52 @@ def tiny(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list
     return rows
 
 
+def save_cost(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) -> list[tuple]:
+    """The cost of a save as a user meets it, measured from outside: the wall time of a run with
+    a save every 10 steps minus that of the same run without (both save at the epoch's end),
+    per save (S1), against a synchronous ``torch.save`` + fsync of the same state; and the
+    persist time the run logs (snapshot to commit) against a raw write + fsync of the same
+    bytes (S2). MLP 4096x4, batch 32: 409 MiB of state with SGD's momentum."""
+    every, steps = 10, (40 if quick else 100)
+    common = ["--model", "mlp", "--width", "4096", "--depth", "4", "--epochs", "1",
+              "--synthetic-train-size", str(steps * 32), "--synthetic-test-size", "64",
+              "--batch-size", "32", "--log-every-steps", "0", "--save-every-seconds", "0",
+              "--keep-last", "2", "--device", device]
+    walls: dict[str, list[float]] = {"none": [], "saves": []}
+    persists: list[float] = []
+    saves = steps // every - 1  # the last one is the epoch end's, which both runs write
+    for rep in range(repeats):  # interleaved: the machine's noise hits both alike
+        for key, every_steps in (("none", 0), ("saves", every)):
+            folder = work / f"save-{key}-{rep}"
+            t0 = time.perf_counter()
+            log = _train([*common, "--save-every-steps", str(every_steps),
+                          "--checkpoint-dir", str(folder)])
+            walls[key].append(time.perf_counter() - t0)
+            commits = [float(s) for s in re.findall(r"committed \([0-9.]+ MiB, ([0-9.]+)s\)",
+                                                    log)]
+            if len(commits) != (saves + 1 if every_steps else 1):
+                raise RuntimeError(f"expected {saves + 1 if every_steps else 1} commits, the "
+                                   f"run logged {len(commits)}:\n{log[-3000:]}")
+            if every_steps:
+                persists += commits[:-1]  # not the epoch end's: nothing trains beside it
+            if rep < repeats - 1 or key == "none":
+                shutil.rmtree(folder, ignore_errors=True)
+    newest = max((work / f"save-saves-{repeats - 1}").glob("step_*"))
+    r = subprocess.run([PY, "-m", "launch.bench_checkpoint", "--references", str(newest),
+                        "--repeats", "3", "--dir", str(work / "save-refs")], cwd=ROOT,
+                       env=_env(), capture_output=True, text=True, timeout=900, check=True)
+    refs = json.loads(r.stdout.strip().splitlines()[-1])
+    extra = (statistics.median(walls["saves"]) - statistics.median(walls["none"])) / saves
+    persist = statistics.median(persists)
+    mib = refs["mib"]
+    return [("S1", f"extra wall time per save in a run (s; MLP 4096x4, {mib:.0f} MiB, a save "
+                   f"every {every} steps) / sync torch.save+fsync", extra, refs["sync_save_s"],
+             extra / refs["sync_save_s"], "<= 0.3", extra / refs["sync_save_s"] <= 0.3),
+            ("S2", "raw write+fsync of the state's bytes / the persist the run logs (s; a "
+                   "throughput ratio)", refs["raw_write_s"], persist,
+             refs["raw_write_s"] / persist, ">= 0.8", refs["raw_write_s"] / persist >= 0.8)]
+
+
 # ---------------------------------------------------------------------------- P3-P5, P7
 def checkpoint_measures(work: Path, quick: bool, device: str = "cpu",
                         repeats: int = 3) -> list[tuple]:
@@ -388,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller runs (a few minutes)")
-    p.add_argument("--only", default="", help="comma-separated subset: p1,p2,tiny,ckpt,p6,p8")
+    p.add_argument("--only", default="", help="comma-separated subset: p1,p2,tiny,save,ckpt,p6,p8")
     p.add_argument("--out", default="", help="write the Markdown table here (after each part)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where the jobs train: cuda measures P1/P9, P2 and P3-P7 on the GPU "
@@ -398,8 +447,9 @@ def main(argv: list[str] | None = None) -> int:
                         "--quick 1)")
     args = p.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
-    parts = {"p1": p1, "p2": p2, "tiny": tiny, "ckpt": checkpoint_measures, "p6": p6, "p8": p8}
-    gpu_parts = ("ckpt", "p1", "p2", "tiny")
+    parts = {"p1": p1, "p2": p2, "tiny": tiny, "save": save_cost, "ckpt": checkpoint_measures,
+             "p6": p6, "p8": p8}
+    gpu_parts = ("ckpt", "p1", "p2", "tiny", "save")
     chosen = [x.strip().lower() for x in args.only.split(",") if x.strip()] or (
         list(gpu_parts) if args.device == "cuda" else list(parts))
     unknown = [x for x in chosen if x not in parts]

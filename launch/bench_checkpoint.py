@@ -1,6 +1,7 @@
 """Checkpoint cost benchmark: each measure printed with its reference, measured in the same run.
 
     python -m launch.bench_checkpoint [--mib 384] [--device auto] [--dir /tmp/bench] [--repeats 3]
+    python -m launch.bench_checkpoint --references CHECKPOINT_FOLDER   (launch.bench's S1, S2)
 
 P3  loop stall per save            vs the snapshot floor (copy into preallocated host buffers)
 P4  loop stall per save            vs synchronous torch.save + fsync of the same state
@@ -39,13 +40,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _write_fsync(path: str, write) -> None:
+    with open(path, "wb") as fh:
+        write(fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def references(folder: str, work: str, repeats: int) -> dict[str, float]:
+    """What a save of checkpoint ``folder``'s state costs a user without ftrain: a synchronous
+    ``torch.save`` + fsync of the state, and a raw write + fsync of its state file's bytes."""
+    import json
+
+    root, name = os.path.split(folder.rstrip("/"))
+    store = CheckpointStore(Storage(root))
+    loaded = store.load(name)
+    state = {k: v for k, v in loaded.state.items()}
+    blob = bytes(store.storage.read(f"{name}/{loaded.manifest.state_file}"))
+    os.makedirs(work, exist_ok=True)
+    sync_s = _median(lambda: _write_fsync(os.path.join(work, "sync.pt"),
+                                          lambda fh: torch.save(state, fh)), repeats)
+    raw_s = _median(lambda: _write_fsync(os.path.join(work, "raw.bin"),
+                                         lambda fh: fh.write(blob)), repeats)
+    shutil.rmtree(work, ignore_errors=True)
+    out = {"sync_save_s": sync_s, "raw_write_s": raw_s, "mib": len(blob) / 2**20}
+    print(json.dumps(out))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mib", type=float, default=384, help="approximate state size (MiB)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--dir", default="/tmp/ftrain-bench")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--references", metavar="FOLDER", default="",
+                   help="only time a sync torch.save + fsync and a raw write + fsync of this "
+                        "checkpoint's state; print them as JSON")
     args = p.parse_args(argv)
+    if args.references:
+        references(args.references, args.dir, args.repeats)
+        return 0
     device = choose_device(args.device, 0)
     # Two square Linear layers + AdamW (2 moments): params x 3 = state.
     width = int((args.mib * 2**20 / 4 / 3 / 2) ** 0.5)

@@ -26,7 +26,8 @@ def half_written_of(names: list[str]) -> set[str]:
     """State files among "step_N/file" names whose folder has no manifest yet."""
     committed = {n.split("/", 1)[0] for n in names if n.endswith("/" + MANIFEST)}
     return {n for n in names if n.startswith("step_") and n.split("/", 1)[0] not in committed
-            and n.rsplit("/", 1)[-1].startswith("state-") and n.endswith(".pt")}
+            and n.rsplit("/", 1)[-1].startswith("state-")
+            and n.endswith((".pt", ".bin"))}
 
 
 def local_names(ckpt_dir: Path | str) -> list[str]:

@@ -31,6 +31,7 @@ import torch
 
 from ftrain import ckpt as ckpt_tool
 from ftrain.checkpoint import MANIFEST, step_dirname
+from ftrain.checkpoint.rawstate import load_state
 from ftrain.data.remote import fetch_remote_data_dir
 from ftrain.runtime import exitcodes
 from ftrain.storage import Storage, StorageAccessError, StorageError, checksum
@@ -61,7 +62,7 @@ def fingerprint(folder: Path) -> dict[str, str]:
 
 def state_file(folder: Path) -> Path:
     """The model file of a checkpoint written once (a rewritten one holds strays as well)."""
-    (path,) = folder.glob("state-*.pt")
+    (path,) = folder.glob("state-*")
     return path
 
 
@@ -131,11 +132,11 @@ def test_weights_that_do_not_fit_the_model_exit_2_and_leave_the_checkpoint(tmp_p
     shutil.copytree(mlp8, d)
     folder = d / D4
     shard = state_file(folder)
-    state = torch.load(shard, weights_only=True)
+    state = load_state(shard.read_bytes())  # the raw layout (checkpoint/rawstate.py)
     name = next(k for k in state["model"] if k.endswith("weight"))
     state["model"][name] = torch.zeros(state["model"][name].shape[0] * 2,
                                        state["model"][name].shape[1])
-    torch.save(state, shard)
+    torch.save(state, shard)  # a torch.save zip in its place loads too
     data = shard.read_bytes()
     manifest = json.loads((folder / MANIFEST).read_text())
     manifest["files"][shard.name].update(size=len(data), digest=checksum(data))
@@ -260,7 +261,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(small_disk):
     # run, the max-failed-saves-th in a row does (exit 140, retryable:
     # docs/operations/preemption.md). (Which steps fail depends on timing: a save due while one
     # persists may be superseded.)
-    full = (rf"StorageError: write {re.escape(str(d))}/step_\d{{10}}/state-\w+\.pt: the disk "
+    full = (rf"StorageError: write {re.escape(str(d))}/step_\d{{10}}/state-\w+\.bin: the disk "
             rf"holding {re.escape(str(d))} is full \(No space left on device\): free space "
             r"there, or use another folder")
     assert re.search(rf"SAVE FAILED for {re.escape(str(d))}/step_\d{{10}} \(1 in a row\): "

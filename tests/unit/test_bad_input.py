@@ -36,7 +36,7 @@ D10, D20 = step_dirname(10), step_dirname(20)
 
 def state_file(folder: Path) -> Path:
     """The model file of a checkpoint written once (a rewritten one holds strays as well)."""
-    (path,) = folder.glob("state-*.pt")
+    (path,) = folder.glob("state-*")
     return path
 
 

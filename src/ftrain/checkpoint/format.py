@@ -3,15 +3,18 @@
 Layout below the checkpoint root (local folder or s3://bucket/prefix)::
 
     step_0000000480/
-        state-<writer>.pt          model, optimizer, scheduler (torch.save; loaded weights_only)
+        state-<writer>.bin         model, optimizer, scheduler: the tensors' raw bytes behind a
+                                   header (rawstate.py; format 4), or torch.save's zip in
+                                   state-<writer>.pt (formats 1 and 2, and a state holding a
+                                   tensor the raw layout cannot carry); loaded weights_only
         train_state-<writer>.json  epoch, step, position in epoch, metric history, seeds, config
         manifest.json              written last, create-only: its presence is the commit
 
 Data files carry the writer's token in their names, so two writers of the same step never touch
 each other's files and the create-only manifest decides which one committed. A checkpoint is
 valid when its manifest parses and every file it lists has the recorded size and checksum
-(format 2: XXH3-128, the algorithm named per file; format 1 checkpoints carry SHA-256 and still
-verify and load).
+(format 2 and later: XXH3-128, the algorithm named per file; format 1 checkpoints carry SHA-256
+and still verify and load).
 
 A sharded checkpoint (``--parallel fsdp``, format 3, ``layout: "sharded"``) holds the model and
 optimizer as DCP shard files, one per rank that wrote it (dcp.py), next to rank 0's files::
@@ -49,9 +52,10 @@ from ..storage import CHECKSUM_NAMES, Storage, checksum
 # Writes one file's bytes into the binary file object it is given.
 Producer = Callable[[BinaryIO], object]
 
-FORMAT_VERSION = 2  # 2: per-file checksum algorithm (XXH3-128); 1: SHA-256
+FORMAT_VERSION = 4  # 4: the state file's tensors as raw bytes (rawstate.py)
+ZIP_FORMAT = 2  # 2: the state file from torch.save, checksum named per file (XXH3-128)
 SHARDED_FORMAT = 3  # 3: layout "sharded" (DCP shard files, one per rank that wrote it)
-READABLE_FORMATS = (1, 2, 3)
+READABLE_FORMATS = (1, 2, 3, 4)  # 1: torch.save, SHA-256
 SHARDED = "sharded"
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step_(\d{10})$")

@@ -1,6 +1,6 @@
-"""The persister: a save snapshots into host buffers (staging.py) and a background thread
-serializes, writes and commits it (store.py), then applies retention. The sharded variant
-has every rank write its own shard and rank 0 commit the whole."""
+"""The persister: a save snapshots into host buffers (rawstate.Arena) and a background thread
+writes and commits it (store.py), then applies retention. The sharded variant has every rank
+write its own shard and rank 0 commit the whole."""
 
 from __future__ import annotations
 
@@ -21,10 +21,12 @@ from .format import (
     FORMAT_VERSION,
     SHARDED,
     SHARDED_FORMAT,
+    ZIP_FORMAT,
     Manifest,
     library_versions,
     step_dirname,
 )
+from .rawstate import Arena, encode
 from .staging import HostBuffers
 from .store import CheckpointStore
 
@@ -81,7 +83,7 @@ class Checkpointer:
         self.orphan_grace_s = orphan_grace_s
         self.is_main = True  # logs commits and applies retention
         self.writer = uuid.uuid4().hex[:12]
-        self._sets = (HostBuffers(), HostBuffers())
+        self._sets: tuple[Any, Any] = self._buffer_sets()
         self._cond = threading.Condition()
         self._pending: SaveRequest | None = None  # snapshotted, waiting for the persister
         self._running: SaveRequest | None = None  # being persisted
@@ -105,6 +107,9 @@ class Checkpointer:
         # At DEBUG: each save's peak RSS, snapshot to commit (memory.py), keyed by serial.
         self.memory = PeakRss(log.isEnabledFor(logging.DEBUG))
         self._thread.start()
+
+    def _buffer_sets(self) -> tuple[Any, Any]:
+        return Arena(), Arena()
 
     def save(self, step: int, state: dict[str, Any], train_state: dict[str, Any],
              facts: dict[str, Any], blocking: bool = False,
@@ -227,13 +232,16 @@ class Checkpointer:
 
     def _write(self, req: SaveRequest) -> bool:
         """Write and commit one checkpoint; whether this writer committed it."""
-        state_file = f"state-{self.writer}.pt"
         train_file = f"train_state-{self.writer}.json"
-        # torch.save writes straight into the storage's file, hashed as it goes: no copy of
-        # the whole state in memory and no second pass over it to hash it.
-        files = {state_file: lambda fh: torch.save(req.state, fh),
+        raw = encode(req.state, self._sets[req.buffers])
+        if raw is not None:  # the staged bytes as they are, hashed while written (format 4)
+            state_file, version, body = f"state-{self.writer}.bin", FORMAT_VERSION, raw
+        else:  # a tensor the raw layout cannot carry: torch.save, straight to storage
+            state_file, version = f"state-{self.writer}.pt", ZIP_FORMAT
+            body = lambda fh: torch.save(req.state, fh)  # noqa: E731
+        files = {state_file: body,
                  train_file: json.dumps(req.train_state, sort_keys=True).encode()}
-        manifest = Manifest.new(req.step, req.facts, FORMAT_VERSION, state_file, train_file)
+        manifest = Manifest.new(req.step, req.facts, version, state_file, train_file)
         return self.store.commit(req.step, files, manifest, self.writer)
 
     def _persist(self, req: SaveRequest) -> bool:
@@ -313,6 +321,9 @@ class ShardedCheckpointer(Checkpointer):
         self.world_size = world_size
         super().__init__(store, keep_last, orphan_grace_s, selection)
         self.is_main = is_main
+
+    def _buffer_sets(self) -> tuple[Any, Any]:
+        return HostBuffers(), HostBuffers()  # DTensor shards, written by DCP
 
     def _agree(self, req: SaveRequest) -> SaveRequest | None:
         if self.group is None:

@@ -20,6 +20,8 @@ class HostBuffers:
         if _is_dtensor(obj):
             return self._copy_dtensor(obj, key)
         if isinstance(obj, torch.Tensor):
+            if obj.layout != torch.strided:  # sparse: no buffer to copy into; a fresh copy
+                return obj.detach().to("cpu", copy=True)
             buf = self.buffers.get(key)
             if buf is None or buf.shape != obj.shape or buf.dtype != obj.dtype:
                 pin = obj.device.type == "cuda"

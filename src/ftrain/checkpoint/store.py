@@ -25,6 +25,7 @@ from .format import (
     Producer,
     step_dirname,
 )
+from .rawstate import RawFile, is_raw, load_state
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +130,9 @@ class CheckpointStore:
         try:
             blob = blobs[manifest.state_file]
             path = self.storage.local_path(f"{name}/{manifest.state_file}")
-            if path is not None and len(blob):
+            if is_raw(blob):  # format 4; the file mapped copy-on-write when it is local
+                state = load_state(blob, path)
+            elif path is not None and len(blob):
                 # Verified through the same page cache a moment ago; files are never rewritten
                 # in place. The tensors map the file (copy-on-write): no copy of the state.
                 state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -232,15 +235,15 @@ class CheckpointStore:
         return out
 
     # ------------------------------------------------------------------ commit
-    def commit(self, step: int, files: dict[str, bytes | memoryview | Producer],
+    def commit(self, step: int, files: dict[str, bytes | memoryview | Producer | RawFile],
                manifest: Manifest, writer: str,
                written: dict[str, dict[str, Any]] | None = None) -> bool:
         """Write ``files`` into the step's folder, then ``manifest`` (with every file's size and
         checksum, the writer and the time), create-only.
 
-        A file is given as its bytes, or as a ``Producer``: a function that writes the file's
+        A file is given as its bytes, as a ``Producer``: a function that writes the file's
         bytes into the file object it is given (``torch.save`` straight to the storage, hashed as
-        it goes). Returns True when this writer's checkpoint is committed. Returns False (and
+        it goes), or as a ``RawFile`` (host buffers written as they are, with O_DIRECT locally). Returns True when this writer's checkpoint is committed. Returns False (and
         removes this writer's files) when the step is already committed by another writer: an
         earlier run, or a concurrent one (a replacement pod while the old one still runs); the
         second writer is logged and never overwrites the first. A committed but corrupt
@@ -257,15 +260,14 @@ class CheckpointStore:
             return self._is_ours(name, writer, quiet=True)
         table = {fname: FileEntry.from_dict(meta) for fname, meta in (written or {}).items()}
         for fname, data in files.items():
-            put = self.storage.write_stream if callable(data) else self.storage.write
             try:
-                size, digest = put(f"{name}/{fname}", data, create_only=True)
+                size, digest = self._put(f"{name}/{fname}", data, create_only=True)
             except FileExistsError:
                 # The names carry this writer's token and the step is not committed: the file
                 # is this writer's own from a failed earlier attempt at this step. Replace it.
                 log.info("replacing %s left by an earlier failed attempt",
                          self.storage.uri(f"{name}/{fname}"))
-                size, digest = put(f"{name}/{fname}", data)
+                size, digest = self._put(f"{name}/{fname}", data)
             table[fname] = FileEntry(size, CHECKSUM, digest)
         self.last_commit_bytes = sum(meta.size for meta in table.values())
         body = dataclasses.replace(manifest, files=table, writer=writer,
@@ -278,6 +280,14 @@ class CheckpointStore:
             self._remove_files(name, [*files, *(written or {})])
             return False
         return True
+
+    def _put(self, rel: str, data: bytes | memoryview | Producer | RawFile,
+             create_only: bool = False) -> tuple[int, str]:
+        if isinstance(data, RawFile):
+            return self.storage.write_parts(rel, data.views(), data.size, create_only)
+        if callable(data):
+            return self.storage.write_stream(rel, data, create_only)
+        return self.storage.write(rel, data, create_only)
 
     def may_write(self, name: str, writer: str) -> bool:
         """Whether this writer may write step folder ``name``: nothing is committed there, or

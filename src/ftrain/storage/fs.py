@@ -38,7 +38,7 @@ from .errors import (
     redact,
     s3_refusal,
 )
-from .local import local_atomic_write_stream
+from .local import local_atomic_write_parts, local_atomic_write_stream
 from .tuning import s3_defaults, tuning
 
 log = logging.getLogger(__name__)
@@ -313,6 +313,34 @@ class Storage:
 
             def publish() -> None:
                 self._upload(rel, body, create_only)
+        return self._publish(rel, publish, written)
+
+    def write_parts(self, rel: str, parts: list[memoryview], size: int,
+                    create_only: bool = False) -> tuple[int, str]:
+        """Publish the first ``size`` bytes of ``parts`` (page-aligned host memory, each a
+        multiple of 4096 bytes long) atomically, as ``write`` does; returns their size and
+        checksum. A local file is written from the buffers with O_DIRECT where the filesystem
+        takes it (local.local_atomic_write_parts); a remote one is uploaded as
+        ``write_stream`` does."""
+        if not self.is_local:
+            def produce(sink: BinaryIO) -> None:
+                left = size
+                for part in parts:
+                    body = part[:left]
+                    sink.write(body)
+                    left -= len(body)
+
+            return self.write_stream(rel, produce, create_only)
+        written: dict[str, Any] = {}
+
+        def publish() -> None:
+            self._call(f"write {self.uri(rel)}", lambda: local_atomic_write_parts(
+                self.full(rel), parts, size, create_only, written))
+
+        return self._publish(rel, publish, written)
+
+    def _publish(self, rel: str, publish: Callable[[], None],
+                 written: dict[str, Any]) -> tuple[int, str]:
         try:
             publish()
         except FileExistsError:
