@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -64,8 +63,10 @@ def test_a_state_staged_in_an_arena_round_trips_bitwise(tmp_path):
     assert path.read_bytes() == data
 
 
-def test_the_arena_is_reused_and_a_later_snapshot_leaves_an_earlier_write_alone():
-    state = {"w": torch.zeros(1000)}
+def test_an_arena_is_reused_while_the_shapes_stay_and_its_gaps_are_zeros():
+    """The same buffer from snapshot to snapshot (a copy, never the live tensor); a new one
+    for new shapes; the bytes between tensors, which are in the file, are zeros."""
+    state = {"a": torch.full((3,), -1, dtype=torch.uint8), "w": torch.zeros(1000)}
     arena = Arena()
     first = arena.copy(state)
     buffer = arena.buffer.data_ptr()
@@ -73,8 +74,49 @@ def test_the_arena_is_reused_and_a_later_snapshot_leaves_an_earlier_write_alone(
     second = arena.copy(state)
     assert arena.buffer.data_ptr() == buffer and first["w"].data_ptr() == second["w"].data_ptr()
     assert torch.equal(second["w"], state["w"]) and second["w"] is not state["w"]
+    assert not arena.buffer[3:64].any() and not arena.buffer[arena.used:].any()
+    raw = encode(second, arena)
+    again = encode(arena.copy(state), arena)
+    assert b"".join(map(bytes, raw.views())) == b"".join(map(bytes, again.views()))
     arena.copy({"w": torch.zeros(2000)})  # another shape: a new buffer
     assert arena.used >= 8000
+
+
+def test_a_snapshot_taken_while_the_previous_one_is_written_does_not_touch_it(tmp_path,
+                                                                             monkeypatch):
+    """The persister writes one set's buffer while the loop snapshots the next save into the
+    other: the committed checkpoint holds the first state, bit for bit."""
+    import threading
+
+    from ftrain.storage import fs
+
+    entered, release = threading.Event(), threading.Event()
+    real = fs.Storage.write_parts
+
+    def held(self, rel, parts, size, create_only=False):
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(30)
+        return real(self, rel, parts, size, create_only)
+
+    monkeypatch.setattr(fs.Storage, "write_parts", held)
+    store = CheckpointStore(Storage(str(tmp_path)))
+    ck = Checkpointer(store, keep_last=3, orphan_grace_s=3600)
+    w = torch.arange(4096, dtype=torch.float32)
+    state, want = {"model": {"w": w}}, w.clone()
+    try:
+        ck.save(1, state, {"epoch": 0, "step": 1}, {"epoch": 0})
+        assert entered.wait(30)  # step 1's state file is being written now
+        w.mul_(-1)
+        ck.save(2, state, {"epoch": 0, "step": 2}, {"epoch": 0})
+        w.add_(7)  # the loop trains on
+        release.set()
+        assert ck.wait(30)
+    finally:
+        release.set()
+        ck.close()
+    assert torch.equal(store.load(step_dirname(1)).state["model"]["w"], want)
+    assert torch.equal(store.load(step_dirname(2)).state["model"]["w"], -want)
 
 
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
@@ -112,15 +154,20 @@ def test_the_checkpointer_writes_format_4_and_a_flipped_byte_is_caught(tmp_path)
     assert_bitwise_equal(store.load(step_dirname(2)).state["model"], state["model"])
     path = folder / manifest["state_file"]
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0x01  # in the last tensor's bytes
+    header = int.from_bytes(data[8:16], "little")
+    data[-(-(16 + header) // ALIGN) * ALIGN + 5] ^= 0x01  # in the first tensor's bytes
     path.write_bytes(bytes(data))
     assert store.latest().name == step_dirname(1)  # step 2 skipped: its checksum fails
 
 
-def test_writes_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path):
-    """A buffer that is not page-aligned makes an O_DIRECT write fail with EINVAL (as tmpfs
-    refuses O_DIRECT at open): the same bytes go through the page cache, and only the
-    file's bytes are written (not the padding)."""
+def test_writes_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path, monkeypatch):
+    """A buffer that is not page-aligned makes an O_DIRECT write fail with EINVAL: the same
+    bytes go through the page cache, and only the file's bytes are written (not the
+    padding). A filesystem without direct I/O (tmpfs before Linux 6.6) refuses to switch the
+    file to O_DIRECT: written through the page cache as well, published create-only."""
+    import errno
+    import fcntl
+
     body = os.urandom(3 * ALIGN + 100)
     backing = bytearray(len(body) + ALIGN + 1)
     view = memoryview(backing)[1:1 + 4 * ALIGN]  # misaligned by one byte
@@ -129,21 +176,60 @@ def test_writes_fall_back_to_the_page_cache_where_o_direct_is_refused(tmp_path):
     path = tmp_path / "f.bin"
     local_atomic_write_parts(str(path), [view], len(body), False, written)
     assert path.read_bytes() == body and written == {"size": len(body), "digest": checksum(body)}
-    shm = Path("/dev/shm")
-    if shm.is_dir() and os.access(shm, os.W_OK):  # tmpfs: O_DIRECT refused at open
-        target = shm / f"ftrain-raw-{os.getpid()}.bin"
-        try:
-            local_atomic_write_parts(str(target), [view], len(body), True, {})
-            assert target.read_bytes() == body
-        finally:
-            target.unlink(missing_ok=True)
+
+    real = fcntl.fcntl
+
+    def refuse(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", refuse)
+    arena = Arena()
+    raw = encode(arena.copy({"w": torch.arange(5000)}), arena)
+    size, digest = Storage(str(tmp_path)).write_parts("g.bin", raw.views(), raw.size, True)
+    data = (tmp_path / "g.bin").read_bytes()
+    assert (size, digest) == (len(data), checksum(data)) == (raw.size, checksum(data))
+    assert torch.equal(load_state(data)["w"], torch.arange(5000))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f.bin", "g.bin"]  # no temp file
+
+
+def _with_header(data: bytes, header: object) -> bytes:
+    """``data``, a raw file, with its header replaced (its tensor bytes kept at their offset)."""
+    import io
+
+    old = int.from_bytes(data[8:16], "little")
+    start = -(-(16 + old) // ALIGN) * ALIGN
+    buf = io.BytesIO()
+    torch.save(header, buf)
+    body = buf.getvalue()
+    assert 16 + len(body) <= start
+    return (MAGIC + len(body).to_bytes(8, "little") + body).ljust(start, b"\0") + data[start:]
 
 
 def test_a_malformed_raw_file_is_refused_with_the_reason(tmp_path):
+    """Cut short, or a header that lies about the tensors (past the file's end, a size that
+    does not match the shape, an index out of range, an odd offset): a ValueError naming it,
+    never a read outside the file or a tensor of uninitialised memory."""
     arena = Arena()
     raw = encode(arena.copy({"w": torch.ones(1024)}), arena)
     data = b"".join(bytes(v) for v in raw.views())[:raw.size]
+    assert torch.equal(load_state(data)["w"], torch.ones(1024))
     with pytest.raises(ValueError, match="outside the file"):
         load_state(data[:-8])  # cut short, checksum aside
     with pytest.raises(ValueError, match="runs past"):
         load_state(data[:8] + (10**9).to_bytes(8, "little") + data[16:])
+    key = "__ftrain_raw_tensor__"
+    for tensors, skeleton, reason in (
+            ([("float32", [4, 4], 0, 0)], {"w": {key: 0}}, "said to take 0 bytes"),
+            ([("float32", [10**12], 0, 4 * 10**12)], {"w": {key: 0}}, "outside the file"),
+            ([("float32", [-1], 0, 4)], {"w": {key: 0}}, "shape is malformed"),
+            ([("float32", [2], 2, 8)], {"w": {key: 0}}, "alignment"),
+            ([("float32", [2], 0, 8)], {"w": {key: -1}}, "names tensor -1 of 1"),
+            ([("os.system", [2], 0, 8)], {"w": {key: 0}}, "unknown dtype"),
+            ([("float32", [2], 0)], {"w": {key: 0}}, "malformed")):
+        header = {"skeleton": skeleton, "tensors": tensors, "byteorder": "little"}
+        with pytest.raises(ValueError, match=reason):
+            load_state(_with_header(data, header))
+    with pytest.raises(ValueError, match="not a raw state file's"):
+        load_state(_with_header(data, [1, 2]))

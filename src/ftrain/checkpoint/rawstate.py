@@ -13,13 +13,15 @@ page-cache copy) and hashes it in the same pass. Layout::
     header              torch.save({"skeleton", "tensors", "byteorder"}): the state with each
                         tensor replaced by {TENSOR_KEY: i}, and each tensor's dtype, shape,
                         offset and size
-    zeros               up to DATA_OFFSET's multiple of 4096 (``data_offset`` in the header)
-    tensor bytes        tensor i at data_offset + its offset
+    zeros               up to the next multiple of 4096: the data offset
+    tensor bytes        tensor i at the data offset + its offset; zeros between tensors
 
 Loading maps the file copy-on-write (no copy of the state) and reads the header with
-``weights_only=True``: no code runs. A state holding a tensor this layout cannot carry (sparse,
-quantized, a tensor subclass) is staged per tensor and written with ``torch.save`` as before
-(format 2); both load through ``load_state``.
+``weights_only=True``: no code runs; every entry of the header is checked against the file
+(a header that lies is refused, never read past). A state holding a tensor this layout cannot
+carry (sparse, a tensor subclass) is staged per tensor and written with ``torch.save`` as
+before (format 2). (A user's own dict holding exactly the one key TENSOR_KEY would read back as
+a tensor.)
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def _round_up(n: int, to: int) -> int:
 def _plain(t: torch.Tensor) -> bool:
     """A dense tensor the raw layout can carry as its bytes."""
     return (type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
-            and not t.is_quantized and t.device.type != "meta")
+            and not t.is_quantized and not t.is_nested and t.device.type != "meta")
 
 
 def _tensors(obj: Any, out: list[torch.Tensor]) -> bool:
@@ -66,11 +68,15 @@ def _tensors(obj: Any, out: list[torch.Tensor]) -> bool:
 def aligned_bytes(nbytes: int, pin: bool, shared: bool = False) -> torch.Tensor:
     """``nbytes`` (a multiple of ALIGN) of uint8 host memory starting on a page boundary;
     ``shared``: in shared memory (another process may write it)."""
-    raw = torch.empty(nbytes + ALIGN, dtype=torch.uint8, pin_memory=pin)
-    if shared:
-        raw.share_memory_()
-    skip = (-raw.data_ptr()) % ALIGN
-    return raw[skip:skip + nbytes]
+    for extra in (0, ALIGN):  # pinned and large allocations mostly start on a page already
+        raw = torch.empty(nbytes + extra, dtype=torch.uint8, pin_memory=pin)
+        if shared:
+            raw.share_memory_()
+        skip = (-raw.data_ptr()) % ALIGN
+        if skip <= extra:
+            return raw[skip:skip + nbytes]
+        del raw
+    raise AssertionError("unreachable")
 
 
 class Arena:
@@ -92,7 +98,7 @@ class Arena:
         found: list[torch.Tensor] = []
         if not _tensors(state, found):
             return self._fallback.copy(state)
-        layout = [(t.dtype, tuple(t.shape)) for t in found]
+        layout = [(t.dtype, tuple(t.shape), t.device.type == "cuda") for t in found]
         if layout != self._layout or self.buffer is None:
             self._allocate(found, layout)
         views = iter(self._views)
@@ -116,8 +122,9 @@ class Arena:
             offsets.append(end)
             end = _round_up(end + t.numel() * t.element_size(), TENSOR_ALIGN)
         pin = any(t.device.type == "cuda" for t in found)
-        self.buffer = None  # the old one freed before the new one is taken
+        self.buffer, self._views = None, []  # the old one freed before the new one is taken
         self.buffer = aligned_bytes(_round_up(max(end, 1), ALIGN), pin, self.shared)
+        self.buffer.zero_()  # the gaps between tensors are in the file: zeros, not old heap
         self.used = end
         self._views = [self.buffer[o:o + t.numel() * t.element_size()].view(t.dtype)
                        .view(t.shape) for o, t in zip(offsets, found, strict=True)]
@@ -205,32 +212,54 @@ def load_state(blob: bytes | memoryview | mmap.mmap, path: str | None = None) ->
     if 16 + n > size:
         raise ValueError(f"header of {n} bytes runs past the file's end")
     header = torch.load(io.BytesIO(bytes(source[16:16 + n])), weights_only=True)
+    if not isinstance(header, dict) or not isinstance(header.get("tensors"), list) or \
+            "skeleton" not in header:
+        raise ValueError("the header is not a raw state file's")
     if header.get("byteorder") != sys.byteorder:
         raise ValueError(f"written on a {header.get('byteorder')}-endian machine, this one is "
                          f"{sys.byteorder}-endian")
     data_offset = _round_up(16 + n, ALIGN)
-    tensors = []
-    for dtype_name, shape, offset, nbytes in header["tensors"]:
-        dtype = getattr(torch, dtype_name, None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype_name!r}")
-        start = data_offset + offset
-        if offset < 0 or start + nbytes > size:
-            raise ValueError(f"a tensor's bytes [{start}, {start + nbytes}) lie outside the "
-                             f"file ({size} bytes)")
-        if nbytes == 0:
-            tensors.append(torch.empty(shape, dtype=dtype))
-            continue
-        flat = torch.frombuffer(source, dtype=torch.uint8, count=nbytes, offset=start)
-        tensors.append(flat.view(dtype).view(shape))
+    tensors = [_tensor(source, entry, data_offset, size) for entry in header["tensors"]]
 
     def rebuild(obj: Any) -> Any:
         if isinstance(obj, dict):
             if len(obj) == 1 and TENSOR_KEY in obj:
-                return tensors[obj[TENSOR_KEY]]
+                i = obj[TENSOR_KEY]
+                if type(i) is not int or not 0 <= i < len(tensors):
+                    raise ValueError(f"the header names tensor {i!r} of {len(tensors)}")
+                return tensors[i]
             return {k: rebuild(v) for k, v in obj.items()}
         if isinstance(obj, (list, tuple)):
             return type(obj)(rebuild(v) for v in obj)
         return obj
 
     return rebuild(header["skeleton"])
+
+
+def _tensor(source: Any, entry: Any, data_offset: int, size: int) -> torch.Tensor:
+    """One tensor of the header's table, checked against the file: its dtype, shape and size
+    agree, and its bytes lie inside the file at an offset its dtype can be read at."""
+    if not isinstance(entry, (list, tuple)) or len(entry) != 4:
+        raise ValueError(f"a tensor entry of the header is malformed: {str(entry)[:100]}")
+    dtype_name, shape, offset, nbytes = entry
+    dtype = getattr(torch, dtype_name, None) if isinstance(dtype_name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {dtype_name!r}")
+    if not isinstance(shape, (list, tuple)) or not all(type(d) is int and d >= 0
+                                                        for d in shape):
+        raise ValueError(f"a tensor's shape is malformed: {str(shape)[:100]}")
+    itemsize = dtype.itemsize
+    numel = 1
+    for d in shape:
+        numel *= d
+    if type(offset) is not int or type(nbytes) is not int or nbytes != numel * itemsize:
+        raise ValueError(f"a tensor of shape {list(shape)} and dtype {dtype_name} is said to "
+                         f"take {nbytes!r} bytes")
+    start = data_offset + offset
+    if offset < 0 or offset % max(itemsize, 1) or start + nbytes > size:
+        raise ValueError(f"a tensor's bytes [{start}, {start + nbytes}) lie outside the file "
+                         f"({size} bytes) or off its dtype's alignment")
+    if nbytes == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(source, dtype=torch.uint8, count=nbytes, offset=start)
+    return flat.view(dtype).view(shape)

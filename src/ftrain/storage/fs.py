@@ -344,7 +344,9 @@ class Storage:
         try:
             publish()
         except FileExistsError:
-            if not self._holds(rel, written["size"], written["digest"]):
+            # Only a publish refused after the bytes were written may have landed before.
+            if "size" not in written or not self._holds(rel, written["size"],
+                                                        written["digest"]):
                 raise
             log.info("%s already holds these exact bytes (an earlier attempt landed); "
                      "counting it as written", self.uri(rel))

@@ -51,15 +51,11 @@ def local_atomic_write_parts(path: str, parts: list[memoryview], size: int, crea
     the writes. Each chunk is hashed just before it is written. Where O_DIRECT is refused
     (tmpfs, some network filesystems) the same writes go through the page cache."""
     def fill(tmp: str) -> tuple[int, str]:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        direct = hasattr(os, "O_DIRECT")
+        # Opened plainly, then switched to O_DIRECT: a filesystem without direct I/O refuses
+        # O_DIRECT at open only after creating the file (tmpfs before Linux 6.6).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
-            fd = os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            direct, fd = False, os.open(tmp, flags, 0o644)
-        try:
+            direct = _direct_on(fd)
             hasher, pos = new_hasher(), 0
             for part in parts:
                 for start in range(0, len(part), CHUNK):
@@ -103,6 +99,19 @@ def _publish(path: str, fill: Callable[[str], tuple[int, str]], create_only: boo
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _direct_on(fd: int) -> bool:
+    """Switch ``fd`` to O_DIRECT; False where the platform or the filesystem refuses it."""
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        return False
+    return True
 
 
 def _write_all(fd: int, body: memoryview, direct: bool) -> bool:
