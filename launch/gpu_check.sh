@@ -3,7 +3,8 @@
 # logs and tables go to $OUT, or /tmp/gpu):
 #   bash launch/gpu_check.sh [part ...]       # parts: sync bench resume fsdp (default: all)
 # sync    host syncs of the training loop, counted by place (launch.sync_check)
-# bench   python -m launch.bench --device cuda: P1/P9, P2, P3-P5, P7 against their references
+# bench   python -m launch.bench --device cuda: P1/P9, P2, T1/T2, S1/S2, P3-P5, P7 against their
+#         references (S1/S2: the raw state file from pinned memory, O_DIRECT)
 # resume  deterministic exact resume through torchrun (NCCL, world 1); the GPU checkpoint
 #         predicted on CPU; SIGTERM -> emergency checkpoint, exit 143
 # fsdp    launch/gpu_check_fsdp.sh (--parallel fsdp on this machine's torch and on cuda)

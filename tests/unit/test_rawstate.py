@@ -233,3 +233,24 @@ def test_a_malformed_raw_file_is_refused_with_the_reason(tmp_path):
             load_state(_with_header(data, header))
     with pytest.raises(ValueError, match="not a raw state file's"):
         load_state(_with_header(data, [1, 2]))
+
+
+def test_the_save_benchmark_times_its_references_on_a_format_4_checkpoint(tmp_path, capsys):
+    """`launch.bench --only save` compares a run's saves with a synchronous torch.save and a
+    raw write of the same checkpoint's state (launch/bench_checkpoint.py --references): they
+    read the raw state file and time the same bytes (no timing is asserted)."""
+    from launch.bench_checkpoint import references
+
+    store = CheckpointStore(Storage(str(tmp_path / "ck")))
+    ck = Checkpointer(store, keep_last=2, orphan_grace_s=3600)
+    try:
+        ck.save(3, {"model": {"w": torch.randn(256, 256)}}, {"epoch": 0, "step": 3},
+                {"epoch": 0}, blocking=True)
+    finally:
+        ck.close()
+    (state_file,) = (tmp_path / "ck" / step_dirname(3)).glob("state-*.bin")
+    got = references(str(tmp_path / "ck" / step_dirname(3)), str(tmp_path / "work"), 1)
+    assert json.loads(capsys.readouterr().out) == got
+    assert got["mib"] == state_file.stat().st_size / 2**20
+    assert got["sync_save_s"] > 0 and got["raw_write_s"] > 0
+    assert not (tmp_path / "work").exists()  # its scratch files are gone
