@@ -63,12 +63,14 @@ def held_commit_env(step_folder: str, mark: Path, env: dict[str, str] | None = N
     return out
 
 
-def die_after_env(rank: int, logged_step: int, env: dict[str, str] | None = None
-                  ) -> dict[str, str]:
+def die_after_env(rank: int, logged_step: int = 0, env: dict[str, str] | None = None,
+                  in_eval_step: int = 0) -> dict[str, str]:
     """``env`` for a training subprocess whose worker of ``rank`` SIGKILLs itself right after
-    it logged ``logged_step`` (the sitecustomize in dieafter/)."""
+    it logged ``logged_step``, or as it starts the evaluation inside the epoch after step
+    ``in_eval_step`` (the sitecustomize in dieafter/)."""
     out = dict(os.environ if env is None else env)
-    out.update(FTT_TEST_DIE_RANK=str(rank), FTT_TEST_DIE_AFTER_LOGGED_STEP=str(logged_step))
+    out.update(FTT_TEST_DIE_RANK=str(rank), FTT_TEST_DIE_AFTER_LOGGED_STEP=str(logged_step),
+               FTT_TEST_DIE_IN_EVAL_STEP=str(in_eval_step))
     folder = Path(__file__).resolve().parent / "dieafter"
     out["PYTHONPATH"] = os.pathsep.join(p for p in (str(folder), out.get("PYTHONPATH", "")) if p)
     return out

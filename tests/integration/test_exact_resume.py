@@ -21,8 +21,16 @@ import torch.distributed as dist
 
 from ftrain.runtime.distributed import Collectives, DistInfo
 from tests.harness import chaos, logs
-from tests.harness.checkpoints import committed_steps, half_written, latest_committed
-from tests.harness.stores import PAUSE_ENV
+from tests.harness.checkpoints import (
+    assert_bitwise_equal,
+    committed_steps,
+    half_written,
+    latest,
+    latest_committed,
+    strip_timing,
+)
+from tests.harness.processes import run_train
+from tests.harness.stores import PAUSE_ENV, die_after_env
 
 NPROC = 2
 # launch.chaos's default training flags for a short run (2 epochs of 32 steps, a step
@@ -169,3 +177,34 @@ def test_a_sigkilled_worker_costs_at_most_the_step_in_flight(reference, tmp_path
     assert chaos.run_to_end(job, timeout=300) == 0, job.log_text()[-3000:]
     verdict = chaos.compare_runs(reference, ckpt, [*(k.trace_dir for k in killed), job.trace_dir])
     assert not verdict["problems"], verdict
+
+
+@pytest.mark.slow
+def test_a_worker_killed_in_an_evaluation_inside_the_epoch_costs_no_step(tmp_path):
+    """Rank 1 dies as the evaluation after step 6 begins (--eval-every-steps 3, 8 steps an
+    epoch, a save every 4 steps): the survivor checkpoints step 6, whose evaluation did not
+    finish (it used to fall back to step 4's commit), and the rerun evaluates step 6 before it
+    trains step 7. Weights, history and the evaluations inside the epochs end as in an
+    uninterrupted run."""
+    args = ["--task", "tests.harness.ported:SumTask", "--batch-size", "32", "--epochs", "3",
+            "--log-every-steps", "0", "--save-every-seconds", "0", "--lr", "0.1",
+            "--eval-every-steps", "3", "--save-every-steps", "4", "--log-format", "json"]
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    r = run_train([*args, "--checkpoint-dir", str(ref)], nproc=NPROC)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=NPROC,
+                  env=die_after_env(1, in_eval_step=6))
+    assert r.returncode != 0, r.stderr[-3000:]
+    saved = [(e["rank"], e["step"]) for e in logs.events(r.stderr, "survivor_checkpoint")]
+    assert saved == [(0, 6)], r.stderr[-3000:]
+    assert 141 in logs.worker_exits(r.stderr), r.stderr[-3000:]
+    assert latest_committed(cut) == 6
+    assert [e["step"] for e in latest(cut).train_state["evals"]] == [3]  # 6's never finished
+    r = run_train([*args, "--checkpoint-dir", str(cut)], nproc=NPROC)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert logs.resumed(r.stderr)["step"] == 6, r.stderr[-3000:]
+    a, b = latest(ref), latest(cut)
+    assert_bitwise_equal(a.state["model"], b.state["model"])
+    assert strip_timing(a.train_state["history"]) == strip_timing(b.train_state["history"])
+    assert [e["step"] for e in a.train_state["evals"]] == [3, 6, 9, 12, 15, 18, 21]
+    assert strip_timing(a.train_state["evals"]) == strip_timing(b.train_state["evals"])

@@ -117,6 +117,7 @@ def test_your_collate_fn_makes_the_batches_and_resume_stays_exact(tmp_path):
         assert x["eval_loss"] == pytest.approx(y["eval_loss"], rel=1e-6)
 
 
+@pytest.mark.extended  # the default suite's case: a survivor's cut inside an evaluation
 def test_evaluations_inside_epochs_resume_exactly(tmp_path):
     """--eval-every-steps 3 on 2 workers (8 steps an epoch): evaluations at steps 3, 6, 9,
     ... (an epoch's last step evaluates anyway, into the history). Cut at step 10, between two

@@ -66,7 +66,6 @@ class Trainer:
         self._grad_norm: torch.Tensor | None = None  # the newest step's, with --clip-grad-norm
         self.start_step = state.step  # what this run resumed from
         self.epoch_t0 = time.perf_counter()  # when the epoch's part in ``elapsed`` started
-        self.evaluating = False  # inside an evaluation mid-epoch (its result not yet recorded)
         # This run's per-step metric sums on this rank, not yet folded into the state.
         self.sums = MetricSums(coll, info.device, list(state.sums), type(task).__name__,
                                exchanged=parts.exchange is not None)
@@ -123,6 +122,10 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
+        if self._eval_pending():  # a peer died in this step's evaluation: it runs now
+            decision = self._after_step(False, True)
+            if decision.stop is not None:
+                return self._stop(decision)
         for (inputs, targets), idx in batches:
             if self._pin_layout:  # this process's first step: not a step, not timed
                 t0 = time.perf_counter()
@@ -149,27 +152,47 @@ class Trainer:
                 t_log, n_log = time.perf_counter(), 0
 
             last_batch = st.batch_in_epoch == self.steps_per_epoch
-            evaluated = early = False
-            if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch:
-                self._evaluate_mid_epoch()
-                evaluated, early = True, self.stopping.early()
-            decision = self.saver.after_step(
-                st.step, last_batch, lambda: self.progress(time.perf_counter() - self.epoch_t0),
-                evaluated, early)
-            if decision.stop is None:
-                continue
-            st.elapsed += time.perf_counter() - self.epoch_t0
-            if decision.stop == "storage":
-                self.stopping.storage_failed()
-            if decision.epoch_end:
-                self._fold_sums()
-                return decision.stop
-            return self._stop_mid_epoch(decision.stop)
+            decision = self._after_step(last_batch, bool(
+                cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0 and not last_batch))
+            if decision.stop is not None:
+                return self._stop(decision)
         # Only reached when the loader had nothing left (a resume at the epoch's last batch).
         self.saver.end_epoch()
         self._fold_sums()
         st.elapsed += time.perf_counter() - self.epoch_t0
         return None
+
+    def _after_step(self, last_batch: bool, eval_due: bool):  # -> policy.Decision
+        """After a step: the evaluation --eval-every-steps asks for, then the save policy's
+        decision (a save, a stop)."""
+        evaluated = early = False
+        if eval_due:
+            self._evaluate_mid_epoch()
+            evaluated, early = True, self.stopping.early()
+        return self.saver.after_step(
+            self.state.step, last_batch,
+            lambda: self.progress(time.perf_counter() - self.epoch_t0), evaluated, early)
+
+    def _stop(self, decision) -> str | None:
+        """What ``_run_epoch`` returns for a decision that stops the epoch."""
+        self.state.elapsed += time.perf_counter() - self.epoch_t0
+        if decision.stop == "storage":
+            self.stopping.storage_failed()
+        if decision.epoch_end:
+            self._fold_sums()
+            return decision.stop
+        return self._stop_mid_epoch(decision.stop)
+
+    def _eval_pending(self) -> bool:
+        """Whether the checkpoint this run resumed from was taken before the evaluation inside
+        the epoch that its step asks for: the survivors of a peer that died during it
+        checkpointed the step (core/survivor.py), and this run evaluates it before the next
+        step, as the uninterrupted run did."""
+        cfg, st = self.cfg, self.state
+        return (st.step == self.start_step and st.step > 0 and bool(cfg.eval_every_steps)
+                and st.step % cfg.eval_every_steps == 0
+                and 0 < st.batch_in_epoch < self.steps_per_epoch
+                and not any(e.get("step") == st.step for e in st.evals))
 
     def _pin_buckets(self, inputs: Any, targets: Any) -> None:
         """One thrown-away backward pass on the first micro-batch, before this process's first
@@ -337,10 +360,8 @@ class Trainer:
         train state's ``evals``. It draws no random number the training would: a run resumed
         between two of them trains the same steps and records the same evaluations."""
         st = self.state
-        self.evaluating = True
         entry = {"epoch": st.epoch + 1, "step": st.step,
                  **{f"eval_{k}": v for k, v in self._evaluate().items()}}
-        self.evaluating = False
         self.stopping.check_best_metric(entry)
         st.evals.append(entry)
         self.monitor.evaluated(entry)

@@ -8,6 +8,10 @@ position are derived from the step (core/rng.py). It checkpoints that step witho
 collective (SavePolicy.survivor_save), then raises PeerFailed (exit 141, retryable): the
 restart resumes at it and loses only the step in flight. Where it cannot, it says why and the
 restart resumes from the newest committed checkpoint.
+
+A peer that died during an evaluation loses nothing either: the step before it is
+checkpointed, and the resumed run evaluates it (the epoch's end, from the position; one inside
+the epoch, from the train state's evaluations: Trainer._eval_pending).
 """
 
 from __future__ import annotations
@@ -55,8 +59,6 @@ def cannot_save_alone(trainer: Trainer) -> str | None:
         return "under --parallel fsdp each rank holds only its shards; the dead rank's are gone"
     if trainer.p.exchange is None:
         return "on GPU the survivors do not checkpoint yet (a dead peer hangs NCCL; unverified)"
-    if trainer.evaluating:
-        return "the failure came during an evaluation, which the checkpoint would miss"
     if trainer.state.step == trainer.start_step:
         return "no step was trained since the checkpoint this run resumed from"
     if trainer.saver.abandoned:
