@@ -53,16 +53,16 @@ def _plain(t: torch.Tensor) -> bool:
             and not t.is_quantized and not t.is_nested and t.device.type != "meta")
 
 
-def _tensors(obj: Any, out: list[torch.Tensor]) -> bool:
-    """Collect the tensors of ``obj`` in traversal order; False when one is not plain."""
+def _map_tensors(obj: Any, fn: Any) -> Any:
+    """``obj`` rebuilt with ``fn(t)`` in place of every tensor ``t``: dicts, lists and tuples
+    walked in order, every other value kept."""
     if isinstance(obj, torch.Tensor):
-        out.append(obj)
-        return _plain(obj)
+        return fn(obj)
     if isinstance(obj, dict):
-        return all(_tensors(v, out) for v in obj.values())
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return all(_tensors(v, out) for v in obj)
-    return True
+        return type(obj)(_map_tensors(v, fn) for v in obj)
+    return obj
 
 
 def aligned_bytes(nbytes: int, pin: bool, shared: bool = False) -> torch.Tensor:
@@ -96,25 +96,14 @@ class Arena:
         """``state`` with every tensor copied into this arena (non-blocking from a GPU: the
         caller synchronises)."""
         found: list[torch.Tensor] = []
-        if not _tensors(state, found):
+        _map_tensors(state, found.append)
+        if not all(_plain(t) for t in found):
             return self._fallback.copy(state)
         layout = [(t.dtype, tuple(t.shape), t.device.type == "cuda") for t in found]
         if layout != self._layout or self.buffer is None:
             self._allocate(found, layout)
         views = iter(self._views)
-
-        def put(obj: Any) -> Any:
-            if isinstance(obj, torch.Tensor):
-                view = next(views)
-                view.copy_(obj.detach(), non_blocking=True)
-                return view
-            if isinstance(obj, dict):
-                return {k: put(v) for k, v in obj.items()}
-            if isinstance(obj, (list, tuple)):
-                return type(obj)(put(v) for v in obj)
-            return obj
-
-        return put(state)
+        return _map_tensors(state, lambda t: next(views).copy_(t.detach(), non_blocking=True))
 
     def _allocate(self, found: list[torch.Tensor], layout: list) -> None:
         offsets, end = [], 0
@@ -157,22 +146,16 @@ def encode(state: Any, arena: Arena) -> RawFile | None:
     staged per tensor: the caller writes it with torch.save)."""
     entries: list[tuple[str, list[int], int, int]] = []
 
-    def skeleton(obj: Any) -> Any:
-        if isinstance(obj, torch.Tensor):
-            if not arena.holds(obj):
-                raise LookupError
-            offset = obj.data_ptr() - arena.buffer.data_ptr() if obj.numel() else 0
-            entries.append((str(obj.dtype).removeprefix("torch."), list(obj.shape), offset,
-                            obj.numel() * obj.element_size()))
-            return {TENSOR_KEY: len(entries) - 1}
-        if isinstance(obj, dict):
-            return {k: skeleton(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(skeleton(v) for v in obj)
-        return obj
+    def entry(t: torch.Tensor) -> dict[str, int]:
+        if not arena.holds(t):
+            raise LookupError
+        offset = t.data_ptr() - arena.buffer.data_ptr() if t.numel() else 0
+        entries.append((str(t.dtype).removeprefix("torch."), list(t.shape), offset,
+                        t.numel() * t.element_size()))
+        return {TENSOR_KEY: len(entries) - 1}
 
     try:
-        skel = skeleton(state)
+        skel = _map_tensors(state, entry)
     except LookupError:
         return None
     buf = io.BytesIO()

@@ -243,7 +243,8 @@ class CheckpointStore:
 
         A file is given as its bytes, as a ``Producer``: a function that writes the file's
         bytes into the file object it is given (``torch.save`` straight to the storage, hashed as
-        it goes), or as a ``RawFile`` (host buffers written as they are, with O_DIRECT locally). Returns True when this writer's checkpoint is committed. Returns False (and
+        it goes), or as a ``RawFile`` (host buffers written as they are, with O_DIRECT
+        locally). Returns True when this writer's checkpoint is committed. Returns False (and
         removes this writer's files) when the step is already committed by another writer: an
         earlier run, or a concurrent one (a replacement pod while the old one still runs); the
         second writer is logged and never overwrites the first. A committed but corrupt
