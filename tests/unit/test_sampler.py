@@ -79,6 +79,33 @@ def test_seeds_are_stable_and_distinct():
     assert 0 <= mix_seed(2**70, -5) < 2**63
 
 
+def test_the_loops_step_seeder_seeds_every_rng_as_seed_step_does():
+    """StepSeeder (seeds hashed in chunks on numpy, functions looked up once) puts python,
+    numpy and torch in the states seed_step(step_seed(...)) gives, across a chunk's edge and
+    back, for large and negative seeds."""
+    import random
+
+    import numpy as np
+
+    from ftrain.core.rng import StepSeeder, seed_step
+    from ftrain.data.items import mix_seeds
+
+    cpu = torch.device("cpu")
+
+    def draws():
+        return random.random(), float(np.random.rand()), torch.rand(2).tolist()
+
+    for seed, epoch, rank in ((0, 0, 0), (12345, 7, 3), (2**63 + 5, 1, 1), (-3, 2, 0)):
+        seeder = StepSeeder(seed, epoch, rank, cpu)
+        for batch in (0, 1, StepSeeder.CHUNK - 1, StepSeeder.CHUNK, 3 * StepSeeder.CHUNK, 5):
+            seeder(batch)
+            ours = draws()
+            seed_step(step_seed(seed, epoch, batch, rank), cpu)
+            assert ours == draws(), (seed, epoch, rank, batch)
+    assert mix_seeds((9, 2**70), 10**6, 50, (-1, 0x5EED)) == [
+        mix_seed(9, 2**70, b, -1, 0x5EED) for b in range(10**6, 10**6 + 50)]
+
+
 def test_synthetic_is_deterministic_and_balanced():
     a_train, a_test = make_synthetic(7, 512, 128)
     b_train, _ = make_synthetic(7, 512, 128)

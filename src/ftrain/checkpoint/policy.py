@@ -77,8 +77,8 @@ class SavePolicy:
         # rank learns it with the stop flags, a step late (``agreed_published``).
         self.tracker_published: Callable[[], int] = lambda: 0
         self.agreed_published = 0
-        self.control = StopControl(coll, signals, self.timed_due, self.saves_failing,
-                                   self.storage_busy, lambda: self.tracker_published())
+        self._clock = info.is_main and cfg.save_every_seconds > 0  # timed saves, rank 0
+        self.control = StopControl(coll, signals, self.local_flags)
 
     # ------------------------------------------------------------------ the loop's call
     def start_epoch(self) -> None:
@@ -138,12 +138,22 @@ class SavePolicy:
         return self.ckpt.consecutive_failures
 
     # ------------------------------------------------------------------ when
+    def local_flags(self) -> list[int]:
+        """This rank's part of the step's agreement (StopControl), every step: a timed save is
+        due, saves keep failing, storage is busy, the step rank 0's tracker holds for good."""
+        ckpt = self.ckpt
+        if ckpt is None:
+            return [int(self.timed_due()), 0, 0, self.tracker_published()]
+        return [int(self.timed_due()),
+                int(ckpt.consecutive_failures >= self.cfg.max_failed_saves),
+                int(self.storage_busy()), self.tracker_published()]
+
     def step_due(self, step: int) -> bool:
         return bool(self.cfg.save_every_steps) and step % self.cfg.save_every_steps == 0
 
     def timed_due(self) -> bool:
         """Rank 0 keeps the clock; the ranks agree on it through StopControl."""
-        return (self.info.is_main and self.cfg.save_every_seconds > 0
+        return (self._clock
                 and time.monotonic() - self.last_save_time >= self.cfg.save_every_seconds)
 
     def due(self) -> None:
@@ -171,9 +181,6 @@ class SavePolicy:
             warn_saves_outpace_storage(self.ckpt.last_persist_s, self.due_interval_s,
                                        f"the save of step {step} is skipped while storage is "
                                        "busy")
-
-    def saves_failing(self) -> bool:
-        return self.ckpt is not None and self.ckpt.consecutive_failures >= self.cfg.max_failed_saves
 
     @property
     def dropped(self) -> int:

@@ -26,9 +26,9 @@ from ..runtime.distributed import Collectives, DistInfo, peer_failure
 from ..runtime.exchange import StepExchange
 from ..runtime.monitor import Monitor
 from ..tasks import Task
-from .batching import Batches, autocast, split_batch, to_device
+from .batching import AUTOCAST, Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
-from .rng import seed_step, step_seed
+from .rng import StepSeeder
 from .stopping import Stopping
 from .sums import MetricSums
 from .survivor import after_peer_failure
@@ -59,6 +59,11 @@ class Trainer:
         self.batches = Batches(cfg, info, parts.train_set, parts.test_set, task.collate_fn)
         self.steps_per_epoch = self.batches.steps_per_epoch
         self.per_rank_batch = self.batches.per_rank_batch
+        # Looked up once, not every step: DDP's no_sync (None: a plain module, or FSDP), the
+        # autocast dtype (None: fp32), whether batches arrive on the device already.
+        self._no_sync = getattr(parts.ddp, "no_sync", None)
+        self._amp = AUTOCAST[cfg.precision]
+        self._moved = self.batches.on_device is not None
         self._compiling = cfg.compile != "off"  # the first step compiles (--compile)
         # The exchange all-reduces on a bucket layout pinned before the first step.
         self._pin_layout = parts.exchange is not None
@@ -122,6 +127,7 @@ class Trainer:
         self.saver.start_epoch()
         self.monitor.start_epoch(st.epoch, cfg.epochs, st.batch_in_epoch, self.steps_per_epoch)
         batches = self.batches.train(st.epoch, st.batch_in_epoch)
+        seed_step = StepSeeder(cfg.seed, st.epoch, info.rank, info.device)
         if self._eval_pending():  # a peer died in this step's evaluation: it runs now
             decision = self._after_step(False, True)
             if decision.stop is not None:
@@ -134,7 +140,7 @@ class Trainer:
                 self.epoch_t0 += self._pinned_s
             # Every RNG is seeded before every step from (seed, epoch, batch, rank): the state
             # at any step boundary is derivable, with nothing to save, by any rank.
-            seed_step(step_seed(cfg.seed, st.epoch, st.batch_in_epoch, info.rank), info.device)
+            seed_step(st.batch_in_epoch)
             if self._compiling:
                 self.epoch_t0 += self._first_compiled_step(inputs, targets)
             else:
@@ -261,18 +267,21 @@ class Trainer:
     def _step(self, inputs: Any, targets: Any) -> None:
         """One optimizer step over this rank's share of a global batch, in --grad-accum
         micro-batches; its metric sums join this run's running sums (no host sync)."""
-        cfg, dev, p, task = self.cfg, self.info.device, self.p, self.task
-        inputs, targets = to_device(inputs, dev), to_device(targets, dev)
+        cfg, p, task = self.cfg, self.p, self.task
+        if not self._moved:
+            dev = self.info.device
+            inputs, targets = to_device(inputs, dev), to_device(targets, dev)
         accum = cfg.grad_accum
+        if accum == 1:
+            xs, ys = (inputs,), (targets,)
+        else:
+            xs, ys = split_batch(inputs, accum), split_batch(targets, accum)
         step_sums: torch.Tensor | None = None
-        for k, (x, y) in enumerate(zip(split_batch(inputs, accum), split_batch(targets, accum),
-                                       strict=True)):
+        for k in range(accum):
             # Gradients are all-reduced once per step, with the last micro-batch.
-            sync = k == accum - 1 or not hasattr(p.ddp, "no_sync")
-            with contextlib.nullcontext() if sync else p.ddp.no_sync():
-                with autocast(cfg.precision, dev):
-                    out = task.forward(p.ddp, x)
-                    loss_value, sums = task.loss(out, y)
+            sync = k == accum - 1 or self._no_sync is None
+            with contextlib.nullcontext() if sync else self._no_sync():
+                loss_value, sums = self._forward_loss(xs[k], ys[k])
                 # The mean over this rank's share of the global batch (DDP averages the
                 # ranks' gradients): a sum over the micro-batch's items, or their mean.
                 loss = (loss_value / accum if task.loss_reduction == "mean"
@@ -297,6 +306,14 @@ class Trainer:
             p.scheduler.step()
         task.after_step(p.model)
         self.sums.append(step_sums if p.exchange is None else p.exchange.completed())
+
+    def _forward_loss(self, x: Any, y: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The task's forward and loss on one micro-batch, under --precision's autocast."""
+        task = self.task
+        if self._amp is None:
+            return task.loss(task.forward(self.p.ddp, x), y)
+        with autocast(self.cfg.precision, self.info.device):
+            return task.loss(task.forward(self.p.ddp, x), y)
 
     def _fold_sums(self) -> None:
         """Move this run's running sums into the state (collective)."""

@@ -22,6 +22,8 @@ class MetricSums:
         self.owner = owner  # the task's class name, for the error below
         self.exchanged = exchanged
         self.rows: list[torch.Tensor] = []
+        # What Tensor.get_device() says for this device (-1: the CPU); None: never equal.
+        self._index = -1 if device.type == "cpu" else device.index
 
     def row(self, sums: dict[str, torch.Tensor]) -> torch.Tensor:
         """The metric sums of one batch as a float64 vector, in a fixed order of names."""
@@ -33,7 +35,7 @@ class MetricSums:
                              "names every time")
         try:  # the common case, one scalar tensor per name on this device: 5 us, not 11
             row = torch.stack([sums[k].detach().double() for k in self.names])
-            if row.shape == (len(self.names),) and row.device == self.device:
+            if row.dim() == 1 and row.get_device() == self._index:
                 return row
         except (AttributeError, RuntimeError, TypeError):  # numbers, devices, shapes mixed
             pass

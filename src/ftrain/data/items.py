@@ -22,18 +22,43 @@ class DataError(Exception):
     """Input data missing or unusable; the message names the folder and the flag."""
 
 
+_GOLDEN = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
+MASK63 = (1 << 63) - 1
+
+
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (SplitMix64 over the parts): no Python hash()."""
-    x = 0x9E3779B97F4A7C15
-    mask = (1 << 64) - 1
+    return mix_more(_GOLDEN, parts) & MASK63
+
+
+def mix_more(x: int, parts: tuple[int, ...]) -> int:
+    """The hash's 64-bit state ``x`` after ``parts``."""
     for p in parts:
-        x = (x ^ (int(p) & mask)) & mask
-        x = (x + 0x9E3779B97F4A7C15) & mask
+        x = (x ^ (int(p) & _MASK64)) & _MASK64
+        x = (x + _GOLDEN) & _MASK64
         z = x
-        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
-        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
         x = z ^ (z >> 31)
-    return x & ((1 << 63) - 1)
+    return x
+
+
+def mix_seeds(prefix: tuple[int, ...], first: int, count: int, suffix: tuple[int, ...]
+              ) -> list[int]:
+    """``[mix_seed(*prefix, b, *suffix) for b in range(first, first + count)]``, the same
+    numbers computed on numpy's uint64 arrays (whose arithmetic wraps as the masks above do):
+    0.05 us a seed instead of 2-4 us."""
+    x = np.full(count, mix_more(_GOLDEN, prefix), dtype=np.uint64)
+    parts = [np.arange(first, first + count, dtype=np.uint64)]
+    parts += [np.uint64(int(p) & _MASK64) for p in suffix]
+    with np.errstate(over="ignore"):
+        for p in parts:
+            x = (x ^ p) + np.uint64(_GOLDEN)
+            z = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            x = z ^ (z >> np.uint64(31))
+    return (x & np.uint64(MASK63)).tolist()
 
 
 class TensorItems(Dataset):

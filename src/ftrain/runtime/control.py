@@ -111,28 +111,25 @@ class Decision:
 class StopControl:
     """The ranks' agreement on preemption, timed saves and failed storage.
 
-    ``timed_due``, ``saves_failing`` and ``storage_busy`` are asked on this rank (only rank
-    0's saver knows, or under fsdp each rank's); the answers of all ranks are combined by an
-    element-wise max.
+    ``local_flags`` says, on this rank, whether a timed save is due, whether saves keep
+    failing, whether storage is busy (only rank 0's saver knows, or under fsdp each rank's),
+    and the newest step rank 0's tracker holds for good; the answers of all ranks are combined
+    by an element-wise max.
     """
 
-    def __init__(self, coll: Collectives, signals: StopSignals, timed_due: Callable[[], bool],
-                 saves_failing: Callable[[], bool],
-                 storage_busy: Callable[[], bool] = lambda: False,
-                 published: Callable[[], int] = lambda: 0) -> None:
+    def __init__(self, coll: Collectives, signals: StopSignals,
+                 local_flags: Callable[[], list[int]] = lambda: [0, 0, 0, 0]) -> None:
         self.coll = coll
         self.signals = signals
-        self.timed_due = timed_due
-        self.saves_failing = saves_failing
-        self.storage_busy = storage_busy
-        self.published = published
+        self.local_flags = local_flags
         self._pending = None
         self._last_agreed: list[int] | None = None
         self._last_decision = Decision(False, False, False)
 
     def _flags(self) -> list[int]:
-        return [int(self.signals.received is not None), int(self.timed_due()),
-                int(self.saves_failing()), int(self.storage_busy()), int(self.published())]
+        flags = self.local_flags()
+        flags.insert(0, int(self.signals.received is not None))
+        return flags
 
     def start_epoch(self) -> None:
         """Start the pipelined agreement (one exchange in flight from here on)."""
