@@ -55,6 +55,10 @@ class StepDecision:
     epoch_end: bool = False
 
 
+# The decision of almost every step, built once (a frozen dataclass takes a microsecond).
+GO_ON = StepDecision()
+
+
 class SavePolicy:
     def __init__(self, cfg: Config, info: DistInfo, coll: Collectives,
                  checkpointer: Checkpointer | None, store: CheckpointStore, model: nn.Module,
@@ -110,7 +114,7 @@ class SavePolicy:
             else:
                 self.save(progress(), step, blocking=False,
                           reason="timed" if agreed.timed_save else "step")
-        return StepDecision()
+        return GO_ON
 
     def end_epoch(self) -> None:
         """The epoch's batches ran out (a resume at its last batch): no exchange in flight."""

@@ -174,7 +174,8 @@ class Batches:
 
     def train(self, epoch: int, start: int) -> Iterator[tuple[Any, torch.Tensor]]:
         """This rank's batches of epoch ``epoch`` from global batch ``start`` on:
-        ``((inputs, targets), indices)``. Neither way draws from the global RNGs: a model's
+        ``((inputs, targets), indices)`` (indices None for batches gathered on the device,
+        unless --trace-samples records them). Neither way draws from the global RNGs: a model's
         randomness does not depend on --data-on-device or --num-workers."""
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start)
@@ -186,14 +187,16 @@ class Batches:
 
     def _gathered(self) -> Iterator[tuple[Any, torch.Tensor]]:
         """Batches gathered from tensors already on the device, by the sampler's indices: no
-        DataLoader, no per-item Python, no host-to-device copy per step."""
+        DataLoader, no per-item Python, no host-to-device copy per step. The indices come
+        with a batch only where --trace-samples records them (None otherwise)."""
         order = torch.tensor(list(self.sampler), dtype=torch.int64)
         x, y = self.on_device
         on_dev = order.to(self.info.device)
+        traced = bool(self.cfg.trace_samples)
         for b in range(len(order) // self.per_rank_batch):
             cut = slice(b * self.per_rank_batch, (b + 1) * self.per_rank_batch)
             rows = on_dev[cut]
-            yield (x[rows], y[rows]), order[cut]
+            yield (x[rows], y[rows]), order[cut] if traced else None
 
     def evaluation(self, epoch: int) -> DataLoader:
         """This rank's share of the evaluation set (every item once over the ranks)."""
