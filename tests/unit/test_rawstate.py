@@ -124,6 +124,13 @@ def test_a_state_the_raw_layout_cannot_carry_goes_through_torch_save(tmp_path):
     """A sparse tensor has no single run of bytes: the checkpoint is written with torch.save
     (format 2, state-*.pt) and loads as before."""
     state = {"model": {"w": torch.randn(4, 4), "s": torch.eye(3).to_sparse()}}
+    back = _saved_with_torch_save(tmp_path, state)["model"]
+    assert torch.equal(back["w"], state["model"]["w"])
+    assert torch.equal(back["s"].to_dense(), torch.eye(3))
+
+
+def _saved_with_torch_save(tmp_path, state):
+    """``state`` checkpointed as format 2 (``encode`` refuses it), and read back."""
     arena = Arena()
     assert encode(arena.copy(state), arena) is None
     store = CheckpointStore(Storage(str(tmp_path)))
@@ -134,9 +141,18 @@ def test_a_state_the_raw_layout_cannot_carry_goes_through_torch_save(tmp_path):
         ck.close()
     manifest = json.loads((tmp_path / step_dirname(1) / "manifest.json").read_text())
     assert manifest["format_version"] == 2 and manifest["state_file"].endswith(".pt")
-    back = store.load(step_dirname(1)).state["model"]
-    assert torch.equal(back["w"], state["model"]["w"])
-    assert torch.equal(back["s"].to_dense(), torch.eye(3))
+    return store.load(step_dirname(1)).state
+
+
+def test_a_dict_of_the_users_with_the_raw_formats_own_key_goes_through_torch_save(tmp_path):
+    """The raw header marks a tensor's place with a one-key dict: a task's own dict with that
+    key would read back as a tensor. Such a state is written with torch.save (format 2) and
+    reads back as it was."""
+    key = "__ftrain_raw_tensor__"
+    state = {"model": {"w": torch.randn(4, 4)}, "task": {"mine": {key: 0}, "n": [{key: 7}]}}
+    back = _saved_with_torch_save(tmp_path, state)
+    assert back["task"] == {"mine": {key: 0}, "n": [{key: 7}]}
+    assert torch.equal(back["model"]["w"], state["model"]["w"])
 
 
 def test_the_checkpointer_writes_format_4_and_a_flipped_byte_is_caught(tmp_path):

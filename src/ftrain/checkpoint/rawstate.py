@@ -20,8 +20,8 @@ Loading maps the file copy-on-write (no copy of the state) and reads the header 
 ``weights_only=True``: no code runs; every entry of the header is checked against the file
 (a header that lies is refused, never read past). A state holding a tensor this layout cannot
 carry (sparse, a tensor subclass) is staged per tensor and written with ``torch.save`` as
-before (format 2). (A user's own dict holding exactly the one key TENSOR_KEY would read back as
-a tensor.)
+before (format 2), and so is a state holding a dict of its own with the key TENSOR_KEY (it
+would read back as a tensor).
 """
 
 from __future__ import annotations
@@ -53,15 +53,18 @@ def _plain(t: torch.Tensor) -> bool:
             and not t.is_quantized and not t.is_nested and t.device.type != "meta")
 
 
-def _map_tensors(obj: Any, fn: Any) -> Any:
+def _map_tensors(obj: Any, fn: Any, reserved: bool = False) -> Any:
     """``obj`` rebuilt with ``fn(t)`` in place of every tensor ``t``: dicts, lists and tuples
-    walked in order, every other value kept."""
+    walked in order, every other value kept. ``reserved``: a dict with the key TENSOR_KEY
+    raises LookupError (the skeleton could not tell it from a tensor's place)."""
     if isinstance(obj, torch.Tensor):
         return fn(obj)
     if isinstance(obj, dict):
-        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+        if reserved and TENSOR_KEY in obj:
+            raise LookupError(TENSOR_KEY)
+        return {k: _map_tensors(v, fn, reserved) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_map_tensors(v, fn) for v in obj)
+        return type(obj)(_map_tensors(v, fn, reserved) for v in obj)
     return obj
 
 
@@ -143,7 +146,8 @@ class RawFile:
 
 def encode(state: Any, arena: Arena) -> RawFile | None:
     """The raw file of ``state``, a snapshot staged in ``arena``; None when it is not (a state
-    staged per tensor: the caller writes it with torch.save)."""
+    staged per tensor), or when the state has a dict of its own with the key TENSOR_KEY: the
+    caller writes it with torch.save."""
     entries: list[tuple[str, list[int], int, int]] = []
 
     def entry(t: torch.Tensor) -> dict[str, int]:
@@ -155,7 +159,7 @@ def encode(state: Any, arena: Arena) -> RawFile | None:
         return {TENSOR_KEY: len(entries) - 1}
 
     try:
-        skel = _map_tensors(state, entry)
+        skel = _map_tensors(state, entry, reserved=True)
     except LookupError:
         return None
     buf = io.BytesIO()
