@@ -188,9 +188,9 @@ class Config:
                                "on rank 0 when stderr is a terminal; 'json': one JSON object "
                                "per line, the rank in each, for log collectors.",
                                ("text", "json"))
-    heartbeat_file: str = _monitor("", "File created at start-up and touched every training "
-                                   "step (by each node's local rank 0), for a liveness probe "
-                                   "that checks its age (empty: off).")
+    heartbeat_file: str = _monitor("", "File created at start-up and touched as training goes "
+                                   "on, at most 5 times a second (by each node's local rank "
+                                   "0), for a liveness probe that checks its age (empty: off).")
     metrics_port: int = _monitor(0, "Serve Prometheus metrics from rank 0 on this port at "
                                  "/metrics (0: off).")
     tensorboard: str = _monitor("", "Local folder for TensorBoard event files from rank 0: "

@@ -86,11 +86,16 @@ def say_error(text: str, fmt: str) -> None:
 
 # ---------------------------------------------------------------------------- heartbeat
 class Heartbeat:
-    """A file created at start-up and whose modification time is set at every beat: a liveness
-    probe fails when it grows older than the longest a step (or an evaluation) may take."""
+    """A file created at start-up and whose modification time is set by the beats: a liveness
+    probe fails when it grows older than the longest a step (or an evaluation) may take. A
+    beat within INTERVAL_S of the last one that touched the file does nothing: a small
+    model's thousands of steps a second would otherwise each pay a system call."""
+
+    INTERVAL_S = 0.2
 
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
+        self._touched = time.monotonic()
         try:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
             with open(self.path, "w") as fh:
@@ -100,6 +105,10 @@ class Heartbeat:
                              "point it at a writable folder") from None
 
     def beat(self) -> None:
+        now = time.monotonic()
+        if now - self._touched < self.INTERVAL_S:
+            return
+        self._touched = now
         try:
             os.utime(self.path)
         except FileNotFoundError:  # removed under us: recreate it
