@@ -127,9 +127,7 @@ class StopControl:
         self._last_decision = Decision(False, False, False)
 
     def _flags(self) -> list[int]:
-        flags = self.local_flags()
-        flags.insert(0, int(self.signals.received is not None))
-        return flags
+        return [int(self.signals.received is not None), *self.local_flags()]
 
     def start_epoch(self) -> None:
         """Start the pipelined agreement (one exchange in flight from here on)."""

@@ -295,7 +295,8 @@ class Monitor:
                              nrows=None if known else shutil.get_terminal_size().lines)
 
     def step(self, step: int) -> None:
-        """Every step, on every rank: cheap (a utime on the heartbeat's rank, a counter)."""
+        """Every step, on every rank: cheap (a counter; the heartbeat rank's file touched at most
+        five times a second)."""
         self.live.step = step
         if self.heartbeat is not None:
             self.heartbeat.beat()
