@@ -79,15 +79,15 @@ def test_seeds_are_stable_and_distinct():
     assert 0 <= mix_seed(2**70, -5) < 2**63
 
 
-def test_the_loops_step_seeder_seeds_every_rng_as_seed_step_does():
+def test_the_loops_step_seeder_seeds_every_rng_from_step_seed():
     """StepSeeder (seeds hashed in chunks on numpy, functions looked up once) puts python,
-    numpy and torch in the states seed_step(step_seed(...)) gives, across a chunk's edge and
-    back, for large and negative seeds."""
+    numpy and torch in the states seeding each from step_seed(...) gives, across a chunk's
+    edge and back, for large and negative seeds."""
     import random
 
     import numpy as np
 
-    from ftrain.core.rng import StepSeeder, seed_step
+    from ftrain.core.rng import StepSeeder
     from ftrain.data.items import mix_seeds
 
     cpu = torch.device("cpu")
@@ -100,7 +100,10 @@ def test_the_loops_step_seeder_seeds_every_rng_as_seed_step_does():
         for batch in (0, 1, StepSeeder.CHUNK - 1, StepSeeder.CHUNK, 3 * StepSeeder.CHUNK, 5):
             seeder(batch)
             ours = draws()
-            seed_step(step_seed(seed, epoch, batch, rank), cpu)
+            want = step_seed(seed, epoch, batch, rank)
+            random.seed(want)
+            np.random.seed(want % 2**32)
+            torch.default_generator.manual_seed(want)
             assert ours == draws(), (seed, epoch, rank, batch)
     assert mix_seeds((9, 2**70), 10**6, 50, (-1, 0x5EED)) == [
         mix_seed(9, 2**70, b, -1, 0x5EED) for b in range(10**6, 10**6 + 50)]

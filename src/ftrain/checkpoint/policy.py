@@ -146,11 +146,9 @@ class SavePolicy:
         """This rank's part of the step's agreement (StopControl), every step: a timed save is
         due, saves keep failing, storage is busy, the step rank 0's tracker holds for good."""
         ckpt = self.ckpt
-        if ckpt is None:
-            return [int(self.timed_due()), 0, 0, self.tracker_published()]
-        return [int(self.timed_due()),
-                int(ckpt.consecutive_failures >= self.cfg.max_failed_saves),
-                int(self.storage_busy()), self.tracker_published()]
+        failing = ckpt is not None and ckpt.consecutive_failures >= self.cfg.max_failed_saves
+        return [int(self.timed_due()), int(failing), int(self.storage_busy()),
+                self.tracker_published()]
 
     def step_due(self, step: int) -> bool:
         return bool(self.cfg.save_every_steps) and step % self.cfg.save_every_steps == 0

@@ -208,16 +208,11 @@ class Trainer:
         cfg, dev, p, task = self.cfg, self.info.device, self.p, self.task
         x = split_batch(to_device(inputs, dev), cfg.grad_accum)[0]
         y = split_batch(to_device(targets, dev), cfg.grad_accum)[0]
-
-        def forward_loss() -> torch.Tensor:
-            with autocast(cfg.precision, dev):
-                return task.loss(task.forward(p.ddp, x), y)[0]
-
         # What the thrown-away pass may change besides the model's buffers: the task's own
         # checkpointed state, gradients of tensors outside the model.
         task_state = copy.deepcopy(task.state_dict())
         try:
-            p.exchange.pin_layout(p.ddp, forward_loss)
+            p.exchange.pin_layout(p.ddp, lambda: self._forward_loss(x, y)[0])
         finally:
             p.optimizer.zero_grad(set_to_none=True)
             task.load_state_dict(task_state)

@@ -22,22 +22,13 @@ def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def seed_step(seed: int, device: torch.device) -> None:
-    """Seed python, numpy, torch's CPU generator and this process's own CUDA device only: about
-    10 us, where ``torch.manual_seed`` (every CUDA device, 90 us here) cost 30% of a small
-    model's step on an H100."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index].manual_seed(seed)
-
-
 class StepSeeder:
-    """``seed_step(step_seed(seed, epoch, batch, rank), device)`` for the steps of one epoch,
-    cheaper: the seeds are hashed a few thousand at a time (mix_seeds) and the seeding
-    functions looked up once. Called before every step, where each microsecond counts
-    against a small model's step (docs/development/benchmarks-cpu.md)."""
+    """Seeds, before each step of one epoch, python, numpy, torch's CPU generator and this
+    process's own CUDA device with ``step_seed(seed, epoch, batch, rank)``. Only its own
+    device: ``torch.manual_seed`` (every CUDA device, 90 us) cost 30% of a small model's step
+    on an H100. The seeds are hashed a few thousand at a time (mix_seeds) and the seeding
+    functions looked up once: each microsecond counts against a small model's step
+    (docs/development/benchmarks-cpu.md)."""
 
     CHUNK = 4096  # seeds hashed at once
 

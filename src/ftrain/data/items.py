@@ -24,15 +24,15 @@ class DataError(Exception):
 
 _GOLDEN = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
-MASK63 = (1 << 63) - 1
+_MASK63 = (1 << 63) - 1
 
 
 def mix_seed(*parts: int) -> int:
     """A 63-bit seed derived from integers (SplitMix64 over the parts): no Python hash()."""
-    return mix_more(_GOLDEN, parts) & MASK63
+    return _mix(_GOLDEN, parts) & _MASK63
 
 
-def mix_more(x: int, parts: tuple[int, ...]) -> int:
+def _mix(x: int, parts: tuple[int, ...]) -> int:
     """The hash's 64-bit state ``x`` after ``parts``."""
     for p in parts:
         x = (x ^ (int(p) & _MASK64)) & _MASK64
@@ -49,7 +49,7 @@ def mix_seeds(prefix: tuple[int, ...], first: int, count: int, suffix: tuple[int
     """``[mix_seed(*prefix, b, *suffix) for b in range(first, first + count)]``, the same
     numbers computed on numpy's uint64 arrays (whose arithmetic wraps as the masks above do):
     0.05 us a seed instead of 2-4 us."""
-    x = np.full(count, mix_more(_GOLDEN, prefix), dtype=np.uint64)
+    x = np.full(count, _mix(_GOLDEN, prefix), dtype=np.uint64)
     parts = [np.arange(first, first + count, dtype=np.uint64)]
     parts += [np.uint64(int(p) & _MASK64) for p in suffix]
     with np.errstate(over="ignore"):
@@ -58,7 +58,7 @@ def mix_seeds(prefix: tuple[int, ...], first: int, count: int, suffix: tuple[int
             z = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
             z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
             x = z ^ (z >> np.uint64(31))
-    return (x & np.uint64(MASK63)).tolist()
+    return (x & np.uint64(_MASK63)).tolist()
 
 
 class TensorItems(Dataset):

@@ -118,7 +118,7 @@ class StopControl:
     """
 
     def __init__(self, coll: Collectives, signals: StopSignals,
-                 local_flags: Callable[[], list[int]] = lambda: [0, 0, 0, 0]) -> None:
+                 local_flags: Callable[[], list[int]]) -> None:
         self.coll = coll
         self.signals = signals
         self.local_flags = local_flags
