@@ -21,7 +21,9 @@ from .checkpoint.rules import checkpoint_task
 from .ckpt import load_weights
 from .config import json_object
 from .core.batching import to_device
+from .core.sums import split_loss
 from .data.items import DataError, SeededItems
+from .errors import InputError
 from .runtime import exitcodes
 from .runtime.distributed import choose_device
 from .tasks import TaskContext, TaskError, load_task
@@ -84,28 +86,32 @@ def main(argv: list[str] | None = None) -> int:
     items = correct = 0
     classifier = True
     shown = 0
-    with torch.no_grad():
-        for (inputs, targets), idx in DataLoader(ds, batch_size=512):
-            inputs, targets = to_device(inputs, device), to_device(targets, device)
-            out = task.forward(model, inputs)
-            _, sums = task.loss(out, targets)
-            if not names:
-                names, totals = list(sums), [0.0] * len(sums)
-            totals = [t + float(sums[n]) for t, n in zip(totals, names, strict=True)]
-            items += len(idx)
-            pred = task.predict(out).cpu()
-            target = targets.cpu() if isinstance(targets, torch.Tensor) else None
-            classifier = classifier and target is not None and target.shape == pred.shape \
-                and pred.dim() == 1
-            if classifier:
-                correct += int((pred == target).sum())
-            for i in range(len(idx)):
-                if shown >= args.show:
-                    break
-                print(f"sample {int(idx[i]):>6}  predicted {_short(pred[i])}"
-                      + (f"  (p={float(out[i].softmax(-1)[pred[i]]):.3f})  label "
-                         f"{int(target[i])}" if classifier else ""))
-                shown += 1
+    try:
+        with torch.no_grad():
+            for (inputs, targets), idx in DataLoader(ds, batch_size=512):
+                inputs, targets = to_device(inputs, device), to_device(targets, device)
+                out = task.forward(model, inputs)
+                _, sums = split_loss(type(task).__name__, task.loss(out, targets))
+                if not names:
+                    names, totals = list(sums), [0.0] * len(sums)
+                totals = [t + float(sums[n]) for t, n in zip(totals, names, strict=True)]
+                items += len(idx)
+                pred = task.predict(out).cpu()
+                target = targets.cpu() if isinstance(targets, torch.Tensor) else None
+                classifier = classifier and target is not None and target.shape == pred.shape \
+                    and pred.dim() == 1
+                if classifier:
+                    correct += int((pred == target).sum())
+                for i in range(len(idx)):
+                    if shown >= args.show:
+                        break
+                    print(f"sample {int(idx[i]):>6}  predicted {_short(pred[i])}"
+                          + (f"  (p={float(out[i].softmax(-1)[pred[i]]):.3f})  label "
+                             f"{int(target[i])}" if classifier else ""))
+                    shown += 1
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return exitcodes.INVALID
     metrics = task.metrics(dict(zip(names, totals, strict=True)), items)
     print(f"checkpoint {loaded.uri} (step {loaded.manifest.step}): "
           + " ".join(f"{k} {v:.4f}" for k, v in metrics.items()) + f" over {items} {args.split} "

@@ -82,6 +82,51 @@ class BuggyTask(ToyTask):
         raise ZeroDivisionError("a bug in the task's loss")
 
 
+class BareLossTask(ToyTask):
+    """A script's loss function ported as it is: the loss alone, no metric sums."""
+
+    def loss(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets, reduction="sum")
+
+
+class ListSumsTask(ToyTask):
+    """Metric sums in a list instead of a dict of names."""
+
+    def loss(self, outputs, targets):
+        loss = nn.functional.cross_entropy(outputs, targets, reduction="sum")
+        return loss, [loss.detach()]
+
+
+class ShiftingSumsTask(ToyTask):
+    """Another metric name from the second batch on."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def loss(self, outputs, targets):
+        self.calls += 1
+        loss = nn.functional.cross_entropy(outputs, targets, reduction="sum")
+        return loss, {"loss" if self.calls == 1 else "xent": loss.detach()}
+
+
+class ChangedLossTask(ToyTask):
+    """Trains as ToyTask; with ``ChangedLossTask.bare`` set (a class attribute, as the task's
+    code edited after training) its loss returns the loss alone."""
+
+    bare = False
+
+    def loss(self, outputs, targets):
+        loss, sums = super().loss(outputs, targets)
+        return loss if type(self).bare else (loss, sums)
+
+
+class TypeErrorTask(ToyTask):
+    """A bug inside the loss that raises TypeError: the task's own error, not a shape error."""
+
+    def loss(self, outputs, targets):
+        return nn.functional.cross_entropy(outputs, "not a tensor", reduction="sum")
+
+
 class SignalTask(ToyTask):
     """Sends ``SignalTask.signum`` to its own process after the ``SignalTask.at``-th optimizer
     step of each run (0: never): a Ctrl-C or a preemption that lands at a known step inside

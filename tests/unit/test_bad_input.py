@@ -4,6 +4,7 @@ flag or file at fault, the right exit code, and never costs a good checkpoint.
 1. a manifest naming a path outside its checkpoint folder      invalid, skipped, reported
 4. unknown keys, wrong types, zero or negative sizes           exit 2, the key and file named
 8. the search for a known secret itself
+9. a task's loss answering in another shape than (loss, dict)    exit 2, what to return
 
 Cases 2, 3 and 5 to 8 in real runs: tests/integration/test_bad_input.py. Already covered
 elsewhere and not repeated here: half-truncated, bit-flipped, deleted and garbage files
@@ -169,6 +170,54 @@ def test_unknown_flag_exits_2_naming_it(in_process, capfd):
         train_main(["--batchsize", "16"])
     assert e.value.code == exitcodes.INVALID
     assert "unrecognized arguments: --batchsize 16" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------------- 9. Task.loss
+@pytest.mark.parametrize(("task", "want"), [
+    ("BareLossTask", "BareLossTask.loss returned a tensor of shape (); it must return a pair: "
+                     "the loss (summed over the batch's items, or their mean with "
+                     "loss_reduction = 'mean') and a dict of metric sums, for example "
+                     "`return loss, {'loss': loss.detach()}`"),
+    ("ListSumsTask", "ListSumsTask.loss returned a pair whose second value is a list, not a "
+                     "dict; it must return a pair"),
+    ("ShiftingSumsTask", "ShiftingSumsTask.loss returned the metric sums ['xent']; earlier "
+                         "batches returned ['loss']: return the same names every time"),
+])
+def test_a_loss_of_another_shape_exits_2_saying_what_to_return(tmp_path, in_process, capfd,
+                                                               task, want):
+    """A script's loss function ported as it is answers with the loss alone: the run stops at
+    its first step with the task named and what to return, not Python's unpacking error."""
+    argv = ["--task", f"tests.harness.tasks:{task}", "--batch-size", "16", "--epochs", "1",
+            "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert train_main(argv) == exitcodes.INVALID
+    err = capfd.readouterr().err
+    assert f"error: {want}" in err, err
+    assert "Traceback" not in err
+    assert committed_steps(tmp_path / "ckpt") == []
+
+
+def test_a_type_error_inside_the_loss_stays_the_tasks_own(tmp_path, in_process):
+    """Only the answer's shape is checked: a TypeError raised by the task's code is its bug,
+    with its traceback (a run exits 1 on it: tests/integration/test_exit.py)."""
+    with pytest.raises(TypeError, match="cross_entropy"):
+        train_main(["--task", "tests.harness.tasks:TypeErrorTask", "--batch-size", "16",
+                    "--epochs", "1", "--checkpoint-dir", str(tmp_path / "ckpt")])
+
+
+def test_predict_with_a_loss_changed_since_training_exits_2(tmp_path, in_process, capfd,
+                                                            monkeypatch):
+    """``ftrain.predict`` on a checkpoint whose task's loss was edited since: the same
+    message, exit 2."""
+    from ftrain import predict
+    from tests.harness.tasks import ChangedLossTask
+
+    argv = ["--task", "tests.harness.tasks:ChangedLossTask", "--batch-size", "16", "--epochs",
+            "1", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    assert train_main(argv) == exitcodes.OK
+    capfd.readouterr()
+    monkeypatch.setattr(ChangedLossTask, "bare", True)
+    assert predict.main(["--checkpoint", str(tmp_path / "ckpt"), "--device", "cpu"]) == 2
+    assert "error: ChangedLossTask.loss returned a tensor of shape ()" in capfd.readouterr().err
 
 
 # ---------------------------------------------------------------------------- 8. secrets

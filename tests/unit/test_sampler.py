@@ -8,6 +8,7 @@ import torch
 from ftrain.core.rng import step_seed
 from ftrain.data.items import mix_seed
 from ftrain.data.sampler import EvalShardSampler, ResumableDistributedSampler
+from ftrain.errors import InputError
 from ftrain.tasks.builtin.datasets import make_synthetic
 
 
@@ -137,5 +138,5 @@ def test_metric_sums_rows_are_the_same_exact_float64_whatever_the_sums_types():
         assert row.dtype == torch.float64 and not row.requires_grad
         assert torch.equal(row, want)
     ms = MetricSums(None, torch.device("cpu"), ["loss", "n"], "MyTask")
-    with pytest.raises(ValueError, match="MyTask.loss returned the metric sums"):
+    with pytest.raises(InputError, match="MyTask.loss returned the metric sums"):
         ms.row({"loss": torch.tensor(1.0)})

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, default_collate
 from ..runtime.distributed import Collectives, DistInfo
 from ..tasks import Task
 from .batching import autocast, to_device
+from .sums import split_loss
 
 
 @torch.no_grad()
@@ -40,7 +41,8 @@ def evaluate(task: Task, model: nn.Module, loader: DataLoader, items: Any, info:
         beat()
         with autocast(precision, info.device):
             out = task.forward(model, to_device(inputs, info.device))
-            _, sums = task.loss(out, to_device(targets, info.device))
+            _, sums = split_loss(type(task).__name__,
+                                 task.loss(out, to_device(targets, info.device)))
         if totals is None:
             names = list(sums)
             totals = torch.zeros(len(names) + 1, dtype=torch.float64, device=info.device)

@@ -30,7 +30,7 @@ from .batching import AUTOCAST, Batches, autocast, split_batch, to_device
 from .evaluate import evaluate
 from .rng import StepSeeder
 from .stopping import Stopping
-from .sums import MetricSums
+from .sums import MetricSums, split_loss
 from .survivor import after_peer_failure
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class Trainer:
         # checkpointed state, gradients of tensors outside the model.
         task_state = copy.deepcopy(task.state_dict())
         try:
-            p.exchange.pin_layout(p.ddp, lambda: self._forward_loss(x, y)[0])
+            p.exchange.pin_layout(
+                p.ddp, lambda: split_loss(self.sums.owner, self._forward_loss(x, y))[0])
         finally:
             p.optimizer.zero_grad(set_to_none=True)
             task.load_state_dict(task_state)
@@ -276,7 +277,8 @@ class Trainer:
             # Gradients are all-reduced once per step, with the last micro-batch.
             sync = k == accum - 1 or self._no_sync is None
             with contextlib.nullcontext() if sync else self._no_sync():
-                loss_value, sums = self._forward_loss(xs[k], ys[k])
+                loss_value, sums = split_loss(self.sums.owner,
+                                              self._forward_loss(xs[k], ys[k]))
                 # The mean over this rank's share of the global batch (DDP averages the
                 # ranks' gradients): a sum over the micro-batch's items, or their mean.
                 loss = (loss_value / accum if task.loss_reduction == "mean"

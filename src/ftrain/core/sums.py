@@ -3,9 +3,38 @@ added up exactly, in a fixed order, when the epoch ends or a checkpoint needs th
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
+from ..errors import InputError
 from ..runtime.distributed import Collectives
+
+
+def split_loss(owner: str, out: Any) -> tuple[Any, dict[str, Any]]:
+    """What ``Task.loss`` returned, as (loss, metric sums); InputError, saying what it must
+    return, for anything else (a script's loss function ported as it is returns the loss
+    alone). Only the answer's shape is checked here: an error raised inside the task's loss
+    is the task's own, with its traceback."""
+    try:
+        loss, sums = out
+        sums.keys  # noqa: B018 - a mapping of names
+    except (TypeError, ValueError, AttributeError):
+        raise InputError(f"{owner}.loss returned {_kind(out)}; it must return a pair: the loss "
+                         "(summed over the batch's items, or their mean with loss_reduction = "
+                         "'mean') and a dict of metric sums, for example "
+                         "`return loss, {'loss': loss.detach()}`") from None
+    return loss, sums
+
+
+def _kind(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (tuple, list)) and len(out) == 2:
+        return f"a pair whose second value is a {type(out[1]).__name__}, not a dict"
+    if isinstance(out, (tuple, list)):
+        return f"a {type(out).__name__} of {len(out)} values"
+    return f"a {type(out).__name__}"
 
 
 class MetricSums:
@@ -31,7 +60,7 @@ class MetricSums:
         if not self.names:
             self.names, self._name_set = list(sums), set(sums)
         if sums.keys() != self._name_set:
-            raise ValueError(f"{self.owner}.loss returned the metric sums {sorted(sums)}; "
+            raise InputError(f"{self.owner}.loss returned the metric sums {sorted(sums)}; "
                              f"earlier batches returned {sorted(self.names)}: return the same "
                              "names every time")
         try:  # the common case, one scalar tensor per name on this device: 4 us, not 11
