@@ -273,6 +273,9 @@ def save_cost(work: Path, quick: bool, device: str = "cpu", repeats: int = 3) ->
                        env=_env(), capture_output=True, text=True, timeout=900, check=True)
     refs = json.loads(r.stdout.strip().splitlines()[-1])
     extra = (statistics.median(walls["saves"]) - statistics.median(walls["none"])) / saves
+    print(f"  S1 runs' wall times (s), interleaved: without saves "
+          f"{[round(w, 2) for w in walls['none']]}, with {saves} more saves "
+          f"{[round(w, 2) for w in walls['saves']]}", flush=True)
     persist = statistics.median(persists)
     mib = refs["mib"]
     return [("S1", f"extra wall time per save in a run (s; MLP 4096x4, {mib:.0f} MiB, a save "
