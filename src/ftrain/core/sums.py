@@ -31,10 +31,16 @@ def _kind(out: Any) -> str:
     if isinstance(out, torch.Tensor):
         return f"a tensor of shape {tuple(out.shape)}"
     if isinstance(out, (tuple, list)) and len(out) == 2:
-        return f"a pair whose second value is a {type(out[1]).__name__}, not a dict"
+        return f"a pair whose second value is {_a(out[1])}, not a dict"
     if isinstance(out, (tuple, list)):
-        return f"a {type(out).__name__} of {len(out)} values"
-    return f"a {type(out).__name__}"
+        return f"{_a(out)} of {len(out)} values"
+    return _a(out)
+
+
+def _a(value: Any) -> str:
+    """'a list', 'an int': the value's type with its article."""
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiouAEIOU' else 'a'} {name}"
 
 
 class MetricSums:
